@@ -1,0 +1,334 @@
+//! Wiring: open the catalog, build the store, run the subsystems as named tasks, and shut
+//! them down in order. Also the one-shot subcommands (status, check-config, delete).
+
+use std::fs::File;
+use std::os::unix::io::AsRawFd;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use tokio_util::sync::CancellationToken;
+
+use crate::catalog::{now_ms, ops, Catalog, Status};
+use crate::config::Config;
+use crate::key::Key;
+use crate::store::Store;
+use crate::{serve, sync};
+
+/// Opens the catalog (off the executor) and builds the S3 client.
+pub async fn open(cfg: &Config) -> anyhow::Result<(Catalog, Store)> {
+    let path = cfg.catalog.path.clone();
+    let catalog = tokio::task::spawn_blocking(move || Catalog::open(&path))
+        .await?
+        .with_context(|| format!("catalog.path {}", cfg.catalog.path.display()))?;
+    let store = Store::new(cfg).await;
+    Ok((catalog, store))
+}
+
+/// One syncing process per catalog: a second one would upload the same files twice.
+fn lock_sync(catalog_path: &Path) -> anyhow::Result<File> {
+    let mut p = catalog_path.as_os_str().to_owned();
+    p.push(".lock");
+    let f = File::create(&p).with_context(|| format!("lock file {}", Path::new(&p).display()))?;
+    // SAFETY: flock on a valid, owned fd.
+    let rc = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc != 0 {
+        bail!(
+            "another ferry is already syncing with catalog {} (lock {} is held)",
+            catalog_path.display(),
+            Path::new(&p).display()
+        );
+    }
+    Ok(f)
+}
+
+/// Cancels `token` on SIGTERM or SIGINT.
+fn on_signals(token: CancellationToken) -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+            _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+        }
+        token.cancel();
+    });
+    Ok(())
+}
+
+/// `ferry run` (both), `ferry sync` (sync only) or `ferry serve` (serve only).
+pub async fn run(cfg: Config, with_sync: bool, with_serve: bool) -> anyhow::Result<()> {
+    let cfg = Arc::new(cfg);
+    let shutdown = CancellationToken::new();
+    on_signals(shutdown.clone())?;
+    let (catalog, store) = open(&cfg).await?;
+    let _lock = if with_sync {
+        Some(lock_sync(&cfg.catalog.path)?)
+    } else {
+        None
+    };
+
+    let mut tasks = tokio::task::JoinSet::new();
+    if with_serve {
+        let resolver = serve::resolver(cfg.clone(), catalog.clone(), store.clone())?;
+        let (listener, addr) = serve::bind(&cfg).await?;
+        tasks.spawn(resolver.meta.clone().watch(shutdown.clone()));
+        let s = shutdown.clone();
+        tasks.spawn(async move {
+            if let Err(e) = serve::serve(resolver, listener, s).await {
+                tracing::error!(error = %e, "http server stopped");
+            }
+        });
+        tracing::info!(%addr, mount = %cfg.http.mount, "http listening");
+        // Tests and scripts read the bound address (port 0) from this line.
+        println!("ferry: http listening on {addr}");
+    }
+    let sync_task = if with_sync {
+        let ctx = sync::context(cfg.clone(), catalog.clone(), store.clone())?;
+        tracing::info!(spool = %cfg.spool.dir.display(), archive = %cfg.archive.dir.display(), bucket = %cfg.s3.bucket, "sync running");
+        Some(tokio::spawn(sync::run(ctx, shutdown.clone())))
+    } else {
+        None
+    };
+
+    let mut failure = None;
+    if let Some(t) = sync_task {
+        match t.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => failure = Some(e),
+            Err(e) => failure = Some(anyhow::anyhow!("sync task: {e}")),
+        }
+        // Sync stopping for any reason stops the process: systemd restarts it.
+        shutdown.cancel();
+    } else {
+        shutdown.cancelled().await;
+    }
+    // The HTTP server drains its connections; give it a bounded time.
+    let _ = tokio::time::timeout(Duration::from_secs(10), async {
+        while tasks.join_next().await.is_some() {}
+    })
+    .await;
+    match failure {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+/// `ferry sync --once`: returns the process exit code.
+pub async fn sync_once(cfg: Config, timeout: Duration) -> anyhow::Result<i32> {
+    let cfg = Arc::new(cfg);
+    let shutdown = CancellationToken::new();
+    on_signals(shutdown.clone())?;
+    let (catalog, store) = open(&cfg).await?;
+    let _lock = lock_sync(&cfg.catalog.path)?;
+    let ctx = sync::context(cfg.clone(), catalog, store)?;
+    let progress = if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        let pb = indicatif::ProgressBar::new(0);
+        if let Ok(style) = indicatif::ProgressStyle::with_template(
+            "{spinner} {pos}/{len} files archived [{elapsed_precise}] {wide_bar} {eta}",
+        ) {
+            pb.set_style(style);
+        }
+        Some(pb)
+    } else {
+        None
+    };
+    let r = sync::run_once(ctx, shutdown, timeout, progress).await?;
+    eprintln!(
+        "ferry sync --once: {} of {} archived, {} vanished",
+        r.archived, r.total, r.vanished
+    );
+    if r.left.is_empty() {
+        return Ok(0);
+    }
+    let why = if r.permanent {
+        "a permanent error stopped"
+    } else if r.timed_out {
+        "timed out with"
+    } else {
+        "interrupted with"
+    };
+    eprintln!("{why} {} file(s) not archived:", r.left.len());
+    for (key, state, err) in r.left.iter().take(50) {
+        eprintln!("  {key}  [{state}]  {err}");
+    }
+    Ok(if r.permanent { 2 } else { 1 })
+}
+
+pub async fn status(cfg: Config, json: bool) -> anyhow::Result<()> {
+    let path = cfg.catalog.path.clone();
+    let catalog = tokio::task::spawn_blocking(move || Catalog::open(&path))
+        .await?
+        .with_context(|| format!("catalog.path {}", cfg.catalog.path.display()))?;
+    let st = catalog.read(ops::status).await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&st)?);
+    } else {
+        print!("{}", render_status(&st));
+    }
+    Ok(())
+}
+
+fn ago(ms: i64) -> String {
+    let d = Duration::from_millis((now_ms() - ms).max(0) as u64 / 1000 * 1000);
+    humantime::format_duration(d).to_string()
+}
+
+/// The human form of `ferry status`.
+pub fn render_status(st: &Status) -> String {
+    use std::fmt::Write;
+    let mut s = String::new();
+    let _ = writeln!(s, "files by state:");
+    for (state, n) in &st.counts {
+        let _ = writeln!(s, "  {state:<10} {n}");
+    }
+    let _ = writeln!(
+        s,
+        "queue: {} file(s), {} not yet archived",
+        st.queue_depth,
+        bytesize::ByteSize(st.queued_bytes).display().iec_short()
+    );
+    if let Some(t) = st.oldest_queued_ms {
+        let _ = writeln!(s, "oldest waiting: queued {} ago", ago(t));
+    }
+    if !st.errors.is_empty() {
+        let _ = writeln!(s, "last errors:");
+        for e in &st.errors {
+            let next = if e.next_attempt_ms > now_ms() {
+                format!(
+                    "next try in {}",
+                    humantime::format_duration(Duration::from_secs(
+                        ((e.next_attempt_ms - now_ms()) / 1000).max(0) as u64
+                    ))
+                )
+            } else {
+                "next try now".to_string()
+            };
+            let _ = writeln!(
+                s,
+                "  {} [{}, {} attempt(s), {}]: {}",
+                e.key,
+                e.state.as_str(),
+                e.attempts,
+                next,
+                e.error
+            );
+        }
+    }
+    if !st.refused.is_empty() {
+        let _ = writeln!(s, "refused (left in the spool; rename them to upload):");
+        for r in &st.refused {
+            let _ = writeln!(s, "  {:?}: {}", r.name, r.reason);
+        }
+    }
+    s
+}
+
+/// `ferry check-config`: prints each check; returns whether all passed.
+pub async fn check_config(cfg: Config, write_probe: bool) -> anyhow::Result<bool> {
+    println!("config: ok");
+    println!(
+        "s3: bucket {:?} prefix {:?} endpoint {}",
+        cfg.s3.bucket,
+        cfg.s3.prefix,
+        if cfg.s3.endpoint.is_empty() {
+            "AWS"
+        } else {
+            &cfg.s3.endpoint
+        }
+    );
+    let store = Store::new(&cfg).await;
+    let mut ok = true;
+    match store.head_bucket().await {
+        Ok(()) => println!("head bucket: ok"),
+        Err(e) => {
+            println!("head bucket: FAILED: {}", e.message);
+            ok = false;
+        }
+    }
+    match store.list(1).await {
+        Ok(_) => println!("list under prefix: ok"),
+        Err(e) => {
+            println!("list under prefix: FAILED: {}", e.message);
+            ok = false;
+        }
+    }
+    if write_probe {
+        let key = format!(
+            "{}.ferry-probe-{}-{}",
+            cfg.s3.prefix,
+            std::process::id(),
+            now_ms()
+        );
+        let body = b"ferry write probe".to_vec();
+        let res = async {
+            store.put_bytes(&key, body.clone(), &[]).await?;
+            let h = store.head(&key).await?;
+            let (n, sha) = store.read_back(&key).await?;
+            store.delete(&key).await?;
+            Ok::<_, crate::store::StoreError>((h.size, n, sha))
+        }
+        .await;
+        match res {
+            Ok((hs, n, sha)) if hs == body.len() as u64 && n == hs => {
+                use sha2::Digest;
+                if sha == hex::encode(sha2::Sha256::digest(&body)) {
+                    println!("write probe (put, head, get, delete {key}): ok");
+                } else {
+                    println!("write probe: FAILED: the object read back differs");
+                    ok = false;
+                }
+            }
+            Ok((hs, n, _)) => {
+                println!("write probe: FAILED: sizes differ (head {hs}, get {n})");
+                ok = false;
+            }
+            Err(e) => {
+                println!("write probe: FAILED: {e}");
+                ok = false;
+            }
+        }
+    }
+    Ok(ok)
+}
+
+/// `ferry delete KEY`: tombstone in the catalog and an empty marker object in S3, so every
+/// node answers 410. The archive copy stays.
+pub async fn delete(cfg: Config, key: &str) -> anyhow::Result<()> {
+    let key = Key::new(key, &cfg.s3.prefix).with_context(|| format!("key {key:?}"))?;
+    let (catalog, store) = open(&cfg).await?;
+    if key.path_in(&cfg.spool.dir).symlink_metadata().is_ok() {
+        bail!(
+            "{key} is still in the spool ({}); remove it there first",
+            key.path_in(&cfg.spool.dir).display()
+        );
+    }
+    let when = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
+    store
+        .put_bytes(
+            &key.object_key(&cfg.s3.prefix),
+            Vec::new(),
+            &[("ferry-deleted", &when)],
+        )
+        .await
+        .with_context(|| format!("replacing {key} in S3 by a deletion marker"))?;
+    let k = key.as_str().to_string();
+    let row = catalog.write(move |c| ops::mark_deleted(c, &k)).await?;
+    if row.is_none() {
+        let k = key.as_str().to_string();
+        catalog
+            .write(move |c| {
+                c.execute(
+                    "INSERT INTO files (key, state, size, mtime_ns, ctime_ns, inode, \
+                     updated_at_ms, queued_at_ms) VALUES (?1, 'deleted', 0, 0, 0, 0, ?2, ?2)",
+                    rusqlite::params![k, now_ms()],
+                )?;
+                Ok(())
+            })
+            .await?;
+    }
+    println!("deleted {key}: S3 object replaced by a marker; archive copy kept");
+    Ok(())
+}

@@ -1,0 +1,796 @@
+//! The SQLite catalog: schema and migrations, one row per key, and the job state machine.
+//!
+//! States of a key's current version (DESIGN.md "The one rule"):
+//!
+//! ```text
+//!   (ready file) -> queued -> uploading -> verified -> archived
+//!                     ^          |   \
+//!                     |          |    `-> failed (permanent error; retried at max interval)
+//!                     `----------'  (transient error, file changed, or restart)
+//!   queued/failed with the file gone -> vanished;  `ferry delete` -> deleted
+//! ```
+//!
+//! `verified` is committed (fsynced, synchronous=FULL) before the file is moved, so a crash
+//! at any point leaves either the file in the spool or a row saying S3 holds its bytes.
+//! Every transition made by an upload carries the row's `gen`: a file that changed while it
+//! was being uploaded bumps `gen`, and the stale upload's transitions then match no row.
+//!
+//! SQLite is never touched from the async executor: writes go through one writer thread that
+//! commits whatever has queued up in one transaction (group commit); reads use their own
+//! connections, which WAL lets run beside the writer.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use rusqlite::{params, Connection, OptionalExtension, Transaction};
+use serde::Serialize;
+
+use crate::key::Key;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CatalogError {
+    #[error("catalog {path}: {source}")]
+    Open {
+        path: PathBuf,
+        source: rusqlite::Error,
+    },
+    #[error("catalog: {0}")]
+    Sql(#[from] rusqlite::Error),
+    #[error("catalog writer has stopped")]
+    Closed,
+}
+
+impl CatalogError {
+    /// SQLITE_FULL: the disk holding the catalog is full.
+    pub fn is_full(&self) -> bool {
+        let e = match self {
+            CatalogError::Sql(e) | CatalogError::Open { source: e, .. } => e,
+            CatalogError::Closed => return false,
+        };
+        matches!(e.sqlite_error_code(), Some(rusqlite::ErrorCode::DiskFull))
+    }
+}
+
+pub type Result<T> = std::result::Result<T, CatalogError>;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, PartialOrd, Ord)]
+#[serde(rename_all = "lowercase")]
+pub enum State {
+    Queued,
+    Uploading,
+    Verified,
+    Archived,
+    Failed,
+    Vanished,
+    Deleted,
+}
+
+impl State {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::Queued => "queued",
+            State::Uploading => "uploading",
+            State::Verified => "verified",
+            State::Archived => "archived",
+            State::Failed => "failed",
+            State::Vanished => "vanished",
+            State::Deleted => "deleted",
+        }
+    }
+    pub fn parse(s: &str) -> Option<State> {
+        Some(match s {
+            "queued" => State::Queued,
+            "uploading" => State::Uploading,
+            "verified" => State::Verified,
+            "archived" => State::Archived,
+            "failed" => State::Failed,
+            "vanished" => State::Vanished,
+            "deleted" => State::Deleted,
+            _ => return None,
+        })
+    }
+    /// S3 holds this key's current bytes.
+    pub fn in_s3(self) -> bool {
+        matches!(self, State::Verified | State::Archived)
+    }
+    pub const ALL: [State; 7] = [
+        State::Queued,
+        State::Uploading,
+        State::Verified,
+        State::Archived,
+        State::Failed,
+        State::Vanished,
+        State::Deleted,
+    ];
+}
+
+/// What identifies one version of a file on disk: if any of these change, it is a new file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct FileStat {
+    pub size: u64,
+    pub mtime_ns: i64,
+    pub ctime_ns: i64,
+    pub inode: u64,
+}
+
+impl FileStat {
+    pub fn of(md: &std::fs::Metadata) -> FileStat {
+        use std::os::unix::fs::MetadataExt;
+        FileStat {
+            size: md.len(),
+            mtime_ns: md.mtime().saturating_mul(1_000_000_000) + md.mtime_nsec(),
+            ctime_ns: md.ctime().saturating_mul(1_000_000_000) + md.ctime_nsec(),
+            inode: md.ino(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Row {
+    pub key: String,
+    pub state: State,
+    pub stat: FileStat,
+    /// Hex SHA-256 of the bytes uploaded (set once hashed).
+    pub sha256: Option<String>,
+    pub attempts: u32,
+    /// Unix ms when the next attempt may start.
+    pub next_attempt_ms: i64,
+    pub last_error: Option<String>,
+    pub etag: Option<String>,
+    /// A multipart upload in flight, so a restart can abort it.
+    pub upload_id: Option<String>,
+    pub uploaded_at_ms: Option<i64>,
+    pub archived_at_ms: Option<i64>,
+    pub updated_at_ms: i64,
+    pub queued_at_ms: i64,
+    /// Bumped whenever the row starts describing a different file version.
+    pub gen: i64,
+}
+
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+const MIGRATIONS: &[&str] = &[
+    // 1: the files table and refused names.
+    "CREATE TABLE files (
+        key TEXT PRIMARY KEY NOT NULL,
+        state TEXT NOT NULL,
+        size INTEGER NOT NULL,
+        mtime_ns INTEGER NOT NULL,
+        ctime_ns INTEGER NOT NULL,
+        inode INTEGER NOT NULL,
+        sha256 TEXT,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        next_attempt_ms INTEGER NOT NULL DEFAULT 0,
+        last_error TEXT,
+        etag TEXT,
+        upload_id TEXT,
+        uploaded_at_ms INTEGER,
+        archived_at_ms INTEGER,
+        updated_at_ms INTEGER NOT NULL,
+        queued_at_ms INTEGER NOT NULL,
+        gen INTEGER NOT NULL DEFAULT 1
+    );
+    CREATE INDEX files_due ON files(state, next_attempt_ms);
+    CREATE TABLE refused (
+        name TEXT PRIMARY KEY NOT NULL,
+        reason TEXT NOT NULL,
+        seen_at_ms INTEGER NOT NULL
+    );",
+];
+
+fn open_conn(path: &Path) -> Result<Connection> {
+    let err = |source| CatalogError::Open {
+        path: path.to_path_buf(),
+        source,
+    };
+    let conn = Connection::open(path).map_err(err)?;
+    conn.busy_timeout(std::time::Duration::from_secs(10))
+        .map_err(err)?;
+    // WAL lets readers run beside the writer; FULL makes each commit durable, which the
+    // one rule needs for `verified`.
+    conn.pragma_update(None, "journal_mode", "WAL")
+        .map_err(err)?;
+    conn.pragma_update(None, "synchronous", "FULL")
+        .map_err(err)?;
+    conn.pragma_update(None, "foreign_keys", "ON")
+        .map_err(err)?;
+    Ok(conn)
+}
+
+fn migrate(conn: &mut Connection) -> Result<()> {
+    let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+        let tx = conn.transaction()?;
+        tx.execute_batch(sql)?;
+        tx.pragma_update(None, "user_version", (i + 1) as i64)?;
+        tx.commit()?;
+    }
+    Ok(())
+}
+
+const ROW_COLS: &str = "key, state, size, mtime_ns, ctime_ns, inode, sha256, attempts, \
+    next_attempt_ms, last_error, etag, upload_id, uploaded_at_ms, archived_at_ms, \
+    updated_at_ms, queued_at_ms, gen";
+
+fn row_from(r: &rusqlite::Row<'_>) -> rusqlite::Result<Row> {
+    let state: String = r.get(1)?;
+    Ok(Row {
+        key: r.get(0)?,
+        state: State::parse(&state).unwrap_or(State::Queued),
+        stat: FileStat {
+            size: r.get::<_, i64>(2)? as u64,
+            mtime_ns: r.get(3)?,
+            ctime_ns: r.get(4)?,
+            inode: r.get::<_, i64>(5)? as u64,
+        },
+        sha256: r.get(6)?,
+        attempts: r.get::<_, i64>(7)? as u32,
+        next_attempt_ms: r.get(8)?,
+        last_error: r.get(9)?,
+        etag: r.get(10)?,
+        upload_id: r.get(11)?,
+        uploaded_at_ms: r.get(12)?,
+        archived_at_ms: r.get(13)?,
+        updated_at_ms: r.get(14)?,
+        queued_at_ms: r.get(15)?,
+        gen: r.get(16)?,
+    })
+}
+
+/// Whether a ready file was new work.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Noted {
+    /// A new row or a new version: queued.
+    Queued,
+    /// The catalog already has this exact file queued or in flight.
+    Unchanged,
+}
+
+/// Operations on a connection or transaction. All are plain SQL; callers pick the thread.
+pub mod ops {
+    use super::*;
+
+    pub fn get(c: &Connection, key: &str) -> Result<Option<Row>> {
+        Ok(c.query_row(
+            &format!("SELECT {ROW_COLS} FROM files WHERE key = ?1"),
+            [key],
+            row_from,
+        )
+        .optional()?)
+    }
+
+    /// A ready file in the spool: queue it unless the catalog already has this version.
+    pub fn note_ready(c: &Connection, key: &Key, stat: FileStat) -> Result<Noted> {
+        let now = now_ms();
+        let existing = get(c, key.as_str())?;
+        let same = |r: &Row| r.stat == stat;
+        match existing {
+            None => {
+                c.execute(
+                    "INSERT INTO files (key, state, size, mtime_ns, ctime_ns, inode, \
+                     next_attempt_ms, updated_at_ms, queued_at_ms, gen) \
+                     VALUES (?1, 'queued', ?2, ?3, ?4, ?5, 0, ?6, ?6, 1)",
+                    params![
+                        key.as_str(),
+                        stat.size as i64,
+                        stat.mtime_ns,
+                        stat.ctime_ns,
+                        stat.inode as i64,
+                        now
+                    ],
+                )?;
+                Ok(Noted::Queued)
+            }
+            Some(r) => {
+                let unchanged = match r.state {
+                    State::Queued | State::Uploading | State::Failed | State::Verified => same(&r),
+                    // A file in the spool under an archived, vanished or deleted key is a
+                    // new version of it.
+                    State::Archived | State::Vanished | State::Deleted => false,
+                };
+                if unchanged {
+                    return Ok(Noted::Unchanged);
+                }
+                c.execute(
+                    "UPDATE files SET state = 'queued', size = ?2, mtime_ns = ?3, ctime_ns = ?4, \
+                     inode = ?5, sha256 = NULL, attempts = 0, next_attempt_ms = 0, \
+                     last_error = NULL, etag = NULL, updated_at_ms = ?6, queued_at_ms = ?6, \
+                     gen = gen + 1 WHERE key = ?1",
+                    params![
+                        key.as_str(),
+                        stat.size as i64,
+                        stat.mtime_ns,
+                        stat.ctime_ns,
+                        stat.inode as i64,
+                        now
+                    ],
+                )?;
+                Ok(Noted::Queued)
+            }
+        }
+    }
+
+    /// Moves up to `limit` due rows (queued/failed, next attempt passed) to `uploading`,
+    /// skipping keys already in flight.
+    pub fn claim_due(
+        c: &Connection,
+        now: i64,
+        limit: usize,
+        in_flight: &std::collections::HashSet<String>,
+    ) -> Result<Vec<Row>> {
+        let mut stmt = c.prepare_cached(&format!(
+            "SELECT {ROW_COLS} FROM files WHERE state IN ('queued', 'failed') \
+             AND next_attempt_ms <= ?1 ORDER BY next_attempt_ms, queued_at_ms LIMIT ?2"
+        ))?;
+        let rows: Vec<Row> = stmt
+            .query_map(params![now, (limit + in_flight.len()) as i64], row_from)?
+            .collect::<rusqlite::Result<_>>()?;
+        let mut out = Vec::new();
+        for mut r in rows {
+            if out.len() >= limit {
+                break;
+            }
+            if in_flight.contains(&r.key) {
+                continue;
+            }
+            c.execute(
+                "UPDATE files SET state = 'uploading', attempts = attempts + 1, \
+                 updated_at_ms = ?2 WHERE key = ?1",
+                params![r.key, now],
+            )?;
+            r.state = State::Uploading;
+            r.attempts += 1;
+            out.push(r);
+        }
+        Ok(out)
+    }
+
+    /// The earliest time a queued or failed row becomes due, if any.
+    pub fn next_due(c: &Connection) -> Result<Option<i64>> {
+        Ok(c.query_row(
+            "SELECT MIN(next_attempt_ms) FROM files WHERE state IN ('queued', 'failed')",
+            [],
+            |r| r.get::<_, Option<i64>>(0),
+        )?)
+    }
+
+    /// Records what was hashed (the stat may have moved on since the row was queued).
+    pub fn set_hashed(
+        c: &Connection,
+        key: &str,
+        gen: i64,
+        stat: FileStat,
+        sha256: &str,
+    ) -> Result<bool> {
+        let n = c.execute(
+            "UPDATE files SET size = ?3, mtime_ns = ?4, ctime_ns = ?5, inode = ?6, sha256 = ?7, \
+             updated_at_ms = ?8 WHERE key = ?1 AND gen = ?2 AND state = 'uploading'",
+            params![
+                key,
+                gen,
+                stat.size as i64,
+                stat.mtime_ns,
+                stat.ctime_ns,
+                stat.inode as i64,
+                sha256,
+                now_ms()
+            ],
+        )?;
+        Ok(n == 1)
+    }
+
+    pub fn set_upload_id(c: &Connection, key: &str, gen: i64, id: Option<&str>) -> Result<bool> {
+        let n = c.execute(
+            "UPDATE files SET upload_id = ?3 WHERE key = ?1 AND gen = ?2",
+            params![key, gen, id],
+        )?;
+        Ok(n == 1)
+    }
+
+    /// S3 holds these exact bytes. Committing this is what allows the move to the archive.
+    pub fn mark_verified(c: &Connection, key: &str, gen: i64, etag: Option<&str>) -> Result<bool> {
+        let now = now_ms();
+        let n = c.execute(
+            "UPDATE files SET state = 'verified', etag = ?3, upload_id = NULL, \
+             last_error = NULL, uploaded_at_ms = ?4, updated_at_ms = ?4 \
+             WHERE key = ?1 AND gen = ?2 AND state = 'uploading' AND sha256 IS NOT NULL",
+            params![key, gen, etag, now],
+        )?;
+        Ok(n == 1)
+    }
+
+    pub fn mark_archived(c: &Connection, key: &str, gen: i64) -> Result<bool> {
+        let now = now_ms();
+        let n = c.execute(
+            "UPDATE files SET state = 'archived', archived_at_ms = ?3, updated_at_ms = ?3 \
+             WHERE key = ?1 AND gen = ?2 AND state = 'verified'",
+            params![key, gen, now],
+        )?;
+        Ok(n == 1)
+    }
+
+    /// Back to the queue: the file changed, or a transient error; `error` is shown in status.
+    pub fn requeue(
+        c: &Connection,
+        key: &str,
+        gen: i64,
+        next_attempt_ms: i64,
+        error: Option<&str>,
+    ) -> Result<bool> {
+        let n = c.execute(
+            "UPDATE files SET state = 'queued', next_attempt_ms = ?3, last_error = ?4, \
+             updated_at_ms = ?5 WHERE key = ?1 AND gen = ?2 AND state IN ('uploading', 'verified')",
+            params![key, gen, next_attempt_ms, error, now_ms()],
+        )?;
+        Ok(n == 1)
+    }
+
+    /// A permanent error: kept, visible, retried at the max interval.
+    pub fn mark_failed(
+        c: &Connection,
+        key: &str,
+        gen: i64,
+        next_attempt_ms: i64,
+        error: &str,
+    ) -> Result<bool> {
+        let n = c.execute(
+            "UPDATE files SET state = 'failed', next_attempt_ms = ?3, last_error = ?4, \
+             updated_at_ms = ?5 WHERE key = ?1 AND gen = ?2 AND state = 'uploading'",
+            params![key, gen, next_attempt_ms, error, now_ms()],
+        )?;
+        Ok(n == 1)
+    }
+
+    pub fn mark_vanished(c: &Connection, key: &str, gen: i64) -> Result<bool> {
+        let n = c.execute(
+            "UPDATE files SET state = 'vanished', upload_id = NULL, updated_at_ms = ?3 \
+             WHERE key = ?1 AND gen = ?2 AND state IN ('queued', 'uploading', 'failed')",
+            params![key, gen, now_ms()],
+        )?;
+        Ok(n == 1)
+    }
+
+    /// Tombstones a key; returns the row as it was.
+    pub fn mark_deleted(c: &Connection, key: &str) -> Result<Option<Row>> {
+        let row = get(c, key)?;
+        if row.is_some() {
+            c.execute(
+                "UPDATE files SET state = 'deleted', updated_at_ms = ?2, gen = gen + 1 \
+                 WHERE key = ?1",
+                params![key, now_ms()],
+            )?;
+        }
+        Ok(row)
+    }
+
+    pub fn note_refused(c: &Connection, name: &str, reason: &str) -> Result<bool> {
+        let n = c.execute(
+            "INSERT INTO refused (name, reason, seen_at_ms) VALUES (?1, ?2, ?3) \
+             ON CONFLICT(name) DO NOTHING",
+            params![name, reason, now_ms()],
+        )?;
+        Ok(n == 1)
+    }
+
+    pub fn forget_refused(c: &Connection, name: &str) -> Result<()> {
+        c.execute("DELETE FROM refused WHERE name = ?1", [name])?;
+        Ok(())
+    }
+
+    pub fn refused(c: &Connection) -> Result<Vec<(String, String)>> {
+        let mut stmt = c.prepare("SELECT name, reason FROM refused ORDER BY name")?;
+        let v = stmt
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+            .collect::<rusqlite::Result<_>>()?;
+        Ok(v)
+    }
+
+    pub fn rows_in(c: &Connection, states: &[State]) -> Result<Vec<Row>> {
+        let list = states
+            .iter()
+            .map(|s| format!("'{}'", s.as_str()))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut stmt = c.prepare(&format!(
+            "SELECT {ROW_COLS} FROM files WHERE state IN ({list}) ORDER BY key"
+        ))?;
+        let v = stmt
+            .query_map([], row_from)?
+            .collect::<rusqlite::Result<_>>()?;
+        Ok(v)
+    }
+
+    /// Start-up repair: nothing is in flight, so `uploading` goes back to `queued`.
+    pub fn reset_uploading(c: &Connection) -> Result<usize> {
+        Ok(c.execute(
+            "UPDATE files SET state = 'queued', next_attempt_ms = 0 WHERE state = 'uploading'",
+            [],
+        )?)
+    }
+
+    pub fn clear_upload_id(c: &Connection, key: &str, id: &str) -> Result<()> {
+        c.execute(
+            "UPDATE files SET upload_id = NULL WHERE key = ?1 AND upload_id = ?2",
+            params![key, id],
+        )?;
+        Ok(())
+    }
+
+    pub fn status(c: &Connection) -> Result<Status> {
+        let mut counts = BTreeMap::new();
+        for s in State::ALL {
+            counts.insert(s.as_str().to_string(), 0u64);
+        }
+        let mut stmt = c.prepare("SELECT state, COUNT(*) FROM files GROUP BY state")?;
+        for r in stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))? {
+            let (s, n) = r?;
+            counts.insert(s, n as u64);
+        }
+        let (oldest, queued_bytes): (Option<i64>, Option<i64>) = c.query_row(
+            "SELECT MIN(queued_at_ms), SUM(size) FROM files \
+             WHERE state IN ('queued', 'uploading', 'failed', 'verified')",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )?;
+        let mut stmt = c.prepare(&format!(
+            "SELECT {ROW_COLS} FROM files WHERE last_error IS NOT NULL \
+             AND state IN ('queued', 'uploading', 'failed') ORDER BY updated_at_ms DESC LIMIT 20"
+        ))?;
+        let errors = stmt
+            .query_map([], row_from)?
+            .collect::<rusqlite::Result<Vec<_>>>()?
+            .into_iter()
+            .map(|r| ErrorLine {
+                key: r.key,
+                state: r.state,
+                attempts: r.attempts,
+                error: r.last_error.unwrap_or_default(),
+                next_attempt_ms: r.next_attempt_ms,
+            })
+            .collect();
+        let refused = refused(c)?
+            .into_iter()
+            .map(|(name, reason)| RefusedLine { name, reason })
+            .collect();
+        let queue_depth = ["queued", "uploading", "failed", "verified"]
+            .iter()
+            .map(|s| counts.get(*s).copied().unwrap_or(0))
+            .sum();
+        Ok(Status {
+            counts,
+            queue_depth,
+            queued_bytes: queued_bytes.unwrap_or(0) as u64,
+            oldest_queued_ms: oldest,
+            errors,
+            refused,
+        })
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ErrorLine {
+    pub key: String,
+    pub state: State,
+    pub attempts: u32,
+    pub error: String,
+    pub next_attempt_ms: i64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RefusedLine {
+    pub name: String,
+    pub reason: String,
+}
+
+/// What `ferry status` prints.
+#[derive(Debug, Clone, Serialize)]
+pub struct Status {
+    pub counts: BTreeMap<String, u64>,
+    /// Files not yet archived (queued + uploading + failed + verified).
+    pub queue_depth: u64,
+    pub queued_bytes: u64,
+    pub oldest_queued_ms: Option<i64>,
+    pub errors: Vec<ErrorLine>,
+    pub refused: Vec<RefusedLine>,
+}
+
+/// Runs inside the batch transaction and returns what to do once the commit is known, so no
+/// caller hears "done" before its change is durable.
+type Job = Box<dyn FnOnce(&Transaction<'_>) -> Reply + Send>;
+type Reply = Box<dyn FnOnce(Option<&rusqlite::Error>) + Send>;
+
+/// The async face of the catalog: one writer thread with group commit, plus read connections.
+#[derive(Clone)]
+pub struct Catalog {
+    tx: mpsc::Sender<Job>,
+    readers: Arc<Vec<Mutex<Connection>>>,
+    /// Its own connection: `data_version` is per connection, so it must always be one.
+    version_conn: Arc<Mutex<Connection>>,
+    path: PathBuf,
+}
+
+const READERS: usize = 4;
+/// Most jobs committed together; bounds the latency one commit adds to the first job.
+const BATCH: usize = 256;
+
+impl Catalog {
+    /// Opens (creating if needed) and migrates the catalog, and starts its writer thread.
+    pub fn open(path: &Path) -> Result<Catalog> {
+        if let Some(parent) = path.parent() {
+            if !parent.as_os_str().is_empty() {
+                std::fs::create_dir_all(parent).map_err(|e| CatalogError::Open {
+                    path: path.to_path_buf(),
+                    source: rusqlite::Error::ToSqlConversionFailure(Box::new(e)),
+                })?;
+            }
+        }
+        let mut conn = open_conn(path)?;
+        migrate(&mut conn)?;
+        let mut readers = Vec::with_capacity(READERS);
+        for _ in 0..READERS {
+            let r = open_conn(path)?;
+            r.pragma_update(None, "query_only", true)?;
+            readers.push(Mutex::new(r));
+        }
+        let version_conn = Arc::new(Mutex::new(open_conn(path)?));
+        let (tx, rx) = mpsc::channel::<Job>();
+        std::thread::Builder::new()
+            .name("ferry-catalog".into())
+            .spawn(move || writer_loop(conn, rx))
+            .map_err(|e| CatalogError::Open {
+                path: path.to_path_buf(),
+                source: rusqlite::Error::ToSqlConversionFailure(Box::new(e)),
+            })?;
+        Ok(Catalog {
+            tx,
+            readers: Arc::new(readers),
+            version_conn,
+            path: path.to_path_buf(),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Runs `f` in the writer's next transaction and waits for the commit.
+    pub async fn write<T, F>(&self, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T> + Send + 'static,
+    {
+        let (otx, orx) = tokio::sync::oneshot::channel();
+        self.send_job(f, move |r| {
+            let _ = otx.send(r);
+        })?;
+        orx.await.map_err(|_| CatalogError::Closed)?
+    }
+
+    /// The blocking form of `write`, for threads that are not on the executor.
+    pub fn write_blocking<T, F>(&self, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T> + Send + 'static,
+    {
+        let (otx, orx) = mpsc::channel();
+        self.send_job(f, move |r| {
+            let _ = otx.send(r);
+        })?;
+        orx.recv().map_err(|_| CatalogError::Closed)?
+    }
+
+    fn send_job<T, F, R>(&self, f: F, reply: R) -> Result<()>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T> + Send + 'static,
+        R: FnOnce(Result<T>) + Send + 'static,
+    {
+        let job: Job = Box::new(move |tx: &Transaction<'_>| {
+            // A savepoint per job, so one failing job does not undo its batch-mates.
+            let res = (|| {
+                tx.execute_batch("SAVEPOINT job")?;
+                match f(tx) {
+                    Ok(out) => {
+                        tx.execute_batch("RELEASE job")?;
+                        Ok(out)
+                    }
+                    Err(e) => {
+                        tx.execute_batch("ROLLBACK TO job; RELEASE job")?;
+                        Err(e)
+                    }
+                }
+            })();
+            Box::new(
+                move |commit_err: Option<&rusqlite::Error>| match (res, commit_err) {
+                    (Ok(v), None) => reply(Ok(v)),
+                    (Ok(_), Some(e)) => reply(Err(CatalogError::Sql(clone_err(e)))),
+                    (Err(e), _) => reply(Err(e)),
+                },
+            )
+        });
+        self.tx.send(job).map_err(|_| CatalogError::Closed)
+    }
+
+    /// Runs a read on one of the read connections, on a blocking thread.
+    pub async fn read<T, F>(&self, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T> + Send + 'static,
+    {
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || this.read_blocking(f))
+            .await
+            .map_err(|_| CatalogError::Closed)?
+    }
+
+    /// A read from a blocking thread: takes a free reader, or waits for the first one.
+    pub fn read_blocking<T, F>(&self, f: F) -> Result<T>
+    where
+        F: FnOnce(&Connection) -> Result<T>,
+    {
+        for m in self.readers.iter() {
+            if let Ok(c) = m.try_lock() {
+                return f(&c);
+            }
+        }
+        let c = self.readers[0].lock().unwrap_or_else(|p| p.into_inner());
+        f(&c)
+    }
+
+    /// SQLite's `data_version` as seen by a reader: changes when another connection (in
+    /// this process or another) commits.
+    pub fn data_version(&self) -> Result<i64> {
+        let c = self.version_conn.lock().unwrap_or_else(|p| p.into_inner());
+        Ok(c.pragma_query_value(None, "data_version", |r| r.get(0))?)
+    }
+}
+
+/// rusqlite errors are not Clone; keep the code (for `is_full`) and the message.
+fn clone_err(e: &rusqlite::Error) -> rusqlite::Error {
+    match e {
+        rusqlite::Error::SqliteFailure(code, msg) => {
+            rusqlite::Error::SqliteFailure(*code, msg.clone())
+        }
+        other => rusqlite::Error::SqliteFailure(
+            rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_ERROR),
+            Some(other.to_string()),
+        ),
+    }
+}
+
+/// Commits everything queued so far in one transaction: one fsync for many files.
+fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<Job>) {
+    while let Ok(first) = rx.recv() {
+        let mut batch = vec![first];
+        while batch.len() < BATCH {
+            match rx.try_recv() {
+                Ok(j) => batch.push(j),
+                Err(_) => break,
+            }
+        }
+        match conn.transaction() {
+            Ok(tx) => {
+                let replies: Vec<Reply> = batch.into_iter().map(|job| job(&tx)).collect();
+                let res = tx.commit();
+                if let Err(e) = &res {
+                    tracing::error!(error = %e, "catalog commit failed");
+                }
+                for r in replies {
+                    r(res.as_ref().err());
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "catalog: cannot begin a transaction");
+                // Dropping the jobs drops their reply channels: callers see Closed.
+                drop(batch);
+            }
+        }
+    }
+}

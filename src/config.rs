@@ -1,0 +1,680 @@
+//! Configuration: the `Config` tree, its defaults (in one place), env overrides, validation.
+//!
+//! Layers, lowest first: the defaults below, the TOML file (if any), then environment
+//! variables `FERRY_<SECTION>_<KEY>`. The env layer is merged as a TOML table whose value
+//! types come from the defaults, so there is one merge step and no per-field plumbing.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Parse { path: String, message: String },
+    #[error("environment variable {var}: {message}")]
+    Env { var: String, message: String },
+    #[error("config key {key}: {message}")]
+    Invalid { key: String, message: String },
+}
+
+fn invalid(key: &str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.to_string(),
+        message: message.into(),
+    }
+}
+
+/// A duration written as "500ms", "5m", "7d".
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Dur(pub Duration);
+
+impl FromStr for Dur {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        humantime::parse_duration(s.trim())
+            .map(Dur)
+            .map_err(|e| format!("{s:?} is not a duration like \"500ms\" or \"5m\": {e}"))
+    }
+}
+impl fmt::Display for Dur {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", humantime::format_duration(self.0))
+    }
+}
+impl Serialize for Dur {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_string())
+    }
+}
+impl<'de> Deserialize<'de> for Dur {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// A byte size written as "16MiB", "1GiB", or a plain number of bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Size(pub u64);
+
+impl FromStr for Size {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        s.trim()
+            .parse::<bytesize::ByteSize>()
+            .map(|b| Size(b.as_u64()))
+            .map_err(|e| format!("{s:?} is not a size like \"16MiB\": {e}"))
+    }
+}
+impl fmt::Display for Size {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", bytesize::ByteSize(self.0).display().iec_short())
+    }
+}
+impl Serialize for Size {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_string())
+    }
+}
+impl<'de> Deserialize<'de> for Size {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            N(u64),
+            S(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::N(n) => Ok(Size(n)),
+            Raw::S(s) => s.parse().map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub spool: SpoolConfig,
+    pub archive: ArchiveConfig,
+    pub catalog: CatalogConfig,
+    pub s3: S3Config,
+    pub retry: RetryConfig,
+    pub http: HttpConfig,
+    pub cache: CacheConfig,
+    pub router: RouterConfig,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SpoolConfig {
+    pub dir: PathBuf,
+    /// How long a finished file must stay unchanged before it is uploaded.
+    pub settle: Dur,
+    /// A full rescan catches anything inotify missed.
+    pub rescan_interval: Dur,
+    /// Globs on each path segment's name; matches are never uploaded (temp names).
+    pub ignore: Vec<String>,
+}
+impl Default for SpoolConfig {
+    fn default() -> Self {
+        SpoolConfig {
+            dir: "var/spool".into(),
+            settle: Dur(Duration::from_secs(1)),
+            rescan_interval: Dur(Duration::from_secs(60)),
+            ignore: vec![
+                ".*".into(),
+                "*.part".into(),
+                "*.tmp".into(),
+                "*.crdownload".into(),
+            ],
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ArchiveConfig {
+    pub dir: PathBuf,
+    /// "" keeps archive copies forever.
+    pub retain: String,
+}
+impl Default for ArchiveConfig {
+    fn default() -> Self {
+        ArchiveConfig {
+            dir: "var/archive".into(),
+            retain: String::new(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CatalogConfig {
+    pub path: PathBuf,
+}
+impl Default for CatalogConfig {
+    fn default() -> Self {
+        CatalogConfig {
+            path: "var/ferry.db".into(),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum VerifyMode {
+    Auto,
+    ReadBack,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct S3Config {
+    pub bucket: String,
+    pub prefix: String,
+    pub region: String,
+    /// "" means AWS; anything else is an S3-compatible endpoint URL.
+    pub endpoint: String,
+    pub path_style: bool,
+    pub concurrency: usize,
+    pub multipart_threshold: Size,
+    pub part_size: Size,
+    pub verify: VerifyMode,
+}
+impl Default for S3Config {
+    fn default() -> Self {
+        S3Config {
+            bucket: "ferry".into(),
+            prefix: String::new(),
+            region: "us-east-1".into(),
+            endpoint: String::new(),
+            path_style: false,
+            concurrency: 8,
+            multipart_threshold: Size(64 << 20),
+            part_size: Size(16 << 20),
+            verify: VerifyMode::Auto,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetryConfig {
+    pub initial: Dur,
+    pub max_interval: Dur,
+    pub multiplier: f64,
+}
+impl Default for RetryConfig {
+    fn default() -> Self {
+        RetryConfig {
+            initial: Dur(Duration::from_millis(500)),
+            max_interval: Dur(Duration::from_secs(300)),
+            multiplier: 2.0,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ServeMode {
+    Redirect,
+    Proxy,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    pub listen: String,
+    pub mount: String,
+    /// A regex every served KEY must match; "" allows all.
+    pub allow: String,
+    /// Sent as X-Ferry-Node; "" means the hostname.
+    pub node_name: String,
+    pub mode: ServeMode,
+    pub redirect_base: String,
+    pub presign: bool,
+    pub presign_ttl: Dur,
+    pub metadata_ttl: Dur,
+    pub fallback_url: String,
+    /// Cache-Control on local hits: uploads never change under one key for long, but can.
+    pub cache_control: String,
+}
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            listen: "127.0.0.1:8080".into(),
+            mount: "/static/".into(),
+            allow: String::new(),
+            node_name: String::new(),
+            mode: ServeMode::Redirect,
+            redirect_base: String::new(),
+            presign: false,
+            presign_ttl: Dur(Duration::from_secs(15 * 60)),
+            metadata_ttl: Dur(Duration::from_secs(5 * 60)),
+            fallback_url: String::new(),
+            cache_control: "public, max-age=300".into(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CacheConfig {
+    pub dir: PathBuf,
+    pub max_size: Size,
+    pub hot_hits: u32,
+    pub hot_window: Dur,
+    pub ttl: Dur,
+}
+impl Default for CacheConfig {
+    fn default() -> Self {
+        CacheConfig {
+            dir: "var/cache".into(),
+            max_size: Size(1 << 30),
+            hot_hits: 10,
+            hot_window: Dur(Duration::from_secs(300)),
+            ttl: Dur(Duration::from_secs(7 * 86400)),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RouterConfig {
+    pub listen: String,
+    pub backends: Vec<String>,
+    pub hash: String,
+    pub health_interval: Dur,
+}
+impl Default for RouterConfig {
+    fn default() -> Self {
+        RouterConfig {
+            listen: "127.0.0.1:8000".into(),
+            backends: vec!["http://127.0.0.1:8080".into()],
+            hash: "host".into(),
+            health_interval: Dur(Duration::from_secs(1)),
+        }
+    }
+}
+
+impl Config {
+    /// Loads `path` (or the embedded defaults when `None`), applies `FERRY_*` variables from
+    /// the process environment, and validates.
+    pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+        Self::load_with_env(path, std::env::vars())
+    }
+
+    pub fn load_with_env(
+        path: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let (text, name) = match path {
+            Some(p) => (
+                std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
+                    path: p.to_path_buf(),
+                    source,
+                })?,
+                p.display().to_string(),
+            ),
+            None => (String::new(), "(embedded defaults)".to_string()),
+        };
+        Self::from_toml_with_env(&text, &name, env)
+    }
+
+    pub fn from_toml_with_env(
+        text: &str,
+        name: &str,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let mut table: toml::Table = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: name.to_string(),
+            message: e.to_string(),
+        })?;
+        apply_env(&mut table, env)?;
+        let cfg: Config = toml::Value::Table(table)
+            .try_into()
+            .map_err(|e: toml::de::Error| ConfigError::Parse {
+                path: name.to_string(),
+                message: e.message().to_string(),
+            })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Checks what types alone cannot; every error names the key.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.s3.bucket.is_empty() {
+            return Err(invalid("s3.bucket", "must not be empty"));
+        }
+        if self.s3.concurrency == 0 || self.s3.concurrency > 1024 {
+            return Err(invalid("s3.concurrency", "must be between 1 and 1024"));
+        }
+        const MIB5: u64 = 5 << 20;
+        const GIB5: u64 = 5 << 30;
+        if self.s3.part_size.0 < MIB5 || self.s3.part_size.0 > GIB5 {
+            return Err(invalid(
+                "s3.part_size",
+                format!(
+                    "{} is outside S3's 5MiB..5GiB part limits",
+                    self.s3.part_size
+                ),
+            ));
+        }
+        if self.s3.multipart_threshold.0 > GIB5 {
+            return Err(invalid(
+                "s3.multipart_threshold",
+                "a single PUT is limited to 5GiB by S3",
+            ));
+        }
+        if self.s3.prefix.len() >= crate::key::MAX_OBJECT_KEY_LEN {
+            return Err(invalid(
+                "s3.prefix",
+                "leaves no room for a key in 1024 bytes",
+            ));
+        }
+        if !self.s3.prefix.is_empty() {
+            if self.s3.prefix.starts_with('/') {
+                return Err(invalid("s3.prefix", "must not start with '/'"));
+            }
+            if self.s3.prefix.chars().any(|c| c.is_control()) {
+                return Err(invalid("s3.prefix", "must not contain control characters"));
+            }
+        }
+        if !self.s3.endpoint.is_empty()
+            && !(self.s3.endpoint.starts_with("http://")
+                || self.s3.endpoint.starts_with("https://"))
+        {
+            return Err(invalid(
+                "s3.endpoint",
+                "must start with http:// or https://",
+            ));
+        }
+        if !(self.retry.multiplier >= 1.0 && self.retry.multiplier <= 100.0) {
+            return Err(invalid("retry.multiplier", "must be between 1.0 and 100.0"));
+        }
+        if self.retry.initial.0.is_zero() {
+            return Err(invalid("retry.initial", "must be more than 0"));
+        }
+        if self.retry.max_interval.0 < self.retry.initial.0 {
+            return Err(invalid(
+                "retry.max_interval",
+                "must be at least retry.initial",
+            ));
+        }
+        for g in &self.spool.ignore {
+            globset::Glob::new(g)
+                .map_err(|e| invalid("spool.ignore", format!("bad glob {g:?}: {e}")))?;
+        }
+        if self.spool.rescan_interval.0 < Duration::from_millis(100) {
+            return Err(invalid("spool.rescan_interval", "must be at least 100ms"));
+        }
+        if !self.http.mount.starts_with('/') || !self.http.mount.ends_with('/') {
+            return Err(invalid("http.mount", "must start and end with '/'"));
+        }
+        if !self.http.allow.is_empty() {
+            regex::Regex::new(&self.http.allow)
+                .map_err(|e| invalid("http.allow", format!("bad regex: {e}")))?;
+        }
+        if self.http.listen.parse::<std::net::SocketAddr>().is_err() {
+            return Err(invalid(
+                "http.listen",
+                format!(
+                    "{:?} is not an address like 127.0.0.1:8080",
+                    self.http.listen
+                ),
+            ));
+        }
+        if self.router.listen.parse::<std::net::SocketAddr>().is_err() {
+            return Err(invalid(
+                "router.listen",
+                format!(
+                    "{:?} is not an address like 127.0.0.1:8000",
+                    self.router.listen
+                ),
+            ));
+        }
+        if self
+            .http
+            .node_name
+            .chars()
+            .any(|c| c.is_control() || !c.is_ascii())
+        {
+            return Err(invalid("http.node_name", "must be printable ASCII"));
+        }
+        if !self.http.redirect_base.is_empty()
+            && !(self.http.redirect_base.starts_with("http://")
+                || self.http.redirect_base.starts_with("https://"))
+        {
+            return Err(invalid(
+                "http.redirect_base",
+                "must start with http:// or https://",
+            ));
+        }
+        if self.http.redirect_base.chars().any(|c| c.is_control()) {
+            return Err(invalid(
+                "http.redirect_base",
+                "must not contain control characters",
+            ));
+        }
+        if self.http.cache_control.chars().any(|c| c.is_control()) {
+            return Err(invalid(
+                "http.cache_control",
+                "must not contain control characters",
+            ));
+        }
+        if self.http.presign_ttl.0 < Duration::from_secs(10)
+            || self.http.presign_ttl.0 > Duration::from_secs(7 * 86400)
+        {
+            return Err(invalid("http.presign_ttl", "must be between 10s and 7d"));
+        }
+        if !self.archive.retain.is_empty() {
+            self.archive
+                .retain
+                .parse::<Dur>()
+                .map_err(|e| invalid("archive.retain", e))?;
+        }
+        if self.router.hash != "host" && self.router.hash != "path" {
+            return Err(invalid("router.hash", "must be \"host\" or \"path\""));
+        }
+        if self.cache.hot_hits == 0 {
+            return Err(invalid("cache.hot_hits", "must be at least 1"));
+        }
+        Ok(())
+    }
+
+    /// Whether the store is something other than AWS (custom endpoint).
+    pub fn custom_endpoint(&self) -> bool {
+        !self.s3.endpoint.is_empty()
+    }
+
+    /// The name sent as X-Ferry-Node.
+    pub fn node_name(&self) -> String {
+        if !self.http.node_name.is_empty() {
+            return self.http.node_name.clone();
+        }
+        let name = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|s| s.trim().to_string())
+            .unwrap_or_default();
+        if name.is_empty() || name.chars().any(|c| c.is_control() || !c.is_ascii()) {
+            "ferry".to_string()
+        } else {
+            name
+        }
+    }
+
+    /// The archive retention as a duration; `None` keeps copies forever.
+    pub fn archive_retain(&self) -> Option<Duration> {
+        self.archive.retain.parse::<Dur>().ok().map(|d| d.0)
+    }
+}
+
+/// Merges `FERRY_<SECTION>_<KEY>` variables into `table`, typed like the default value of
+/// that key, so "8" becomes an integer where the default is one and lists split on commas.
+fn apply_env(
+    table: &mut toml::Table,
+    env: impl IntoIterator<Item = (String, String)>,
+) -> Result<(), ConfigError> {
+    let defaults = match toml::Value::try_from(Config::default()) {
+        Ok(toml::Value::Table(t)) => t,
+        _ => return Ok(()),
+    };
+    let mut vars: Vec<(String, String)> = env
+        .into_iter()
+        .filter(|(k, _)| k.starts_with("FERRY_"))
+        .collect();
+    vars.sort();
+    for (var, value) in vars {
+        let rest = var["FERRY_".len()..].to_ascii_lowercase();
+        // Variables that are not config keys (FERRY_LOG, FERRY_CONFIG, ...) are left alone.
+        let Some((section, key)) = rest.split_once('_') else {
+            continue;
+        };
+        let Some(toml::Value::Table(sec_defaults)) = defaults.get(section) else {
+            continue;
+        };
+        let Some(default) = sec_defaults.get(key) else {
+            return Err(ConfigError::Env {
+                var,
+                message: format!("[{section}] has no key {key:?}"),
+            });
+        };
+        let err = |message: String| ConfigError::Env {
+            var: var.clone(),
+            message,
+        };
+        let v = match default {
+            toml::Value::Integer(_) => toml::Value::Integer(
+                value
+                    .trim()
+                    .parse()
+                    .map_err(|_| err(format!("{value:?} is not an integer")))?,
+            ),
+            toml::Value::Float(_) => toml::Value::Float(
+                value
+                    .trim()
+                    .parse()
+                    .map_err(|_| err(format!("{value:?} is not a number")))?,
+            ),
+            toml::Value::Boolean(_) => match value.trim().to_ascii_lowercase().as_str() {
+                "true" | "1" | "yes" | "on" => toml::Value::Boolean(true),
+                "false" | "0" | "no" | "off" => toml::Value::Boolean(false),
+                _ => return Err(err(format!("{value:?} is not true or false"))),
+            },
+            toml::Value::Array(_) => toml::Value::Array(
+                value
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|s| !s.is_empty())
+                    .map(|s| toml::Value::String(s.to_string()))
+                    .collect(),
+            ),
+            _ => toml::Value::String(value.clone()),
+        };
+        let sec = table
+            .entry(section.to_string())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        match sec {
+            toml::Value::Table(t) => {
+                t.insert(key.to_string(), v);
+            }
+            _ => return Err(err(format!("[{section}] in the file is not a table"))),
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn no_env() -> Vec<(String, String)> {
+        Vec::new()
+    }
+
+    #[test]
+    fn embedded_defaults_are_valid_and_under_var() {
+        let c = Config::from_toml_with_env("", "t", no_env()).unwrap();
+        assert_eq!(c.spool.dir, PathBuf::from("var/spool"));
+        assert_eq!(c.s3.part_size, Size(16 << 20));
+        assert_eq!(c.retry.initial, Dur(Duration::from_millis(500)));
+        assert_eq!(c.http.mode, ServeMode::Redirect);
+    }
+
+    #[test]
+    fn example_config_parses_and_matches_defaults() {
+        let text = include_str!("../config/ferry.toml");
+        let c = Config::from_toml_with_env(text, "config/ferry.toml", no_env()).unwrap();
+        let d = Config::default();
+        // The annotated example documents the defaults; it must not drift from them.
+        assert_eq!(
+            toml::Value::try_from(&c).unwrap(),
+            toml::Value::try_from(&d).unwrap()
+        );
+    }
+
+    #[test]
+    fn quickstart_config_parses() {
+        let text = include_str!("../config/quickstart.toml");
+        let c = Config::from_toml_with_env(text, "config/quickstart.toml", no_env()).unwrap();
+        assert!(c.http.presign);
+        assert!(c.s3.path_style);
+    }
+
+    #[test]
+    fn env_overrides_are_typed_by_defaults() {
+        let env = vec![
+            ("FERRY_S3_ENDPOINT".into(), "http://127.0.0.1:9000".into()),
+            ("FERRY_S3_CONCURRENCY".into(), "3".into()),
+            ("FERRY_S3_PATH_STYLE".into(), "true".into()),
+            ("FERRY_SPOOL_IGNORE".into(), "*.a, *.b".into()),
+            ("FERRY_SPOOL_SETTLE".into(), "250ms".into()),
+            ("FERRY_HTTP_NODE_NAME".into(), "n1".into()),
+            ("FERRY_LOG".into(), "debug".into()),
+        ];
+        let c = Config::from_toml_with_env("[s3]\nconcurrency = 9\n", "t", env).unwrap();
+        assert_eq!(c.s3.endpoint, "http://127.0.0.1:9000");
+        assert_eq!(c.s3.concurrency, 3);
+        assert!(c.s3.path_style);
+        assert_eq!(c.spool.ignore, vec!["*.a".to_string(), "*.b".to_string()]);
+        assert_eq!(c.spool.settle, Dur(Duration::from_millis(250)));
+        assert_eq!(c.http.node_name, "n1");
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let e = Config::from_toml_with_env("[s3]\npart_size = \"1MiB\"\n", "t", no_env())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("s3.part_size"), "{e}");
+        let e = Config::from_toml_with_env("[s3]\nbukket = \"x\"\n", "t", no_env())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("bukket"), "{e}");
+        let e =
+            Config::from_toml_with_env("", "t", vec![("FERRY_S3_CONCURENCY".into(), "3".into())])
+                .unwrap_err()
+                .to_string();
+        assert!(e.contains("FERRY_S3_CONCURENCY"), "{e}");
+        let e = Config::from_toml_with_env(
+            "",
+            "t",
+            vec![("FERRY_S3_CONCURRENCY".into(), "lots".into())],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("not an integer"), "{e}");
+        let e = Config::from_toml_with_env("[spool]\nsettle = \"soon\"\n", "t", no_env())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("soon"), "{e}");
+    }
+}

@@ -1,0 +1,21 @@
+//! ferry: moves uploads from a spool directory to S3, verified, and serves them meanwhile.
+//!
+//! - `app`       wiring: open catalog, build store, run subsystems, ordered shutdown
+//! - `config`    the Config tree, defaults, env overrides, validation
+//! - `key`       Key: the only way a spool name or URL becomes a path or S3 key
+//! - `catalog`   SQLite catalog: schema, migrations, the per-key state machine
+//! - `store`     S3 client: put (single/multipart), head, get, presign, error classes
+//! - `retry`     backoff policy and the transient/permanent split
+//! - `sync`      watcher (ready files), uploader (hash, put, verify), archive
+//! - `serve`     HTTP front: spool file, else 302 (or presigned) to S3
+//! - `telemetry` logging
+
+pub mod app;
+pub mod catalog;
+pub mod config;
+pub mod key;
+pub mod retry;
+pub mod serve;
+pub mod store;
+pub mod sync;
+pub mod telemetry;

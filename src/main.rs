@@ -1,0 +1,96 @@
+//! The `ferry` command line: parse, load config, start tracing, dispatch subcommands.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use ferry::config::{Config, Dur};
+
+#[derive(Parser)]
+#[command(
+    name = "ferry",
+    version,
+    about = "Moves uploads from a spool directory to S3, verified, and serves them while they move"
+)]
+struct Cli {
+    /// Config file (TOML). Without one, embedded defaults under ./var/ are used.
+    #[arg(long, global = true, env = "FERRY_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Sync and serve in one process (what the systemd unit runs).
+    Run,
+    /// Watch the spool and upload; with --once, upload what is there now and exit.
+    Sync {
+        #[arg(long)]
+        once: bool,
+        /// With --once: give up after this long if transient errors remain.
+        #[arg(long, default_value = "10m")]
+        timeout: Dur,
+    },
+    /// Serve HTTP only.
+    Serve,
+    /// Counts by state, queue depth, oldest queued, last errors.
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Validate the config and the bucket access (read-only unless --write-probe).
+    CheckConfig {
+        #[arg(long)]
+        write_probe: bool,
+    },
+    /// Tombstone a key: served as 410; the archive copy stays.
+    Delete { key: String },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    ferry::telemetry::init();
+    let cfg = match Config::load(cli.config.as_deref()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(78);
+        }
+    };
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("ferry")
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let res: anyhow::Result<u8> = rt.block_on(async move {
+        match cli.cmd {
+            Cmd::Run => ferry::app::run(cfg, true, true).await.map(|_| 0),
+            Cmd::Sync { once: false, .. } => ferry::app::run(cfg, true, false).await.map(|_| 0),
+            Cmd::Sync {
+                once: true,
+                timeout,
+            } => ferry::app::sync_once(cfg, timeout.0).await.map(|c| c as u8),
+            Cmd::Serve => ferry::app::run(cfg, false, true).await.map(|_| 0),
+            Cmd::Status { json } => ferry::app::status(cfg, json).await.map(|_| 0),
+            Cmd::CheckConfig { write_probe } => ferry::app::check_config(cfg, write_probe)
+                .await
+                .map(|ok| if ok { 0 } else { 1 }),
+            Cmd::Delete { key } => ferry::app::delete(cfg, &key).await.map(|_| 0),
+        }
+    });
+    match res {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,130 @@
+//! The HTTP front: routes, the listener, and the one place errors become status codes.
+
+pub mod local;
+pub mod meta;
+pub mod resolve;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use http::{HeaderMap, HeaderValue, Method, StatusCode};
+use tokio_util::sync::CancellationToken;
+use warp::reply::{Reply, Response};
+use warp::Filter;
+
+use crate::catalog::Catalog;
+use crate::config::Config;
+use crate::store::Store;
+
+/// Every way a request can fail; `into_response` is the only status-code mapping.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("bad key: {0}")]
+    BadKey(#[from] crate::key::KeyError),
+    #[error("not found")]
+    NotFound,
+    #[error("gone")]
+    Gone,
+    #[error("method not allowed")]
+    Method,
+    #[error("not ready: {0}")]
+    NotReady(String),
+    #[error("internal: {0}")]
+    Internal(String),
+}
+
+impl ServeError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ServeError::BadKey(_) => StatusCode::BAD_REQUEST,
+            ServeError::NotFound => StatusCode::NOT_FOUND,
+            ServeError::Gone => StatusCode::GONE,
+            ServeError::Method => StatusCode::METHOD_NOT_ALLOWED,
+            ServeError::NotReady(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ServeError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// A short plain-text body; a 500 says nothing internal (the log has the detail).
+    pub fn into_response(self) -> Response {
+        let status = self.status();
+        let body = match &self {
+            ServeError::BadKey(e) => format!("bad request: {e}\n"),
+            ServeError::Internal(detail) => {
+                tracing::error!(error = %detail, "internal error serving a request");
+                "internal server error\n".to_string()
+            }
+            ServeError::NotReady(why) => format!("not ready: {why}\n"),
+            other => format!("{other}\n"),
+        };
+        let mut r = body.into_response();
+        *r.status_mut() = status;
+        let h = r.headers_mut();
+        h.insert(
+            http::header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
+        match self {
+            ServeError::Method => {
+                h.insert(http::header::ALLOW, HeaderValue::from_static("GET, HEAD"));
+            }
+            ServeError::NotReady(_) => {
+                h.insert(http::header::RETRY_AFTER, HeaderValue::from_static("1"));
+            }
+            _ => {}
+        }
+        r
+    }
+}
+
+/// Runs the HTTP front on `listener` until `shutdown`.
+pub async fn serve(
+    state: Arc<resolve::Resolver>,
+    listener: tokio::net::TcpListener,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let node = HeaderValue::from_str(&state.node_name)
+        .unwrap_or_else(|_| HeaderValue::from_static("ferry"));
+    let filter = warp::method()
+        .and(warp::path::full())
+        .and(warp::header::headers_cloned())
+        .then(
+            move |method: Method, path: warp::path::FullPath, headers: HeaderMap| {
+                let state = state.clone();
+                let node = node.clone();
+                async move {
+                    let mut resp = match state.handle(&method, path.as_str(), &headers).await {
+                        Ok(r) => r,
+                        Err(e) => e.into_response(),
+                    };
+                    resp.headers_mut().insert("x-ferry-node", node);
+                    resp
+                }
+            },
+        );
+    warp::serve(filter)
+        .incoming(listener)
+        .graceful(async move { shutdown.cancelled().await })
+        .run()
+        .await;
+    Ok(())
+}
+
+/// Binds `http.listen` (port 0 picks a free port) and returns the listener and address.
+pub async fn bind(cfg: &Config) -> anyhow::Result<(tokio::net::TcpListener, SocketAddr)> {
+    let addr: SocketAddr = cfg.http.listen.parse()?;
+    let l = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("http.listen {addr}: {e}"))?;
+    let local = l.local_addr()?;
+    Ok((l, local))
+}
+
+/// Builds the resolver from config and the opened catalog and store.
+pub fn resolver(
+    cfg: Arc<Config>,
+    catalog: Catalog,
+    store: Store,
+) -> anyhow::Result<Arc<resolve::Resolver>> {
+    Ok(Arc::new(resolve::Resolver::new(cfg, catalog, store)?))
+}

@@ -1,0 +1,329 @@
+//! The sync daemon: start-up recovery, the watcher feeding the catalog, the uploader pool,
+//! and `sync --once`.
+
+pub mod archive;
+pub mod upload;
+pub mod watch;
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::catalog::{ops, Catalog, FileStat, Noted, State};
+use crate::config::Config;
+use crate::key::{IgnoreSet, Key};
+use crate::retry::Policy;
+use crate::store::Store;
+use upload::Ctx;
+
+/// Builds what the uploader needs and creates the spool and archive folders.
+pub fn context(cfg: Arc<Config>, catalog: Catalog, store: Store) -> anyhow::Result<Arc<Ctx>> {
+    for (what, dir) in [
+        ("spool.dir", &cfg.spool.dir),
+        ("archive.dir", &cfg.archive.dir),
+    ] {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| anyhow::anyhow!("{what} {}: {e}", dir.display()))?;
+    }
+    Ok(Arc::new(Ctx {
+        policy: Policy::new(&cfg.retry),
+        spool: cfg.spool.dir.clone(),
+        archive: cfg.archive.dir.clone(),
+        cfg,
+        catalog,
+        store,
+        wake: Arc::new(Notify::new()),
+    }))
+}
+
+/// Start-up repair (DESIGN.md "The one rule"): nothing is in flight yet, so every row is
+/// brought back to a state the uploader can continue from.
+pub async fn recover(ctx: &Ctx) -> anyhow::Result<()> {
+    let n = ctx.catalog.write(ops::reset_uploading).await?;
+    if n > 0 {
+        tracing::info!(rows = n, "uploads interrupted by a stop are queued again");
+    }
+    // Verified but not archived: archive only if the spool file is still the verified one.
+    let verified = ctx
+        .catalog
+        .read(|c| ops::rows_in(c, &[State::Verified]))
+        .await?;
+    for row in verified {
+        let Ok(key) = Key::new(&row.key, &ctx.cfg.s3.prefix) else {
+            continue;
+        };
+        let Some(sha) = row.sha256.clone() else {
+            continue;
+        };
+        match ctx.archive_verified(&key, row.gen, row.stat, sha).await {
+            upload::Attempt::Done | upload::Attempt::Superseded => {}
+            _ => {
+                let (k, gen) = (row.key.clone(), row.gen);
+                ctx.catalog
+                    .write(move |c| ops::requeue(c, &k, gen, 0, None))
+                    .await?;
+            }
+        }
+    }
+    // Queued or failed rows whose file is gone have nothing left to do.
+    let waiting = ctx
+        .catalog
+        .read(|c| ops::rows_in(c, &[State::Queued, State::Failed]))
+        .await?;
+    for row in waiting {
+        let Ok(key) = Key::new(&row.key, &ctx.cfg.s3.prefix) else {
+            continue;
+        };
+        if key.path_in(&ctx.spool).symlink_metadata().is_err() {
+            let (k, gen) = (row.key.clone(), row.gen);
+            ctx.catalog
+                .write(move |c| ops::mark_vanished(c, &k, gen))
+                .await?;
+            tracing::info!(key = %row.key, "queued file left the spool; marked vanished");
+        }
+    }
+    abort_orphans(ctx).await;
+    Ok(())
+}
+
+/// Aborts multipart uploads that a stopped ferry began and never completed: those recorded
+/// in the catalog, and any other in progress under the prefix for a key the catalog knows.
+async fn abort_orphans(ctx: &Ctx) {
+    let recorded = ctx
+        .catalog
+        .read(|c| {
+            let mut stmt =
+                c.prepare("SELECT key, upload_id FROM files WHERE upload_id IS NOT NULL")?;
+            let v = stmt
+                .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            Ok(v)
+        })
+        .await
+        .unwrap_or_default();
+    let mut todo: HashMap<String, (String, String)> = HashMap::new();
+    for (key, id) in recorded {
+        todo.insert(id.clone(), (key, id));
+    }
+    match ctx.store.list_multipart().await {
+        Ok(list) => {
+            for (obj, id) in list {
+                let Some(key) = obj.strip_prefix(&ctx.cfg.s3.prefix) else {
+                    continue;
+                };
+                let k = key.to_string();
+                let known = ctx
+                    .catalog
+                    .read(move |c| ops::get(c, &k))
+                    .await
+                    .ok()
+                    .flatten()
+                    .is_some();
+                if known {
+                    todo.insert(id.clone(), (key.to_string(), id));
+                }
+            }
+        }
+        Err(e) => tracing::debug!(error = %e, "cannot list multipart uploads"),
+    }
+    for (_, (key, id)) in todo {
+        let obj = format!("{}{}", ctx.cfg.s3.prefix, key);
+        match ctx.store.abort_multipart(&obj, &id).await {
+            Ok(()) => {
+                tracing::info!(key = %key, upload_id = %id, "aborted an unfinished multipart upload")
+            }
+            Err(e) if e.is_not_found() || e.code.as_deref() == Some("NoSuchUpload") => {}
+            Err(e) => {
+                tracing::warn!(key = %key, error = %e, "cannot abort an unfinished multipart upload");
+                continue;
+            }
+        }
+        let _ = ctx
+            .catalog
+            .write(move |c| ops::clear_upload_id(c, &key, &id))
+            .await;
+    }
+}
+
+/// The long-running sync: watcher + uploader until shutdown.
+pub async fn run(ctx: Arc<Ctx>, shutdown: CancellationToken) -> anyhow::Result<()> {
+    recover(&ctx).await?;
+    let watcher = watch::Watcher {
+        spool: ctx.spool.clone(),
+        prefix: ctx.cfg.s3.prefix.clone(),
+        settle: ctx.cfg.spool.settle.0,
+        rescan_interval: ctx.cfg.spool.rescan_interval.0,
+        ignore: IgnoreSet::new(&ctx.cfg.spool.ignore)?,
+        catalog: ctx.catalog.clone(),
+        wake: ctx.wake.clone(),
+    };
+    let w = tokio::spawn(watcher.run(shutdown.clone()));
+    let u = tokio::spawn(upload::run(ctx.clone(), shutdown.clone()));
+    let (wr, ur) = tokio::join!(w, u);
+    // A watcher that fails is fatal: uploads alone would miss new files.
+    wr??;
+    ur??;
+    Ok(())
+}
+
+/// The end of `sync --once`.
+#[derive(Debug, Default)]
+pub struct OnceReport {
+    pub total: usize,
+    pub archived: usize,
+    pub vanished: usize,
+    /// (key, state, last error) for what is left.
+    pub left: Vec<(String, String, String)>,
+    pub permanent: bool,
+    pub timed_out: bool,
+}
+
+/// Uploads what is in the spool now and returns when all of it is archived, a permanent error
+/// stops a file, or `timeout` passes.
+pub async fn run_once(
+    ctx: Arc<Ctx>,
+    shutdown: CancellationToken,
+    timeout: Duration,
+    progress: Option<indicatif::ProgressBar>,
+) -> anyhow::Result<OnceReport> {
+    recover(&ctx).await?;
+    let ignore = IgnoreSet::new(&ctx.cfg.spool.ignore)?;
+    let (spool, settle) = (ctx.spool.clone(), ctx.cfg.spool.settle.0);
+    let found = tokio::task::spawn_blocking(move || stable_files(&spool, &ignore, settle)).await?;
+    let prefix = ctx.cfg.s3.prefix.clone();
+    let keys: Vec<String> = ctx
+        .catalog
+        .write(move |c| {
+            let mut keys = Vec::new();
+            for (rel, st) in found {
+                match Key::from_rel_path(&rel, &prefix) {
+                    Ok(key) => {
+                        let _: Noted = ops::note_ready(c, &key, st)?;
+                        keys.push(key.as_str().to_string());
+                    }
+                    Err(e) => {
+                        let name = rel.to_string_lossy().into_owned();
+                        if ops::note_refused(c, &name, &e.to_string())? {
+                            tracing::warn!(name = %name, reason = %e, "spool name is not a valid key; left in place");
+                        }
+                    }
+                }
+            }
+            Ok(keys)
+        })
+        .await?;
+    // Rows left `verified` or `queued` by an earlier run count too.
+    if let Some(pb) = &progress {
+        pb.set_length(keys.len() as u64);
+    }
+    let stop = CancellationToken::new();
+    let uploader = tokio::spawn(upload::run(ctx.clone(), stop.clone()));
+    ctx.wake.notify_one();
+    let started = Instant::now();
+    let mut report = OnceReport {
+        total: keys.len(),
+        ..Default::default()
+    };
+    loop {
+        let ks = keys.clone();
+        let rows = ctx
+            .catalog
+            .read(move |c| {
+                let mut v = Vec::with_capacity(ks.len());
+                for k in &ks {
+                    if let Some(r) = ops::get(c, k)? {
+                        v.push(r);
+                    }
+                }
+                Ok(v)
+            })
+            .await?;
+        let archived = rows.iter().filter(|r| r.state == State::Archived).count();
+        let vanished = rows
+            .iter()
+            .filter(|r| matches!(r.state, State::Vanished | State::Deleted))
+            .count();
+        let failed = rows.iter().filter(|r| r.state == State::Failed).count();
+        if let Some(pb) = &progress {
+            pb.set_position((archived + vanished) as u64);
+        }
+        let done = archived + vanished == keys.len();
+        let timed_out = started.elapsed() >= timeout;
+        if done || failed > 0 || timed_out || shutdown.is_cancelled() {
+            report.archived = archived;
+            report.vanished = vanished;
+            report.permanent = failed > 0;
+            report.timed_out = !done && timed_out;
+            report.left = rows
+                .iter()
+                .filter(|r| !matches!(r.state, State::Archived | State::Vanished | State::Deleted))
+                .map(|r| {
+                    (
+                        r.key.clone(),
+                        r.state.as_str().to_string(),
+                        r.last_error.clone().unwrap_or_default(),
+                    )
+                })
+                .collect();
+            break;
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => {}
+            _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+        }
+    }
+    stop.cancel();
+    uploader.await??;
+    if let Some(pb) = progress {
+        pb.finish_and_clear();
+    }
+    Ok(report)
+}
+
+/// The spool's files now, each once unchanged for `settle` (files still being written are
+/// waited for, up to a minute).
+fn stable_files(
+    spool: &Path,
+    ignore: &IgnoreSet,
+    settle: Duration,
+) -> Vec<(std::path::PathBuf, FileStat)> {
+    let first = watch::scan(spool, ignore);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut out = Vec::with_capacity(first.files.len());
+    let mut unsure = Vec::new();
+    let now = std::time::SystemTime::now();
+    for (rel, st) in first.files {
+        let age = now
+            .duration_since(std::time::UNIX_EPOCH + Duration::from_nanos(st.mtime_ns.max(0) as u64))
+            .unwrap_or_default();
+        if age >= settle {
+            out.push((rel, st));
+        } else {
+            unsure.push((rel, st));
+        }
+    }
+    while !unsure.is_empty() && Instant::now() < deadline {
+        std::thread::sleep(settle.max(Duration::from_millis(50)));
+        let mut still = Vec::new();
+        for (rel, st) in unsure {
+            match std::fs::symlink_metadata(spool.join(&rel)) {
+                Ok(m) if m.is_file() => {
+                    let now = FileStat::of(&m);
+                    if now == st {
+                        out.push((rel, now));
+                    } else {
+                        still.push((rel, now));
+                    }
+                }
+                _ => {}
+            }
+        }
+        unsure = still;
+    }
+    out.extend(unsure);
+    out
+}

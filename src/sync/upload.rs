@@ -1,0 +1,810 @@
+//! The uploader: claims due rows, hashes each file once, PUTs it (single or multipart) with
+//! our SHA-256, verifies what S3 holds, commits `verified`, then hands it to the archive.
+
+use std::collections::HashSet;
+use std::fs::File;
+use std::io::{self, Read};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use base64::Engine;
+use futures_util::StreamExt;
+use md5::Md5;
+use sha2::{Digest, Sha256};
+use tokio::sync::{Notify, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::catalog::{now_ms, ops, Catalog, FileStat, Row};
+use crate::config::{Config, VerifyMode};
+use crate::key::Key;
+use crate::retry::{Class, Policy};
+use crate::store::{PartSpec, PutMeta, Store, StoreError};
+use crate::sync::archive::{self, Outcome};
+
+/// S3's limit on the number of parts.
+const MAX_PARTS: u64 = 10_000;
+/// Parts of one file in flight at once.
+const PART_CONCURRENCY: usize = 4;
+const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
+
+/// The part size for `size` bytes: the configured one, grown (to a whole MiB) until the file
+/// fits in 10,000 parts.
+pub fn part_size_for(size: u64, configured: u64) -> u64 {
+    let min = size.div_ceil(MAX_PARTS);
+    if min <= configured {
+        configured
+    } else {
+        min.div_ceil(1 << 20) * (1 << 20)
+    }
+}
+
+/// What one read of the file produced.
+#[derive(Debug, Clone)]
+pub struct Hashed {
+    pub stat: FileStat,
+    pub sha256: [u8; 32],
+    /// Per-part SHA-256 when the file goes up in parts: (offset, len, digest).
+    pub parts: Vec<(u64, u64, [u8; 32])>,
+}
+
+impl Hashed {
+    pub fn sha256_hex(&self) -> String {
+        hex::encode(self.sha256)
+    }
+    pub fn sha256_b64(&self) -> String {
+        B64.encode(self.sha256)
+    }
+    /// AWS's composite checksum: SHA-256 of the parts' raw digests, "-N".
+    pub fn composite_b64(&self) -> String {
+        let mut h = Sha256::new();
+        for (_, _, d) in &self.parts {
+            h.update(d);
+        }
+        format!("{}-{}", B64.encode(h.finalize()), self.parts.len())
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum HashError {
+    #[error("file is gone")]
+    Gone,
+    #[error("not a regular file (symlink or special file)")]
+    NotRegular,
+    #[error("file changed while it was read")]
+    Changed,
+    #[error("reading {path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+}
+
+fn open_nofollow(path: &Path) -> Result<File, HashError> {
+    // SECURITY: a symlink swapped in for a spool file must not make us upload its target.
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+    {
+        Ok(f) => Ok(f),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Err(HashError::Gone),
+        Err(e) if e.raw_os_error() == Some(libc::ELOOP) => Err(HashError::NotRegular),
+        Err(e) => Err(HashError::Io {
+            path: path.to_path_buf(),
+            source: e,
+        }),
+    }
+}
+
+/// Reads the file once: full SHA-256 and, when `part_size` is given, each part's SHA-256.
+/// Fails with `Changed` if the file's identity moved while it was read.
+pub fn hash_file(path: &Path, part_size: Option<u64>) -> Result<Hashed, HashError> {
+    let io_err = |source| HashError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut f = open_nofollow(path)?;
+    let md = f.metadata().map_err(io_err)?;
+    if !md.file_type().is_file() {
+        return Err(HashError::NotRegular);
+    }
+    let before = FileStat::of(&md);
+    let mut full = Sha256::new();
+    let mut parts = Vec::new();
+    let mut part = Sha256::new();
+    let mut part_start = 0u64;
+    let mut part_len = 0u64;
+    let mut total = 0u64;
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let want = match part_size {
+            Some(ps) => ((ps - part_len) as usize).min(buf.len()),
+            None => buf.len(),
+        };
+        let n = f.read(&mut buf[..want]).map_err(io_err)?;
+        if n == 0 {
+            break;
+        }
+        full.update(&buf[..n]);
+        total += n as u64;
+        if let Some(ps) = part_size {
+            part.update(&buf[..n]);
+            part_len += n as u64;
+            if part_len == ps {
+                parts.push((part_start, part_len, part.finalize_reset().into()));
+                part_start += part_len;
+                part_len = 0;
+            }
+        }
+    }
+    if part_size.is_some() && (part_len > 0 || parts.is_empty()) {
+        parts.push((part_start, part_len, part.finalize().into()));
+    }
+    let after = FileStat::of(&f.metadata().map_err(io_err)?);
+    let on_path = std::fs::symlink_metadata(path)
+        .map(|m| FileStat::of(&m))
+        .ok();
+    if after != before || total != before.size || on_path != Some(before) {
+        return Err(HashError::Changed);
+    }
+    Ok(Hashed {
+        stat: before,
+        sha256: full.finalize().into(),
+        parts,
+    })
+}
+
+/// MD5 of the whole file and of each part, for ETag checks (only when the server gave no
+/// usable checksum). Also re-checks the SHA-256, so a changed file cannot pass.
+fn md5s(path: &Path, h: &Hashed) -> Result<(String, Option<String>), HashError> {
+    let io_err = |source| HashError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut f = open_nofollow(path)?;
+    let mut full = Md5::new();
+    let mut sha = Sha256::new();
+    let mut part_md5s: Vec<u8> = Vec::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let bounds: Vec<(u64, u64)> = if h.parts.is_empty() {
+        vec![(0, h.stat.size)]
+    } else {
+        h.parts.iter().map(|(o, l, _)| (*o, *l)).collect()
+    };
+    for (_, len) in &bounds {
+        let mut pm = Md5::new();
+        let mut left = *len;
+        while left > 0 {
+            let want = (left as usize).min(buf.len());
+            let n = f.read(&mut buf[..want]).map_err(io_err)?;
+            if n == 0 {
+                return Err(HashError::Changed);
+            }
+            full.update(&buf[..n]);
+            sha.update(&buf[..n]);
+            pm.update(&buf[..n]);
+            left -= n as u64;
+        }
+        part_md5s.extend_from_slice(&pm.finalize());
+    }
+    let sha: [u8; 32] = sha.finalize().into();
+    if sha != h.sha256 {
+        return Err(HashError::Changed);
+    }
+    let multi = (!h.parts.is_empty())
+        .then(|| format!("{}-{}", hex::encode(Md5::digest(&part_md5s)), h.parts.len()));
+    Ok((hex::encode(full.finalize()), multi))
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum VerifyError {
+    #[error("verification failed: {0}")]
+    Mismatch(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Hash(#[from] HashError),
+}
+
+/// Checks that S3 holds exactly the hashed bytes (DESIGN.md "Verification").
+/// Returns the object's ETag.
+pub async fn verify(
+    store: &Store,
+    object_key: &str,
+    path: &Path,
+    h: &Hashed,
+    read_back: bool,
+) -> Result<Option<String>, VerifyError> {
+    let head = store.head(object_key).await?;
+    if head.size != h.stat.size {
+        return Err(VerifyError::Mismatch(format!(
+            "S3 has {} bytes, the file has {}",
+            head.size, h.stat.size
+        )));
+    }
+    let etag = head.etag.clone();
+    if !read_back {
+        let multipart = !h.parts.is_empty();
+        if let Some(c) = head.checksum_sha256.as_deref() {
+            let composite_shape =
+                c.contains('-') || head.checksum_type.as_deref() == Some("COMPOSITE");
+            // A checksum of the wrong type for this upload is stale: treat it as absent.
+            let fits = composite_shape == multipart;
+            if fits {
+                let want = if multipart {
+                    h.composite_b64()
+                } else {
+                    h.sha256_b64()
+                };
+                // Some servers omit the "-N" on a composite value.
+                let got_matches = c == want || (multipart && want.split('-').next() == Some(c));
+                if got_matches {
+                    return Ok(etag);
+                }
+                return Err(VerifyError::Mismatch(format!(
+                    "S3's SHA-256 {c} is not ours {want}"
+                )));
+            }
+        }
+        if let Some(tag) = head.etag.as_deref() {
+            let tag = tag.trim_matches('"').to_ascii_lowercase();
+            let shape_ok = if multipart {
+                tag.split_once('-')
+                    .is_some_and(|(hx, n)| hx.len() == 32 && n == h.parts.len().to_string())
+            } else {
+                tag.len() == 32 && tag.bytes().all(|b| b.is_ascii_hexdigit())
+            };
+            if shape_ok {
+                let p = path.to_path_buf();
+                let hc = h.clone();
+                let (single, multi) =
+                    tokio::task::spawn_blocking(move || md5s(&p, &hc))
+                        .await
+                        .map_err(|e| VerifyError::Mismatch(format!("hash task: {e}")))??;
+                let want = if multipart {
+                    multi.unwrap_or_default()
+                } else {
+                    single
+                };
+                if tag == want {
+                    return Ok(etag);
+                }
+                // An ETag that is not an MD5 (SSE-KMS, some servers) proves nothing: read back.
+            }
+        }
+    }
+    let (n, sha) = store.read_back(object_key).await?;
+    if n == h.stat.size && sha == h.sha256_hex() {
+        Ok(etag)
+    } else {
+        Err(VerifyError::Mismatch(format!(
+            "S3 holds {n} bytes with SHA-256 {sha}, expected {} bytes with {}",
+            h.stat.size,
+            h.sha256_hex()
+        )))
+    }
+}
+
+/// Shared by every upload task.
+pub struct Ctx {
+    pub cfg: Arc<Config>,
+    pub catalog: Catalog,
+    pub store: Store,
+    pub policy: Policy,
+    pub spool: PathBuf,
+    pub archive: PathBuf,
+    /// Woken when rows become due (new files, finished uploads).
+    pub wake: Arc<Notify>,
+}
+
+/// Content-Type from the extension.
+pub fn content_type(key: &str) -> String {
+    mime_guess::from_path(key)
+        .first_or_octet_stream()
+        .essence_str()
+        .to_string()
+}
+
+/// How one attempt ended, for the catalog.
+pub enum Attempt {
+    Done,
+    /// Leave the row alone (a newer version took over, or it vanished and was marked).
+    Superseded,
+    Retry {
+        class: Class,
+        error: String,
+        retry_after: Option<Duration>,
+    },
+    /// Not an error: the file changed; look again after it settles.
+    Changed(&'static str),
+}
+
+impl Ctx {
+    fn object_key(&self, key: &Key) -> String {
+        key.object_key(&self.cfg.s3.prefix)
+    }
+
+    /// Uploads, verifies and archives one claimed row, recording the outcome.
+    pub async fn process(&self, row: Row) {
+        let key_str = row.key.clone();
+        let gen = row.gen;
+        let attempts = row.attempts;
+        let outcome = self.attempt(&row).await;
+        let settle_ms = self.cfg.spool.settle.0.as_millis() as i64;
+        let res = match outcome {
+            Attempt::Done | Attempt::Superseded => Ok(()),
+            Attempt::Changed(why) => {
+                tracing::debug!(key = %key_str, why, "file changed; will look again");
+                let k = key_str.clone();
+                self.catalog
+                    .write(move |c| {
+                        ops::requeue(c, &k, gen, now_ms() + settle_ms, None).map(|_| ())
+                    })
+                    .await
+            }
+            Attempt::Retry {
+                class,
+                error,
+                retry_after,
+            } => {
+                let delay = self.policy.delay(attempts, class, retry_after);
+                let next = now_ms() + delay.as_millis() as i64;
+                let k = key_str.clone();
+                match class {
+                    Class::Permanent => {
+                        tracing::error!(key = %key_str, attempts, error = %error, retry_in = ?delay, "upload failed (permanent)");
+                        self.catalog
+                            .write(move |c| ops::mark_failed(c, &k, gen, next, &error).map(|_| ()))
+                            .await
+                    }
+                    Class::Transient | Class::LocalFull => {
+                        tracing::warn!(key = %key_str, attempts, error = %error, retry_in = ?delay, "upload will be retried");
+                        self.catalog
+                            .write(move |c| {
+                                ops::requeue(c, &k, gen, next, Some(&error)).map(|_| ())
+                            })
+                            .await
+                    }
+                }
+            }
+        };
+        if let Err(e) = res {
+            // The row stays `uploading`; start-up recovery or the next claim repairs it.
+            tracing::error!(key = %key_str, error = %e, "cannot record upload outcome");
+        }
+        self.wake.notify_one();
+    }
+
+    async fn attempt(&self, row: &Row) -> Attempt {
+        let key = match Key::new(&row.key, &self.cfg.s3.prefix) {
+            Ok(k) => k,
+            Err(e) => {
+                return Attempt::Retry {
+                    class: Class::Permanent,
+                    error: format!("invalid key: {e}"),
+                    retry_after: None,
+                }
+            }
+        };
+        let path = key.path_in(&self.spool);
+        let gen = row.gen;
+        let threshold = self.cfg.s3.multipart_threshold.0;
+        let configured_part = self.cfg.s3.part_size.0;
+
+        // 1. One read: SHA-256 of the whole and of each part.
+        let size_now = std::fs::symlink_metadata(&path)
+            .map(|m| m.len())
+            .unwrap_or(0);
+        let part_size = (size_now > threshold).then(|| part_size_for(size_now, configured_part));
+        let p = path.clone();
+        let hashed = tokio::task::spawn_blocking(move || hash_file(&p, part_size)).await;
+        let h = match hashed {
+            Ok(Ok(h)) => h,
+            Ok(Err(HashError::Gone)) | Ok(Err(HashError::NotRegular)) => {
+                let k = row.key.clone();
+                let _ = self
+                    .catalog
+                    .write(move |c| ops::mark_vanished(c, &k, gen))
+                    .await;
+                tracing::info!(key = %key, "file left the spool before upload; marked vanished");
+                return Attempt::Superseded;
+            }
+            Ok(Err(HashError::Changed)) => return Attempt::Changed("changed while hashing"),
+            Ok(Err(HashError::Io { path, source })) => {
+                return Attempt::Retry {
+                    class: crate::retry::classify_io(&source),
+                    error: format!("reading {}: {source}", path.display()),
+                    retry_after: None,
+                }
+            }
+            Err(e) => {
+                return Attempt::Retry {
+                    class: Class::Transient,
+                    error: format!("hash task: {e}"),
+                    retry_after: None,
+                }
+            }
+        };
+        // A file that grew past the threshold between stat and hash is hashed again next time.
+        if (h.stat.size > threshold) != part_size.is_some() {
+            return Attempt::Changed("size crossed the multipart threshold");
+        }
+        let sha_hex = h.sha256_hex();
+        {
+            let k = row.key.clone();
+            let sh = sha_hex.clone();
+            let st = h.stat;
+            match self
+                .catalog
+                .write(move |c| ops::set_hashed(c, &k, gen, st, &sh))
+                .await
+            {
+                Ok(true) => {}
+                Ok(false) => return Attempt::Superseded,
+                Err(e) => return catalog_retry(e),
+            }
+        }
+
+        // 2. PUT.
+        let object_key = self.object_key(&key);
+        let meta = PutMeta {
+            content_type: content_type(key.as_str()),
+            sha256_hex: sha_hex.clone(),
+            mtime: (h.stat.mtime_ns / 1_000_000_000).to_string(),
+        };
+        let put = if h.parts.is_empty() {
+            self.store
+                .put_single(&object_key, &path, h.stat.size, &h.sha256_b64(), &meta)
+                .await
+                .map(|_| ())
+        } else {
+            self.put_multipart(&row.key, gen, &object_key, &path, &h, &meta)
+                .await
+        };
+        if let Err(e) = put {
+            // The server may have stored something anyway (s3s-fs keeps rejected bodies); the
+            // next attempt reads back whatever it verifies.
+            return store_retry(e);
+        }
+
+        // 3. Verify. Any earlier failed attempt means the object may hold a body that a
+        //    server rejected but kept, so later attempts read back.
+        let read_back = self.cfg.s3.verify == VerifyMode::ReadBack || row.attempts > 1;
+        let etag = match verify(&self.store, &object_key, &path, &h, read_back).await {
+            Ok(etag) => etag,
+            Err(VerifyError::Mismatch(m)) => {
+                return Attempt::Retry {
+                    class: Class::Transient,
+                    error: format!("verification failed: {m}"),
+                    retry_after: None,
+                }
+            }
+            Err(VerifyError::Store(e)) => return store_retry(e),
+            Err(VerifyError::Hash(HashError::Changed)) => {
+                return Attempt::Changed("changed during verification")
+            }
+            Err(VerifyError::Hash(e)) => {
+                return Attempt::Retry {
+                    class: Class::Transient,
+                    error: e.to_string(),
+                    retry_after: None,
+                }
+            }
+        };
+
+        // 4. Still the same file? Only then does the catalog say S3 holds it.
+        let now = std::fs::symlink_metadata(&path)
+            .map(|m| FileStat::of(&m))
+            .ok();
+        // A file the application removed after upload is not a change: S3 holds what it had,
+        // and archiving finds nothing to move.
+        if now.is_some() && now != Some(h.stat) {
+            return Attempt::Changed("changed during upload");
+        }
+        {
+            let k = row.key.clone();
+            let tag = etag.clone();
+            match self
+                .catalog
+                .write(move |c| ops::mark_verified(c, &k, gen, tag.as_deref()))
+                .await
+            {
+                Ok(true) => {}
+                Ok(false) => return Attempt::Superseded,
+                Err(e) => return catalog_retry(e),
+            }
+        }
+        tracing::info!(key = %key, size = h.stat.size, sha256 = %sha_hex, "uploaded and verified");
+
+        // 5. Archive.
+        self.archive_verified(&key, gen, h.stat, sha_hex).await
+    }
+
+    /// Moves a verified file to the archive and records it.
+    pub async fn archive_verified(
+        &self,
+        key: &Key,
+        gen: i64,
+        stat: FileStat,
+        sha_hex: String,
+    ) -> Attempt {
+        let (spool, arch, k, settle) = (
+            self.spool.clone(),
+            self.archive.clone(),
+            key.clone(),
+            self.cfg.spool.settle.0,
+        );
+        let res = tokio::task::spawn_blocking(move || {
+            archive::archive(&spool, &arch, &k, stat, &sha_hex, settle)
+        })
+        .await;
+        match res {
+            Ok(Ok(Outcome::Archived)) | Ok(Ok(Outcome::Missing)) => {
+                let k = key.as_str().to_string();
+                match self
+                    .catalog
+                    .write(move |c| ops::mark_archived(c, &k, gen))
+                    .await
+                {
+                    Ok(_) => {
+                        tracing::info!(key = %key, "archived");
+                        Attempt::Done
+                    }
+                    // The file is in the archive and S3; start-up recovery records it.
+                    Err(e) => catalog_retry(e),
+                }
+            }
+            Ok(Ok(Outcome::Changed)) => Attempt::Changed("changed before archiving"),
+            Ok(Err(e)) => Attempt::Retry {
+                class: crate::retry::classify_io(&e),
+                error: format!("archiving to {}: {e}", self.archive.display()),
+                retry_after: None,
+            },
+            Err(e) => Attempt::Retry {
+                class: Class::Transient,
+                error: format!("archive task: {e}"),
+                retry_after: None,
+            },
+        }
+    }
+
+    async fn put_multipart(
+        &self,
+        key: &str,
+        gen: i64,
+        object_key: &str,
+        path: &Path,
+        h: &Hashed,
+        meta: &PutMeta,
+    ) -> Result<(), StoreError> {
+        let upload_id = self.store.create_multipart(object_key, meta).await?;
+        {
+            let (k, id) = (key.to_string(), upload_id.clone());
+            if let Err(e) = self
+                .catalog
+                .write(move |c| ops::set_upload_id(c, &k, gen, Some(&id)))
+                .await
+            {
+                let _ = self.store.abort_multipart(object_key, &upload_id).await;
+                return Err(StoreError {
+                    op: "catalog",
+                    key: key.to_string(),
+                    class: if e.is_full() {
+                        Class::LocalFull
+                    } else {
+                        Class::Transient
+                    },
+                    code: None,
+                    status: None,
+                    message: e.to_string(),
+                    retry_after: None,
+                });
+            }
+        }
+        let specs: Vec<PartSpec> = h
+            .parts
+            .iter()
+            .enumerate()
+            .map(|(i, (off, len, d))| PartSpec {
+                number: i as i32 + 1,
+                offset: *off,
+                len: *len,
+                sha256_b64: B64.encode(d),
+            })
+            .collect();
+        // Built eagerly: a closure in the stream type would make the future not Send.
+        let futs: Vec<_> = specs
+            .iter()
+            .map(|p| self.store.upload_part(object_key, &upload_id, path, p))
+            .collect();
+        let results: Vec<Result<_, StoreError>> = futures_util::stream::iter(futs)
+            .buffered(PART_CONCURRENCY)
+            .collect()
+            .await;
+        let mut parts = Vec::with_capacity(results.len());
+        let mut first_err = None;
+        for r in results {
+            match r {
+                Ok(p) => parts.push(p),
+                Err(e) => {
+                    first_err.get_or_insert(e);
+                }
+            }
+        }
+        let res = match first_err {
+            Some(e) => Err(e),
+            None => self
+                .store
+                .complete_multipart(object_key, &upload_id, parts)
+                .await
+                .map(|_| ()),
+        };
+        if res.is_err() {
+            if let Err(e) = self.store.abort_multipart(object_key, &upload_id).await {
+                tracing::warn!(key, error = %e, "could not abort multipart upload; aborted at next start");
+                return res;
+            }
+        }
+        let (k, id) = (key.to_string(), upload_id.clone());
+        let _ = self
+            .catalog
+            .write(move |c| ops::clear_upload_id(c, &k, &id))
+            .await;
+        res
+    }
+}
+
+fn store_retry(e: StoreError) -> Attempt {
+    Attempt::Retry {
+        class: e.class,
+        retry_after: e.retry_after,
+        error: e.to_string(),
+    }
+}
+
+fn catalog_retry(e: crate::catalog::CatalogError) -> Attempt {
+    Attempt::Retry {
+        class: if e.is_full() {
+            Class::LocalFull
+        } else {
+            Class::Transient
+        },
+        error: if e.is_full() {
+            format!("catalog disk full, file kept in the spool: {e}")
+        } else {
+            e.to_string()
+        },
+        retry_after: None,
+    }
+}
+
+/// The scheduler: claims due rows up to `s3.concurrency` and runs them as tasks.
+pub async fn run(ctx: Arc<Ctx>, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let concurrency = ctx.cfg.s3.concurrency;
+    let sem = Arc::new(Semaphore::new(concurrency));
+    let in_flight: Arc<Mutex<HashSet<String>>> = Arc::default();
+    let tracker = TaskTracker::new();
+    loop {
+        if shutdown.is_cancelled() {
+            break;
+        }
+        let free = sem.available_permits();
+        let mut claimed = 0;
+        if free > 0 {
+            let busy: HashSet<String> = in_flight.lock().map(|s| s.clone()).unwrap_or_default();
+            let rows = ctx
+                .catalog
+                .write(move |c| ops::claim_due(c, now_ms(), free, &busy))
+                .await;
+            match rows {
+                Ok(rows) => {
+                    claimed = rows.len();
+                    for row in rows {
+                        let Ok(permit) = sem.clone().acquire_owned().await else {
+                            break;
+                        };
+                        if let Ok(mut s) = in_flight.lock() {
+                            s.insert(row.key.clone());
+                        }
+                        let ctx = ctx.clone();
+                        let in_flight = in_flight.clone();
+                        tracker.spawn(async move {
+                            let key = row.key.clone();
+                            ctx.process(row).await;
+                            if let Ok(mut s) = in_flight.lock() {
+                                s.remove(&key);
+                            }
+                            drop(permit);
+                        });
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "catalog: cannot claim work");
+                }
+            }
+        }
+        if claimed > 0 && sem.available_permits() > 0 {
+            continue;
+        }
+        // Sleep until something is due, a file arrives, an upload finishes, or shutdown.
+        let next = ctx.catalog.read(|c| ops::next_due(c)).await.ok().flatten();
+        let wait_ms = next.map(|t| (t - now_ms()).clamp(10, 1000)).unwrap_or(1000) as u64;
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = ctx.wake.notified() => {}
+            _ = tokio::time::sleep(Duration::from_millis(wait_ms)) => {}
+        }
+    }
+    // Stop taking work; let uploads in flight finish within the deadline.
+    tracker.close();
+    let n = tracker.len();
+    if n > 0 {
+        tracing::info!(in_flight = n, "waiting for uploads in flight");
+    }
+    if tokio::time::timeout(SHUTDOWN_DEADLINE, tracker.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("uploads did not finish within the deadline; they restart next time");
+    }
+    Ok(())
+}
+
+/// How long shutdown waits for uploads in flight.
+pub const SHUTDOWN_DEADLINE: Duration = Duration::from_secs(10);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn part_size_grows_to_fit_10000_parts() {
+        let mib = 1u64 << 20;
+        assert_eq!(part_size_for(100 * mib, 16 * mib), 16 * mib);
+        assert_eq!(part_size_for(10_000 * 16 * mib, 16 * mib), 16 * mib);
+        let big = 10_000 * 16 * mib + 1;
+        let ps = part_size_for(big, 16 * mib);
+        assert_eq!(ps, 17 * mib);
+        assert!(big.div_ceil(ps) <= 10_000);
+    }
+
+    #[test]
+    fn hashing_parts_matches_whole() {
+        let t = tempfile::tempdir().unwrap();
+        let p = t.path().join("f");
+        let data: Vec<u8> = (0..(5u32 << 20) + 123).map(|i| (i % 251) as u8).collect();
+        std::fs::write(&p, &data).unwrap();
+        let h = hash_file(&p, Some(2 << 20)).unwrap();
+        assert_eq!(h.sha256_hex(), hex::encode(Sha256::digest(&data)));
+        assert_eq!(h.parts.len(), 3);
+        assert_eq!(h.parts[2].1, (1 << 20) + 123);
+        let d: [u8; 32] = Sha256::digest(&data[(4 << 20)..]).into();
+        assert_eq!(h.parts[2].2, d);
+        let whole = hash_file(&p, None).unwrap();
+        assert!(whole.parts.is_empty());
+        assert_eq!(whole.sha256, h.sha256);
+        let (md5_full, multi) = md5s(&p, &h).unwrap();
+        assert_eq!(md5_full, hex::encode(Md5::digest(&data)));
+        assert!(multi.unwrap().ends_with("-3"));
+    }
+
+    #[test]
+    fn empty_file_hashes_with_one_empty_part() {
+        let t = tempfile::tempdir().unwrap();
+        let p = t.path().join("e");
+        std::fs::write(&p, b"").unwrap();
+        let h = hash_file(&p, None).unwrap();
+        assert_eq!(h.stat.size, 0);
+        assert_eq!(h.sha256_hex(), hex::encode(Sha256::digest(b"")));
+    }
+
+    #[test]
+    fn symlinks_are_not_followed() {
+        let t = tempfile::tempdir().unwrap();
+        let target = t.path().join("secret");
+        std::fs::write(&target, b"x").unwrap();
+        let link = t.path().join("link");
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        assert!(matches!(hash_file(&link, None), Err(HashError::NotRegular)));
+    }
+}

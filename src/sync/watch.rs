@@ -1,0 +1,401 @@
+//! The spool watcher: inotify events, start-up and periodic scans, and the settle rule that
+//! decides when a file is ready (DESIGN.md "Ready file").
+//!
+//! A file is *eligible* once its writer closed it (close-write), or it arrived whole (renamed
+//! or hard-linked in, or found by a scan with no events). It is *ready* once eligible and its
+//! size, mtime, ctime and inode have not changed for `spool.settle` on a monotonic clock.
+//! A write after eligibility makes it ineligible again until the next close.
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use notify::event::{AccessKind, AccessMode, CreateKind, EventKind, ModifyKind, RenameMode};
+use notify::{RecursiveMode, Watcher as _};
+use tokio::sync::{mpsc, Notify};
+use tokio_util::sync::CancellationToken;
+
+use crate::catalog::{ops, Catalog, FileStat, Noted};
+use crate::key::{IgnoreSet, Key};
+
+#[derive(Debug)]
+struct Pending {
+    stat: Option<FileStat>,
+    /// When the stat last changed (or the file was first seen).
+    since: Instant,
+    eligible: bool,
+}
+
+pub struct Watcher {
+    pub spool: PathBuf,
+    pub prefix: String,
+    pub settle: Duration,
+    pub rescan_interval: Duration,
+    pub ignore: IgnoreSet,
+    pub catalog: Catalog,
+    pub wake: Arc<Notify>,
+}
+
+/// What a scan found.
+#[derive(Default)]
+pub struct ScanResult {
+    pub files: Vec<(PathBuf, FileStat)>,
+    /// Symlinks and special files (relative paths), skipped.
+    pub skipped: Vec<PathBuf>,
+}
+
+/// Walks the spool, skipping ignored names, symlinks and special files. Blocking.
+pub fn scan(spool: &Path, ignore: &IgnoreSet) -> ScanResult {
+    let mut out = ScanResult::default();
+    let mut stack = vec![spool.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        let Ok(rd) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in rd.flatten() {
+            if ignore.matches_name(&entry.file_name()) {
+                continue;
+            }
+            let path = entry.path();
+            let Ok(md) = entry.metadata() else { continue };
+            let rel = path.strip_prefix(spool).unwrap_or(&path).to_path_buf();
+            let ft = md.file_type();
+            if ft.is_dir() {
+                stack.push(path);
+            } else if ft.is_file() {
+                out.files.push((rel, FileStat::of(&md)));
+            } else {
+                out.skipped.push(rel);
+            }
+        }
+    }
+    out
+}
+
+impl Watcher {
+    fn rel(&self, p: &Path) -> Option<PathBuf> {
+        let rel = p.strip_prefix(&self.spool).ok()?;
+        if rel.as_os_str().is_empty() || self.ignore.is_ignored(rel) {
+            return None;
+        }
+        Some(rel.to_path_buf())
+    }
+
+    pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let (tx, mut rx) = mpsc::unbounded_channel::<notify::Result<notify::Event>>();
+        // Start the watch first, then scan: a file that appears in between is seen twice,
+        // never missed.
+        let mut watcher = notify::recommended_watcher(move |ev| {
+            let _ = tx.send(ev);
+        })?;
+        watcher
+            .watch(&self.spool, RecursiveMode::Recursive)
+            .map_err(|e| anyhow::anyhow!("cannot watch {}: {e}", self.spool.display()))?;
+
+        let mut pending: HashMap<PathBuf, Pending> = HashMap::new();
+        let mut warned: HashSet<PathBuf> = HashSet::new();
+        self.full_scan(&mut pending, &mut warned).await;
+
+        let tick = (self.settle / 4).clamp(Duration::from_millis(20), Duration::from_millis(250));
+        let mut ticker = tokio::time::interval(tick);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut rescan = tokio::time::interval(self.rescan_interval);
+        rescan.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        rescan.tick().await;
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                ev = rx.recv() => {
+                    let Some(ev) = ev else { break };
+                    let mut need_scan = self.on_event(ev, &mut pending);
+                    // Drain what else has queued, so a burst is one pass.
+                    while let Ok(ev) = rx.try_recv() {
+                        need_scan |= self.on_event(ev, &mut pending);
+                    }
+                    if need_scan {
+                        self.full_scan(&mut pending, &mut warned).await;
+                    }
+                }
+                _ = ticker.tick() => {
+                    if !pending.is_empty() {
+                        self.settle_pass(&mut pending, &mut warned).await;
+                    }
+                }
+                _ = rescan.tick() => self.full_scan(&mut pending, &mut warned).await,
+            }
+        }
+        drop(watcher);
+        Ok(())
+    }
+
+    /// Applies one event; returns true when a full scan is needed (events were lost).
+    fn on_event(
+        &self,
+        ev: notify::Result<notify::Event>,
+        pending: &mut HashMap<PathBuf, Pending>,
+    ) -> bool {
+        let ev = match ev {
+            Ok(ev) => ev,
+            Err(e) => {
+                tracing::warn!(error = %e, "watch error; rescanning the spool");
+                return true;
+            }
+        };
+        if ev.need_rescan() || ev.paths.is_empty() && matches!(ev.kind, EventKind::Other) {
+            tracing::warn!("the kernel dropped spool events; rescanning");
+            return true;
+        }
+        let now = Instant::now();
+        let mut rescan = false;
+        let touch = |pending: &mut HashMap<PathBuf, Pending>, p: &Path, eligible: Option<bool>| {
+            let Some(rel) = self.rel(p) else { return };
+            let e = pending.entry(rel).or_insert(Pending {
+                stat: None,
+                since: now,
+                eligible: false,
+            });
+            e.since = now;
+            if let Some(el) = eligible {
+                e.eligible = el;
+            }
+        };
+        match ev.kind {
+            EventKind::Access(AccessKind::Close(AccessMode::Write)) => {
+                for p in &ev.paths {
+                    touch(pending, p, Some(true));
+                }
+            }
+            EventKind::Create(CreateKind::Folder) => rescan = true,
+            EventKind::Create(_) => {
+                for p in &ev.paths {
+                    // A hard link (sftp's link-then-unlink) arrives complete; an O_CREAT file
+                    // is being written and waits for its close.
+                    let linked = std::fs::symlink_metadata(p).is_ok_and(|m| {
+                        use std::os::unix::fs::MetadataExt;
+                        m.is_dir() || (m.nlink() > 1 && m.is_file())
+                    });
+                    if std::fs::symlink_metadata(p).is_ok_and(|m| m.is_dir()) {
+                        rescan = true;
+                        continue;
+                    }
+                    touch(pending, p, Some(linked));
+                }
+            }
+            EventKind::Modify(ModifyKind::Name(mode)) => match mode {
+                RenameMode::From => {
+                    for p in &ev.paths {
+                        if let Some(rel) = self.rel(p) {
+                            pending.remove(&rel);
+                        }
+                    }
+                }
+                RenameMode::Both if ev.paths.len() == 2 => {
+                    if let Some(rel) = self.rel(&ev.paths[0]) {
+                        pending.remove(&rel);
+                    }
+                    self.arrived(&ev.paths[1], pending, now, &mut rescan);
+                }
+                _ => {
+                    for p in &ev.paths {
+                        if p.exists() {
+                            self.arrived(p, pending, now, &mut rescan);
+                        } else if let Some(rel) = self.rel(p) {
+                            pending.remove(&rel);
+                        }
+                    }
+                }
+            },
+            EventKind::Modify(ModifyKind::Metadata(_)) => {
+                for p in &ev.paths {
+                    touch(pending, p, None);
+                }
+            }
+            EventKind::Modify(_) => {
+                for p in &ev.paths {
+                    touch(pending, p, Some(false));
+                }
+            }
+            EventKind::Remove(_) => {
+                for p in &ev.paths {
+                    if let Some(rel) = self.rel(p) {
+                        pending.remove(&rel);
+                    }
+                }
+            }
+            EventKind::Access(_) => {}
+            EventKind::Any | EventKind::Other => {
+                for p in &ev.paths {
+                    touch(pending, p, None);
+                }
+            }
+        }
+        rescan
+    }
+
+    /// A path renamed into the spool: a whole file, or a folder of them.
+    fn arrived(
+        &self,
+        p: &Path,
+        pending: &mut HashMap<PathBuf, Pending>,
+        now: Instant,
+        rescan: &mut bool,
+    ) {
+        if std::fs::symlink_metadata(p).is_ok_and(|m| m.is_dir()) {
+            *rescan = true;
+            return;
+        }
+        if let Some(rel) = self.rel(p) {
+            pending.insert(
+                rel,
+                Pending {
+                    stat: None,
+                    since: now,
+                    eligible: true,
+                },
+            );
+        }
+    }
+
+    /// Re-stats pending files and hands the ready ones to the catalog.
+    async fn settle_pass(
+        &self,
+        pending: &mut HashMap<PathBuf, Pending>,
+        warned: &mut HashSet<PathBuf>,
+    ) {
+        let paths: Vec<PathBuf> = pending.keys().cloned().collect();
+        let spool = self.spool.clone();
+        let stats = tokio::task::spawn_blocking(move || {
+            paths
+                .into_iter()
+                .map(|rel| {
+                    let md = std::fs::symlink_metadata(spool.join(&rel));
+                    let st = match md {
+                        Ok(m) if m.file_type().is_file() => Some(Ok(FileStat::of(&m))),
+                        Ok(_) => Some(Err(())),
+                        Err(_) => None,
+                    };
+                    (rel, st)
+                })
+                .collect::<Vec<_>>()
+        })
+        .await
+        .unwrap_or_default();
+        let now = Instant::now();
+        let mut ready = Vec::new();
+        for (rel, st) in stats {
+            match st {
+                None => {
+                    pending.remove(&rel);
+                }
+                Some(Err(())) => {
+                    pending.remove(&rel);
+                    if warned.insert(rel.clone()) {
+                        tracing::warn!(path = %rel.display(), "not a regular file (symlink or special); skipped");
+                    }
+                }
+                Some(Ok(st)) => {
+                    let Some(p) = pending.get_mut(&rel) else {
+                        continue;
+                    };
+                    if p.stat != Some(st) {
+                        p.stat = Some(st);
+                        p.since = now;
+                        continue;
+                    }
+                    let quiet = now.duration_since(p.since);
+                    // A close-write that never came (missed events) is not waited for forever.
+                    if !p.eligible && quiet >= self.rescan_interval.max(self.settle) {
+                        tracing::debug!(path = %rel.display(), "no close seen; ready by quiet time");
+                        p.eligible = true;
+                    }
+                    if p.eligible && quiet >= self.settle {
+                        ready.push((rel.clone(), st));
+                        pending.remove(&rel);
+                    }
+                }
+            }
+        }
+        if !ready.is_empty() {
+            self.submit(ready).await;
+        }
+    }
+
+    /// Queues ready files in the catalog (one transaction) and records refused names.
+    async fn submit(&self, ready: Vec<(PathBuf, FileStat)>) {
+        let prefix = self.prefix.clone();
+        let res = self
+            .catalog
+            .write(move |c| {
+                let mut queued = 0;
+                for (rel, st) in ready {
+                    match Key::from_rel_path(&rel, &prefix) {
+                        Ok(key) => {
+                            if ops::note_ready(c, &key, st)? == Noted::Queued {
+                                queued += 1;
+                            }
+                        }
+                        Err(e) => {
+                            let name = rel.to_string_lossy().into_owned();
+                            if ops::note_refused(c, &name, &e.to_string())? {
+                                tracing::warn!(name = %name, reason = %e, "spool name is not a valid key; left in place");
+                            }
+                        }
+                    }
+                }
+                Ok(queued)
+            })
+            .await;
+        match res {
+            Ok(n) if n > 0 => {
+                tracing::debug!(queued = n, "files queued");
+                self.wake.notify_one();
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::error!(error = %e, "catalog: cannot queue ready files; will retry at the next scan")
+            }
+        }
+    }
+
+    async fn full_scan(
+        &self,
+        pending: &mut HashMap<PathBuf, Pending>,
+        warned: &mut HashSet<PathBuf>,
+    ) {
+        let spool = self.spool.clone();
+        let ignore = self.ignore.clone();
+        let found = tokio::task::spawn_blocking(move || scan(&spool, &ignore))
+            .await
+            .unwrap_or_default();
+        let now = Instant::now();
+        for rel in found.skipped {
+            if warned.insert(rel.clone()) {
+                tracing::warn!(path = %rel.display(), "not a regular file (symlink or special); skipped");
+            }
+        }
+        let mut names: Vec<String> = Vec::new();
+        for (rel, st) in found.files {
+            names.push(rel.to_string_lossy().into_owned());
+            // Files already watched keep their state; new ones arrived with no events.
+            pending.entry(rel).or_insert(Pending {
+                stat: Some(st),
+                since: now,
+                eligible: true,
+            });
+        }
+        // Refused names that left the spool are forgotten.
+        let _ = self
+            .catalog
+            .write(move |c| {
+                let set: HashSet<String> = names.into_iter().collect();
+                for (name, _) in ops::refused(c)? {
+                    if !set.contains(&name) {
+                        ops::forget_refused(c, &name)?;
+                    }
+                }
+                Ok(())
+            })
+            .await;
+    }
+}
