@@ -205,13 +205,15 @@ fn open_conn(path: &Path) -> Result<Connection> {
 }
 
 fn migrate(conn: &mut Connection) -> Result<()> {
-    let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+    // IMMEDIATE takes the write lock before reading the version, so two processes starting
+    // at once (a daemon and `ferry status`) cannot both apply the same migration.
+    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    let version: i64 = tx.pragma_query_value(None, "user_version", |r| r.get(0))?;
     for (i, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
-        let tx = conn.transaction()?;
         tx.execute_batch(sql)?;
         tx.pragma_update(None, "user_version", (i + 1) as i64)?;
-        tx.commit()?;
     }
+    tx.commit()?;
     Ok(())
 }
 
@@ -505,6 +507,16 @@ pub mod ops {
             .query_map([], row_from)?
             .collect::<rusqlite::Result<_>>()?;
         Ok(v)
+    }
+
+    /// Makes a waiting row due now (`sync --once`); a failed row goes back to queued.
+    pub fn retry_now(c: &Connection, key: &str) -> Result<()> {
+        c.execute(
+            "UPDATE files SET state = 'queued', next_attempt_ms = 0 \
+             WHERE key = ?1 AND state IN ('queued', 'failed')",
+            [key],
+        )?;
+        Ok(())
     }
 
     /// Start-up repair: nothing is in flight, so `uploading` goes back to `queued`.

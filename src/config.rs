@@ -389,10 +389,7 @@ impl Config {
                 return Err(invalid("s3.prefix", "must not contain control characters"));
             }
         }
-        if !self.s3.endpoint.is_empty()
-            && !(self.s3.endpoint.starts_with("http://")
-                || self.s3.endpoint.starts_with("https://"))
-        {
+        if !is_http_url_or_empty(&self.s3.endpoint) {
             return Err(invalid(
                 "s3.endpoint",
                 "must start with http:// or https://",
@@ -450,10 +447,7 @@ impl Config {
         {
             return Err(invalid("http.node_name", "must be printable ASCII"));
         }
-        if !self.http.redirect_base.is_empty()
-            && !(self.http.redirect_base.starts_with("http://")
-                || self.http.redirect_base.starts_with("https://"))
-        {
+        if !is_http_url_or_empty(&self.http.redirect_base) {
             return Err(invalid(
                 "http.redirect_base",
                 "must start with http:// or https://",
@@ -515,6 +509,10 @@ impl Config {
     pub fn archive_retain(&self) -> Option<Duration> {
         self.archive.retain.parse::<Dur>().ok().map(|d| d.0)
     }
+}
+
+fn is_http_url_or_empty(s: &str) -> bool {
+    s.is_empty() || s.starts_with("http://") || s.starts_with("https://")
 }
 
 /// Merges `FERRY_<SECTION>_<KEY>` variables into `table`, typed like the default value of

@@ -185,8 +185,27 @@ pub struct Store {
 impl Store {
     /// Builds the client from config and the standard AWS credential chain.
     pub async fn new(cfg: &Config) -> Store {
+        Self::build(cfg, None).await
+    }
+
+    /// A client with fixed credentials (tests and tools that must not read the environment).
+    pub async fn with_credentials(cfg: &Config, access_key: &str, secret_key: &str) -> Store {
+        let creds = aws_sdk_s3::config::Credentials::new(
+            access_key,
+            secret_key,
+            None,
+            None,
+            "ferry-static",
+        );
+        Self::build(cfg, Some(creds)).await
+    }
+
+    async fn build(cfg: &Config, creds: Option<aws_sdk_s3::config::Credentials>) -> Store {
         let mut loader = aws_config::defaults(BehaviorVersion::latest())
             .region(Region::new(cfg.s3.region.clone()));
+        if let Some(c) = creds {
+            loader = loader.credentials_provider(c);
+        }
         if cfg.custom_endpoint() {
             loader = loader.endpoint_url(cfg.s3.endpoint.clone());
         }

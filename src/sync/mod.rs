@@ -203,6 +203,9 @@ pub async fn run_once(
                 match Key::from_rel_path(&rel, &prefix) {
                     Ok(key) => {
                         let _: Noted = ops::note_ready(c, &key, st)?;
+                        // Asked to upload now: a file waiting out a permanent error's
+                        // interval is tried at once, and only a new failure stops the run.
+                        ops::retry_now(c, key.as_str())?;
                         keys.push(key.as_str().to_string());
                     }
                     Err(e) => {

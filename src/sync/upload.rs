@@ -727,7 +727,7 @@ pub async fn run(ctx: Arc<Ctx>, shutdown: CancellationToken) -> anyhow::Result<(
             continue;
         }
         // Sleep until something is due, a file arrives, an upload finishes, or shutdown.
-        let next = ctx.catalog.read(|c| ops::next_due(c)).await.ok().flatten();
+        let next = ctx.catalog.read(ops::next_due).await.ok().flatten();
         let wait_ms = next.map(|t| (t - now_ms()).clamp(10, 1000)).unwrap_or(1000) as u64;
         tokio::select! {
             _ = shutdown.cancelled() => break,

@@ -169,17 +169,19 @@ impl Watcher {
             EventKind::Create(CreateKind::Folder) => rescan = true,
             EventKind::Create(_) => {
                 for p in &ev.paths {
-                    // A hard link (sftp's link-then-unlink) arrives complete; an O_CREAT file
-                    // is being written and waits for its close.
-                    let linked = std::fs::symlink_metadata(p).is_ok_and(|m| {
-                        use std::os::unix::fs::MetadataExt;
-                        m.is_dir() || (m.nlink() > 1 && m.is_file())
-                    });
-                    if std::fs::symlink_metadata(p).is_ok_and(|m| m.is_dir()) {
+                    let md = std::fs::symlink_metadata(p);
+                    if md.as_ref().is_ok_and(|m| m.is_dir()) {
                         rescan = true;
                         continue;
                     }
-                    touch(pending, p, Some(linked));
+                    // A hard link (sftp's link-then-unlink) arrives complete, with no close
+                    // event; an O_CREAT file is empty at first and waits for its close. Any
+                    // write events queued behind this one make it ineligible again.
+                    let whole = md.is_ok_and(|m| {
+                        use std::os::unix::fs::MetadataExt;
+                        m.is_file() && (m.nlink() > 1 || m.len() > 0)
+                    });
+                    touch(pending, p, Some(whole));
                 }
             }
             EventKind::Modify(ModifyKind::Name(mode)) => match mode {

@@ -1,0 +1,140 @@
+#!/usr/bin/env python3
+"""Parsing and tables for the bench scripts, kept out of bash where arithmetic gets unreadable.
+
+  report.py wrk FILE          wrk --latency output -> "rps<TAB>p50_ms<TAB>p99_ms<TAB>errors"
+  report.py upload TSV        upload.sh rows -> markdown tables with ratios
+  report.py serve TSV         serve.sh rows (one per run) -> medians and ratios in markdown
+"""
+import re
+import statistics
+import sys
+from collections import defaultdict
+
+UNITS_MS = {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60000.0}
+
+
+def wrk(path):
+    text = open(path).read()
+    rps = re.search(r"Requests/sec:\s+([\d.]+)", text)
+    lat = dict(re.findall(r"^\s+(50|99)%\s+([\d.]+\w+)", text, re.M))
+
+    def ms(v):
+        m = re.fullmatch(r"([\d.]+)(us|ms|s|m)", v or "")
+        return float(m.group(1)) * UNITS_MS[m.group(2)] if m else float("nan")
+
+    # Socket errors and non-2xx/3xx both mean the run did not measure what it claims.
+    errs = sum(int(x) for x in re.findall(r"(?:connect|read|write|timeout) (\d+)", text))
+    bad = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", text)
+    errs += int(bad.group(1)) if bad else 0
+    total = re.search(r"(\d+) requests in", text)
+    print(
+        f"{float(rps.group(1)) if rps else 0:.1f}\t{ms(lat.get('50')):.3f}\t"
+        f"{ms(lat.get('99')):.3f}\t{errs}\t{total.group(1) if total else 0}"
+    )
+
+
+def rows(path):
+    with open(path) as f:
+        head = f.readline().rstrip("\n").split("\t")
+        return [dict(zip(head, line.rstrip("\n").split("\t"))) for line in f if line.strip()]
+
+
+def x(a, b):
+    """a/b as '1.23x', or '-' when either side is missing."""
+    try:
+        a, b = float(a), float(b)
+        return f"{a / b:.2f}x" if b > 0 and a == a and b == b else "-"
+    except (TypeError, ValueError):
+        return "-"
+
+
+def upload(path):
+    rs = rows(path)
+    print("| data set | tool | wall s | files/s | MB/s | peak RSS MiB | CPU s (user+sys) | exit | check |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---|")
+    for r in rs:
+        wall = float(r["wall_s"])
+        print(
+            f"| {r['dataset']} | {r['tool']} | {wall:.2f} | {int(r['files']) / wall:.0f} | "
+            f"{int(r['bytes']) / 1e6 / wall:.1f} | {int(r['rss_kib']) / 1024:.0f} | "
+            f"{float(r['cpu_s']):.2f} | {r['exit']} | {r['check']} |"
+        )
+    print()
+    print("Ratios: throughput = ferry MB/s ÷ peer MB/s (above 1 = ferry faster); "
+          "RSS = ferry peak RSS ÷ peer peak RSS; CPU = ferry CPU s ÷ peer CPU s.")
+    print()
+    print("| data set | vs rclone (defaults) | vs rclone --transfers 16 |")
+    print("|---|---|---|")
+    by = defaultdict(dict)
+    for r in rs:
+        by[r["dataset"]][r["tool"]] = r
+    for ds, tools in by.items():
+        f = tools.get("ferry")
+        cells = []
+        for peer in ("rclone", "rclone --transfers 16"):
+            p = tools.get(peer)
+            if not f or not p:
+                cells.append("-")
+                continue
+            cells.append(
+                f"throughput {x(float(p['wall_s']), float(f['wall_s']))}, "
+                f"RSS {x(f['rss_kib'], p['rss_kib'])}, CPU {x(f['cpu_s'], p['cpu_s'])}"
+            )
+        print(f"| {ds} | {cells[0]} | {cells[1]} |")
+
+
+def serve(path):
+    rs = rows(path)
+    groups = defaultdict(list)
+    order = []
+    for r in rs:
+        k = (r["case"], r["conns"], r["server"])
+        if k not in groups:
+            order.append(k)
+        groups[k].append(r)
+
+    def med(k, field):
+        vals = [float(r[field]) for r in groups[k] if r[field] not in ("", "nan")]
+        return statistics.median(vals) if vals else float("nan")
+
+    print("Medians over rounds. CPU % is server CPU time ÷ wall time (200% = both cores); "
+          "CPU µs/req is server CPU time per completed request; RSS is after the run "
+          "(nginx: master + workers).")
+    print()
+    print("| case | conns | server | req/s | req/s min–max | p50 ms | p99 ms | CPU % | CPU µs/req | RSS MiB | errors |")
+    print("|---|---:|---|---:|---|---:|---:|---:|---:|---:|---:|")
+    for k in order:
+        rps = [float(r["rps"]) for r in groups[k]]
+        errs = sum(int(r["errors"]) for r in groups[k])
+        print(
+            f"| {k[0]} | {k[1]} | {k[2]} | {med(k, 'rps'):.0f} | {min(rps):.0f}–{max(rps):.0f} | "
+            f"{med(k, 'p50_ms'):.2f} | {med(k, 'p99_ms'):.2f} | {med(k, 'cpu_pct'):.0f} | "
+            f"{med(k, 'cpu_us_per_req'):.1f} | {med(k, 'rss_kib') / 1024:.1f} | {errs} |"
+        )
+    print()
+    print("Ratios of ferry to nginx (Debian defaults, tcp_nopush on) and to the best peer "
+          "(highest median req/s of nginx on/off and lighttpd). req/s above 1 = ferry faster; "
+          "p99, CPU/req and RSS above 1 = ferry worse.")
+    print()
+    print("| case | conns | req/s ÷ nginx | req/s ÷ best | best peer | p99 ÷ nginx | p99 ÷ best | CPU/req ÷ nginx | CPU/req ÷ best | RSS ÷ nginx |")
+    print("|---|---:|---:|---:|---|---:|---:|---:|---:|---:|")
+    for case, conns in dict.fromkeys((k[0], k[1]) for k in order):
+        f = (case, conns, "ferry")
+        ng = (case, conns, "nginx (tcp_nopush on)")
+        peers = [k for k in order if k[:2] == (case, conns) and k[2] != "ferry"]
+        if f not in groups or not peers:
+            continue
+        best = max(peers, key=lambda k: med(k, "rps"))
+        print(
+            f"| {case} | {conns} | {x(med(f, 'rps'), med(ng, 'rps')) if ng in groups else '-'} | "
+            f"{x(med(f, 'rps'), med(best, 'rps'))} | {best[2]} | "
+            f"{x(med(f, 'p99_ms'), med(ng, 'p99_ms')) if ng in groups else '-'} | "
+            f"{x(med(f, 'p99_ms'), med(best, 'p99_ms'))} | "
+            f"{x(med(f, 'cpu_us_per_req'), med(ng, 'cpu_us_per_req')) if ng in groups else '-'} | "
+            f"{x(med(f, 'cpu_us_per_req'), med(best, 'cpu_us_per_req'))} | "
+            f"{x(med(f, 'rss_kib'), med(ng, 'rss_kib')) if ng in groups else '-'} |"
+        )
+
+
+if __name__ == "__main__":
+    {"wrk": wrk, "upload": upload, "serve": serve}[sys.argv[1]](sys.argv[2])

@@ -1,0 +1,521 @@
+//! Test harness: a real S3 protocol server (s3s-fs) per test on a loopback port, the real
+//! `ferry` binary as a child process in a temp dir, and helpers to wait and to inspect S3.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use sha2::Digest;
+
+pub const ACCESS_KEY: &str = "ferry-test";
+pub const SECRET_KEY: &str = "ferry-test-secret";
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free loopback port")
+}
+
+fn s3s_fs_bin() -> PathBuf {
+    if let Ok(p) = std::env::var("S3S_FS") {
+        return PathBuf::from(p);
+    }
+    for dir in std::env::var("PATH").unwrap_or_default().split(':') {
+        let p = Path::new(dir).join("s3s-fs");
+        if p.exists() {
+            return p;
+        }
+    }
+    let home = std::env::var("HOME").unwrap_or_default();
+    let p = Path::new(&home).join(".cargo/bin/s3s-fs");
+    assert!(
+        p.exists(),
+        "s3s-fs is not installed: run scripts/local-s3.sh install (or cargo install s3s-fs --version 0.14.1 --features binary --locked)"
+    );
+    p
+}
+
+/// One s3s-fs server with one bucket; stopped on drop.
+pub struct S3 {
+    pub port: u16,
+    pub data: PathBuf,
+    pub bucket: String,
+    child: Option<Child>,
+}
+
+impl S3 {
+    pub fn start(root: &Path) -> S3 {
+        let mut s = S3 {
+            port: free_port(),
+            data: root.join("s3data"),
+            bucket: "ferry-test".into(),
+            child: None,
+        };
+        std::fs::create_dir_all(s.data.join(&s.bucket)).unwrap();
+        s.up();
+        s
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// Starts (or restarts) the server on its port.
+    pub fn up(&mut self) {
+        assert!(self.child.is_none());
+        let child = Command::new(s3s_fs_bin())
+            .args(["--host", "127.0.0.1", "--port", &self.port.to_string()])
+            .args(["--access-key", ACCESS_KEY, "--secret-key", SECRET_KEY])
+            .arg(&self.data)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start s3s-fs");
+        self.child = Some(child);
+        wait_for(Duration::from_secs(20), "s3s-fs to listen", || {
+            TcpStream::connect(("127.0.0.1", self.port)).is_ok()
+        });
+    }
+
+    pub fn down(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// The object's bytes as stored (s3s-fs keeps one file per object).
+    pub fn object_path(&self, object_key: &str) -> PathBuf {
+        self.data.join(&self.bucket).join(object_key)
+    }
+
+    /// A real S3 client for checks.
+    pub async fn store(&self) -> ferry::store::Store {
+        let cfg = self.config_for_client();
+        ferry::store::Store::with_credentials(&cfg, ACCESS_KEY, SECRET_KEY).await
+    }
+
+    fn config_for_client(&self) -> ferry::config::Config {
+        let mut cfg = ferry::config::Config::default();
+        cfg.s3.endpoint = self.endpoint();
+        cfg.s3.bucket = self.bucket.clone();
+        cfg.s3.path_style = true;
+        cfg
+    }
+}
+
+impl Drop for S3 {
+    fn drop(&mut self) {
+        self.down();
+    }
+}
+
+/// Polls `f` every 50 ms until true; panics with `what` after `limit`.
+pub fn wait_for(limit: Duration, what: &str, mut f: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if f() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("timed out after {limit:?} waiting for {what}");
+}
+
+pub fn sha256_hex(b: &[u8]) -> String {
+    hex::encode(sha2::Sha256::digest(b))
+}
+
+/// A ferry working directory: spool, archive, catalog, env.
+pub struct Env {
+    pub dir: tempfile::TempDir,
+    pub vars: HashMap<String, String>,
+}
+
+impl Env {
+    pub fn new(s3_endpoint: &str, bucket: &str) -> Env {
+        let dir = tempfile::tempdir().unwrap();
+        let mut vars = HashMap::new();
+        let p = |s: &str| dir.path().join(s).to_string_lossy().into_owned();
+        vars.insert("FERRY_SPOOL_DIR".into(), p("spool"));
+        vars.insert("FERRY_ARCHIVE_DIR".into(), p("archive"));
+        vars.insert("FERRY_CATALOG_PATH".into(), p("ferry.db"));
+        vars.insert("FERRY_CACHE_DIR".into(), p("cache"));
+        vars.insert("FERRY_SPOOL_SETTLE".into(), "300ms".into());
+        vars.insert("FERRY_SPOOL_RESCAN_INTERVAL".into(), "5s".into());
+        vars.insert("FERRY_S3_ENDPOINT".into(), s3_endpoint.into());
+        vars.insert("FERRY_S3_BUCKET".into(), bucket.into());
+        vars.insert("FERRY_S3_PATH_STYLE".into(), "true".into());
+        vars.insert("FERRY_RETRY_INITIAL".into(), "200ms".into());
+        vars.insert("FERRY_RETRY_MAX_INTERVAL".into(), "2s".into());
+        vars.insert("FERRY_HTTP_LISTEN".into(), "127.0.0.1:0".into());
+        vars.insert("FERRY_HTTP_NODE_NAME".into(), "test-node".into());
+        vars.insert("AWS_ACCESS_KEY_ID".into(), ACCESS_KEY.into());
+        vars.insert("AWS_SECRET_ACCESS_KEY".into(), SECRET_KEY.into());
+        std::fs::create_dir_all(dir.path().join("spool")).unwrap();
+        Env { dir, vars }
+    }
+
+    pub fn for_s3(s3: &S3) -> Env {
+        Env::new(&s3.endpoint(), &s3.bucket)
+    }
+
+    pub fn set(&mut self, k: &str, v: &str) -> &mut Self {
+        self.vars.insert(k.into(), v.into());
+        self
+    }
+
+    pub fn spool(&self) -> PathBuf {
+        self.dir.path().join("spool")
+    }
+    pub fn archive(&self) -> PathBuf {
+        self.dir.path().join("archive")
+    }
+
+    pub fn command(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_ferry"));
+        c.args(args).current_dir(self.dir.path());
+        // Nothing from the developer's own environment leaks in.
+        for (k, _) in std::env::vars() {
+            if k.starts_with("FERRY_") || k.starts_with("AWS_") {
+                c.env_remove(k);
+            }
+        }
+        c.envs(&self.vars);
+        c.env("AWS_EC2_METADATA_DISABLED", "true");
+        c.env("FERRY_LOG", "info");
+        c
+    }
+
+    /// Runs a subcommand to completion: (exit code, stdout, stderr).
+    pub fn run(&self, args: &[&str]) -> (i32, String, String) {
+        let out = self.command(args).output().expect("run ferry");
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    /// Starts a long-running subcommand (`sync`, `run`, `serve`).
+    pub fn spawn(&self, args: &[&str]) -> Daemon {
+        let mut child = self
+            .command(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn ferry");
+        let log = Arc::new(Mutex::new(String::new()));
+        let addr = Arc::new(Mutex::new(None));
+        let stdout = child.stdout.take().unwrap();
+        let stderr = child.stderr.take().unwrap();
+        {
+            let addr = addr.clone();
+            let log = log.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                    if let Some(a) = line.strip_prefix("ferry: http listening on ") {
+                        *addr.lock().unwrap() = a.trim().parse::<SocketAddr>().ok();
+                    }
+                    log.lock().unwrap().push_str(&line);
+                    log.lock().unwrap().push('\n');
+                }
+            });
+        }
+        {
+            let log = log.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                    log.lock().unwrap().push_str(&line);
+                    log.lock().unwrap().push('\n');
+                }
+            });
+        }
+        Daemon { child, log, addr }
+    }
+
+    /// `ferry status --json`, parsed.
+    pub fn status(&self) -> serde_json::Value {
+        let (code, out, err) = self.run(&["status", "--json"]);
+        assert_eq!(code, 0, "status failed: {err}");
+        serde_json::from_str(&out).expect("status --json is JSON")
+    }
+
+    pub fn count(&self, state: &str) -> u64 {
+        self.status()["counts"][state].as_u64().unwrap_or(0)
+    }
+
+    /// Files left in the spool (regular files, any depth).
+    pub fn spool_files(&self) -> Vec<PathBuf> {
+        walk(&self.spool())
+    }
+
+    /// Writes a file into the spool the way `cp` would (create, write, close).
+    pub fn drop_file(&self, key: &str, bytes: &[u8]) {
+        let p = self.spool().join(key);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, bytes).unwrap();
+    }
+}
+
+pub fn walk(root: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in rd.flatten() {
+            let ft = e.file_type().unwrap();
+            if ft.is_dir() {
+                stack.push(e.path());
+            } else {
+                out.push(e.path());
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// A running ferry; killed on drop.
+pub struct Daemon {
+    pub child: Child,
+    pub log: Arc<Mutex<String>>,
+    addr: Arc<Mutex<Option<SocketAddr>>>,
+}
+
+impl Daemon {
+    pub fn addr(&self) -> SocketAddr {
+        let mut found = None;
+        wait_for(Duration::from_secs(30), "ferry to listen", || {
+            found = *self.addr.lock().unwrap();
+            found.is_some()
+        });
+        found.unwrap()
+    }
+
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM and wait; returns the exit code.
+    pub fn terminate(&mut self) -> Option<i32> {
+        unsafe {
+            libc::kill(self.child.id() as i32, libc::SIGTERM);
+        }
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(30) {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                return st.code();
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        self.kill9();
+        None
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A raw HTTP/1.1 exchange: the request path is sent exactly as given (no client-side
+/// normalisation), so hostile URLs reach the server as written.
+pub struct RawResponse {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub raw_head: Vec<u8>,
+    pub body: Vec<u8>,
+}
+
+impl RawResponse {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+pub fn raw_request(
+    addr: SocketAddr,
+    method: &str,
+    target: &[u8],
+    headers: &[(&str, &str)],
+) -> RawResponse {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut req = Vec::new();
+    req.extend_from_slice(method.as_bytes());
+    req.push(b' ');
+    req.extend_from_slice(target);
+    req.extend_from_slice(b" HTTP/1.1\r\nConnection: close\r\n");
+    if !headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("host")) {
+        req.extend_from_slice(b"Host: test\r\n");
+    }
+    for (k, v) in headers {
+        req.extend_from_slice(format!("{k}: {v}\r\n").as_bytes());
+    }
+    req.extend_from_slice(b"\r\n");
+    s.write_all(&req).unwrap();
+    let mut buf = Vec::new();
+    let _ = s.read_to_end(&mut buf);
+    let split = buf
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .unwrap_or(buf.len());
+    let head = buf[..split].to_vec();
+    let body = buf.get(split + 4..).unwrap_or_default().to_vec();
+    let text = String::from_utf8_lossy(&head).into_owned();
+    let mut lines = text.split("\r\n");
+    let status = lines
+        .next()
+        .and_then(|l| l.split(' ').nth(1))
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+        .collect();
+    RawResponse {
+        status,
+        headers,
+        raw_head: head,
+        body,
+    }
+}
+
+/// A TCP proxy in front of the S3 server that can corrupt PUT bodies and slow traffic:
+/// fault injection around the real server, not a replacement for it.
+pub struct FaultProxy {
+    pub port: u16,
+    /// How many more request bodies to corrupt (one flipped byte each).
+    pub corrupt_left: Arc<AtomicUsize>,
+    pub corrupted: Arc<AtomicUsize>,
+    /// Delay per forwarded client chunk, in ms.
+    pub delay_ms: Arc<AtomicUsize>,
+}
+
+impl FaultProxy {
+    pub fn start(upstream: u16) -> FaultProxy {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        let corrupt_left = Arc::new(AtomicUsize::new(0));
+        let corrupted = Arc::new(AtomicUsize::new(0));
+        let delay_ms = Arc::new(AtomicUsize::new(0));
+        let (cl, cd, dm) = (corrupt_left.clone(), corrupted.clone(), delay_ms.clone());
+        std::thread::spawn(move || {
+            for conn in l.incoming() {
+                let Ok(client) = conn else { continue };
+                let Ok(server) = TcpStream::connect(("127.0.0.1", upstream)) else {
+                    continue;
+                };
+                let (c2, s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+                let (cl, cd, dm) = (cl.clone(), cd.clone(), dm.clone());
+                std::thread::spawn(move || pump_up(client, server, cl, cd, dm));
+                std::thread::spawn(move || {
+                    let (mut s, mut c) = (s2, c2);
+                    let _ = std::io::copy(&mut s, &mut c);
+                    let _ = c.shutdown(std::net::Shutdown::Both);
+                });
+            }
+        });
+        FaultProxy {
+            port,
+            corrupt_left,
+            corrupted,
+            delay_ms,
+        }
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+}
+
+/// Client → server: flips the first body byte of a PUT with a non-empty body while
+/// `corrupt_left` > 0.
+fn pump_up(
+    mut client: TcpStream,
+    mut server: TcpStream,
+    corrupt_left: Arc<AtomicUsize>,
+    corrupted: Arc<AtomicUsize>,
+    delay_ms: Arc<AtomicUsize>,
+) {
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut window: Vec<u8> = Vec::new();
+    let mut want_flip = false;
+    loop {
+        let n = match client.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        let chunk = &mut buf[..n];
+        if want_flip && !chunk.is_empty() {
+            chunk[0] ^= 0xff;
+            want_flip = false;
+            corrupted.fetch_add(1, Ordering::SeqCst);
+        } else {
+            window.extend_from_slice(chunk);
+            if let Some(end) = window.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = String::from_utf8_lossy(&window[..end]).to_ascii_lowercase();
+                let is_put = head.starts_with("put ");
+                let has_body = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length:"))
+                    .and_then(|v| v.trim().parse::<u64>().ok())
+                    .is_some_and(|n| n > 0);
+                if is_put
+                    && has_body
+                    && corrupt_left
+                        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |v| v.checked_sub(1))
+                        .is_ok()
+                {
+                    let body_start_in_window = end + 4;
+                    let offset_in_chunk =
+                        body_start_in_window as isize - (window.len() - n) as isize;
+                    if offset_in_chunk >= 0 && (offset_in_chunk as usize) < n {
+                        chunk[offset_in_chunk as usize] ^= 0xff;
+                        corrupted.fetch_add(1, Ordering::SeqCst);
+                    } else {
+                        want_flip = true;
+                    }
+                }
+                window.clear();
+            } else if window.len() > 64 * 1024 {
+                window.drain(..window.len() - 4);
+            }
+        }
+        let d = delay_ms.load(Ordering::Relaxed);
+        if d > 0 {
+            std::thread::sleep(Duration::from_millis(d as u64));
+        }
+        if server.write_all(chunk).is_err() {
+            break;
+        }
+    }
+    let _ = server.shutdown(std::net::Shutdown::Write);
+}
+
+pub fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}

@@ -1,0 +1,463 @@
+//! Sync daemon end to end: the real `ferry` binary against a real local S3 server (s3s-fs).
+
+mod common;
+
+use std::io::Write;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use common::*;
+
+/// Bytes that differ per name, so a mix-up between files cannot pass.
+fn content(name: &str, len: usize) -> Vec<u8> {
+    let seed = sha256_hex(name.as_bytes());
+    let mut out = Vec::with_capacity(len);
+    let mut i = 0u64;
+    while out.len() < len {
+        let block = sha256_hex(format!("{seed}{i}").as_bytes());
+        out.extend_from_slice(block.as_bytes());
+        i += 1;
+    }
+    out.truncate(len);
+    out
+}
+
+/// Asserts S3 holds exactly `bytes` under `key` (read back and hashed through the S3 API).
+fn assert_in_s3(s3: &S3, key: &str, bytes: &[u8]) {
+    let rt = rt();
+    let (n, sha) = rt
+        .block_on(async { s3.store().await.read_back(key).await })
+        .unwrap_or_else(|e| panic!("{key} is not in S3: {e}"));
+    assert_eq!(n, bytes.len() as u64, "size of {key} in S3");
+    assert_eq!(sha, sha256_hex(bytes), "SHA-256 of {key} in S3");
+}
+
+fn wait_archived(env: &Env, n: u64, limit: Duration) {
+    wait_for(limit, &format!("{n} archived"), || {
+        env.count("archived") >= n
+    });
+}
+
+#[test]
+fn many_files_nested_with_spaces_and_unicode_all_verified_and_archived() {
+    let t = tempfile::tempdir().unwrap();
+    let s3 = S3::start(t.path());
+    let env = Env::for_s3(&s3);
+    let _d = env.spawn(&["sync"]);
+    let mut expected = Vec::new();
+    for i in 0..200 {
+        let key = match i % 4 {
+            0 => format!("2026/11/photo {i}.jpg"),
+            1 => format!("été/naïve-{i}.png"),
+            2 => format!("a/b/c/d/{i}.bin"),
+            _ => format!("top-{i}.txt"),
+        };
+        let bytes = content(&key, 100 + i * 37);
+        env.drop_file(&key, &bytes);
+        expected.push((key, bytes));
+    }
+    wait_archived(&env, 200, Duration::from_secs(120));
+    for (key, bytes) in &expected {
+        assert_in_s3(&s3, key, bytes);
+        let archived = std::fs::read(env.archive().join(key)).unwrap();
+        assert_eq!(&archived, bytes, "archive copy of {key}");
+    }
+    assert!(
+        env.spool_files().is_empty(),
+        "spool empty: {:?}",
+        env.spool_files()
+    );
+    assert!(env.spool().exists(), "the spool root stays");
+}
+
+#[test]
+fn large_file_goes_up_in_parts_and_is_verified() {
+    let t = tempfile::tempdir().unwrap();
+    let s3 = S3::start(t.path());
+    let env = Env::for_s3(&s3);
+    let bytes = content("big", 100 << 20);
+    env.drop_file("big.bin", &bytes);
+    let (code, _, err) = env.run(&["sync", "--once"]);
+    assert_eq!(code, 0, "{err}");
+    assert_in_s3(&s3, "big.bin", &bytes);
+    // Multipart: the ETag has the "-N" parts suffix (100 MiB / 16 MiB = 7 parts).
+    let rt = rt();
+    let head = rt.block_on(async { s3.store().await.head("big.bin").await.unwrap() });
+    assert!(
+        head.etag.unwrap_or_default().ends_with("-7\""),
+        "multipart upload"
+    );
+    assert_eq!(std::fs::read(env.archive().join("big.bin")).unwrap(), bytes);
+}
+
+#[test]
+fn slow_writer_sftp_and_rsync_drops_are_uploaded_once_complete() {
+    let t = tempfile::tempdir().unwrap();
+    let s3 = S3::start(t.path());
+    let env = Env::for_s3(&s3);
+    let d = env.spawn(&["sync"]);
+
+    // A writer that keeps the file open for 3 s, writing in pieces.
+    let slow = content("slow", 300_000);
+    let spool = env.spool();
+    let slow2 = slow.clone();
+    let writer = std::thread::spawn(move || {
+        let mut f = std::fs::File::create(spool.join("slow.jpg")).unwrap();
+        for chunk in slow2.chunks(25_000) {
+            f.write_all(chunk).unwrap();
+            f.flush().unwrap();
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    });
+
+    // sftp-style: temp name, hard link to the final name, unlink the temp.
+    let sftp = content("sftp", 50_000);
+    std::fs::write(env.spool().join("upload.tmp"), &sftp).unwrap();
+    std::fs::hard_link(env.spool().join("upload.tmp"), env.spool().join("sftp.jpg")).unwrap();
+    std::fs::remove_file(env.spool().join("upload.tmp")).unwrap();
+
+    // rsync-style: a hidden temp name, then rename.
+    let rsync = content("rsync", 80_000);
+    std::fs::write(env.spool().join(".rsync.jpg.Ab12Cd"), &rsync).unwrap();
+    std::fs::rename(
+        env.spool().join(".rsync.jpg.Ab12Cd"),
+        env.spool().join("rsync.jpg"),
+    )
+    .unwrap();
+
+    writer.join().unwrap();
+    wait_archived(&env, 3, Duration::from_secs(60));
+    assert_in_s3(&s3, "slow.jpg", &slow);
+    assert_in_s3(&s3, "sftp.jpg", &sftp);
+    assert_in_s3(&s3, "rsync.jpg", &rsync);
+    // No temp name reached S3, and each final file went up exactly once.
+    let rt = rt();
+    let mut keys: Vec<String> = rt
+        .block_on(async { s3.store().await.list_all().await.unwrap() })
+        .into_iter()
+        .map(|(k, _)| k)
+        .collect();
+    keys.sort();
+    assert_eq!(keys, vec!["rsync.jpg", "sftp.jpg", "slow.jpg"]);
+    let log = d.log();
+    assert_eq!(
+        log.matches("uploaded and verified key=slow.jpg").count(),
+        1,
+        "{log}"
+    );
+}
+
+#[test]
+fn s3_down_at_start_files_wait_then_go_up() {
+    let t = tempfile::tempdir().unwrap();
+    let mut s3 = S3::start(t.path());
+    s3.down();
+    let env = Env::for_s3(&s3);
+    let _d = env.spawn(&["sync"]);
+    let a = content("a", 1000);
+    env.drop_file("a.jpg", &a);
+    wait_for(Duration::from_secs(30), "an error in status", || {
+        env.status()["errors"]
+            .as_array()
+            .is_some_and(|e| !e.is_empty())
+    });
+    let st = env.status();
+    let err = st["errors"][0]["error"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        err.contains("connection") || err.contains("timed out"),
+        "{err}"
+    );
+    assert_eq!(env.spool_files().len(), 1, "file waits in the spool");
+    s3.up();
+    wait_archived(&env, 1, Duration::from_secs(60));
+    assert_in_s3(&s3, "a.jpg", &a);
+}
+
+#[test]
+fn kill_9_during_uploads_loses_nothing() {
+    let t = tempfile::tempdir().unwrap();
+    let s3 = S3::start(t.path());
+    let proxy = FaultProxy::start(s3.port);
+    let mut env = Env::for_s3(&s3);
+    env.set("FERRY_S3_ENDPOINT", &proxy.endpoint());
+    // Slow the link so the kill lands mid-upload.
+    proxy.delay_ms.store(5, Ordering::SeqCst);
+    let mut files = Vec::new();
+    for i in 0..40 {
+        let key = format!("k/{i}.jpg");
+        let bytes = content(&key, 200_000 + i * 1000);
+        env.drop_file(&key, &bytes);
+        files.push((key, bytes));
+    }
+    let mut d = env.spawn(&["sync"]);
+    wait_for(Duration::from_secs(60), "uploads in flight", || {
+        env.count("uploading") > 0 || env.count("archived") > 0
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    d.kill9();
+    // Whatever the catalog says is archived must be in S3 with the right bytes.
+    for (key, bytes) in &files {
+        if env.archive().join(key).exists() {
+            assert_in_s3(&s3, key, bytes);
+        } else {
+            assert!(
+                env.spool().join(key).exists(),
+                "{key} is in neither spool nor archive"
+            );
+        }
+    }
+    proxy.delay_ms.store(0, Ordering::SeqCst);
+    let _d2 = env.spawn(&["sync"]);
+    wait_archived(&env, files.len() as u64, Duration::from_secs(120));
+    for (key, bytes) in &files {
+        assert_in_s3(&s3, key, bytes);
+        assert_eq!(&std::fs::read(env.archive().join(key)).unwrap(), bytes);
+    }
+}
+
+#[test]
+fn wrong_secret_key_archives_nothing_and_says_why() {
+    let t = tempfile::tempdir().unwrap();
+    let s3 = S3::start(t.path());
+    let mut env = Env::for_s3(&s3);
+    env.set("AWS_SECRET_ACCESS_KEY", "not-the-secret");
+    let a = content("w", 5000);
+    env.drop_file("w.jpg", &a);
+    let (code, _, err) = env.run(&["sync", "--once", "--timeout", "20s"]);
+    assert_ne!(code, 0, "a permanent error fails --once");
+    assert!(
+        err.contains("SignatureDoesNotMatch") || err.contains("AccessDenied"),
+        "{err}"
+    );
+    assert_eq!(env.count("failed"), 1);
+    assert_eq!(env.count("archived"), 0);
+    let st = env.status();
+    let msg = st["errors"][0]["error"].as_str().unwrap_or_default();
+    assert!(
+        msg.contains("SignatureDoesNotMatch") || msg.contains("AccessDenied"),
+        "{msg}"
+    );
+    let (_, human, _) = env.run(&["status"]);
+    assert!(human.contains("w.jpg"), "{human}");
+    assert!(env.spool().join("w.jpg").exists());
+
+    env.set("AWS_SECRET_ACCESS_KEY", SECRET_KEY);
+    // The failed row waits for the max interval (2 s here), then goes through.
+    let (code, _, err) = env.run(&["sync", "--once", "--timeout", "60s"]);
+    assert_eq!(code, 0, "{err}");
+    assert_in_s3(&s3, "w.jpg", &a);
+}
+
+#[test]
+fn corrupted_put_is_never_archived_with_wrong_bytes() {
+    let t = tempfile::tempdir().unwrap();
+    let s3 = S3::start(t.path());
+    let proxy = FaultProxy::start(s3.port);
+    proxy.corrupt_left.store(2, Ordering::SeqCst);
+    let mut env = Env::for_s3(&s3);
+    env.set("FERRY_S3_ENDPOINT", &proxy.endpoint());
+    let a = content("c", 40_000);
+    env.drop_file("c.jpg", &a);
+    let (code, _, err) = env.run(&["sync", "--once", "--timeout", "60s"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        proxy.corrupted.load(Ordering::SeqCst),
+        2,
+        "the proxy flipped bytes twice"
+    );
+    // s3s-fs stored the rejected bodies; what is there at the end must be right.
+    assert_in_s3(&s3, "c.jpg", &a);
+    assert_eq!(std::fs::read(s3.object_path("c.jpg")).unwrap(), a);
+    assert_eq!(std::fs::read(env.archive().join("c.jpg")).unwrap(), a);
+}
+
+#[test]
+fn read_back_mode_verifies_by_reading_the_object() {
+    let t = tempfile::tempdir().unwrap();
+    let s3 = S3::start(t.path());
+    let mut env = Env::for_s3(&s3);
+    env.set("FERRY_S3_VERIFY", "read-back");
+    let a = content("rb", 10_000);
+    env.drop_file("rb.jpg", &a);
+    let (code, _, err) = env.run(&["sync", "--once"]);
+    assert_eq!(code, 0, "{err}");
+    assert_in_s3(&s3, "rb.jpg", &a);
+}
+
+#[test]
+fn small_then_large_same_key_both_versions_archived() {
+    let t = tempfile::tempdir().unwrap();
+    let s3 = S3::start(t.path());
+    let mut env = Env::for_s3(&s3);
+    env.set("FERRY_S3_MULTIPART_THRESHOLD", "6MiB");
+    env.set("FERRY_S3_PART_SIZE", "5MiB");
+    let small = content("v1", 1000);
+    env.drop_file("same.jpg", &small);
+    let (code, _, err) = env.run(&["sync", "--once"]);
+    assert_eq!(code, 0, "{err}");
+    let large = content("v2", 12 << 20);
+    env.drop_file("same.jpg", &large);
+    let (code, _, err) = env.run(&["sync", "--once"]);
+    assert_eq!(code, 0, "{err}");
+    assert_in_s3(&s3, "same.jpg", &large);
+    assert_eq!(
+        std::fs::read(env.archive().join("same.jpg")).unwrap(),
+        large
+    );
+    let versions = walk(&env.archive().join(".ferry-versions"));
+    assert_eq!(versions.len(), 1, "{versions:?}");
+    assert_eq!(std::fs::read(&versions[0]).unwrap(), small);
+    let name = versions[0]
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .into_owned();
+    assert!(
+        name.starts_with("same.jpg@") && name.ends_with('Z'),
+        "{name}"
+    );
+}
+
+#[test]
+fn empty_file_is_uploaded_verified_and_archived() {
+    let t = tempfile::tempdir().unwrap();
+    let s3 = S3::start(t.path());
+    let env = Env::for_s3(&s3);
+    env.drop_file("empty.txt", b"");
+    let (code, _, err) = env.run(&["sync", "--once"]);
+    assert_eq!(code, 0, "{err}");
+    assert_in_s3(&s3, "empty.txt", b"");
+    assert!(env.archive().join("empty.txt").exists());
+}
+
+#[test]
+fn file_modified_during_upload_ends_with_new_content() {
+    let t = tempfile::tempdir().unwrap();
+    let s3 = S3::start(t.path());
+    let proxy = FaultProxy::start(s3.port);
+    proxy.delay_ms.store(20, Ordering::SeqCst);
+    let mut env = Env::for_s3(&s3);
+    env.set("FERRY_S3_ENDPOINT", &proxy.endpoint());
+    let first = content("m1", 3 << 20);
+    env.drop_file("m.jpg", &first);
+    let d = env.spawn(&["sync"]);
+    wait_for(Duration::from_secs(30), "the upload to start", || {
+        env.count("uploading") == 1
+    });
+    // Rewrite in place while the slow PUT is on the wire.
+    let second = content("m2", 3 << 20);
+    env.drop_file("m.jpg", &second);
+    proxy.delay_ms.store(0, Ordering::SeqCst);
+    wait_for(Duration::from_secs(60), "m.jpg archived", || {
+        env.archive().join("m.jpg").exists() && env.count("archived") == 1
+    });
+    drop(d);
+    assert_in_s3(&s3, "m.jpg", &second);
+    assert_eq!(std::fs::read(env.archive().join("m.jpg")).unwrap(), second);
+}
+
+#[test]
+fn same_key_dropped_twice_keeps_both_versions() {
+    let t = tempfile::tempdir().unwrap();
+    let s3 = S3::start(t.path());
+    let env = Env::for_s3(&s3);
+    let _d = env.spawn(&["sync"]);
+    let one = content("one", 3000);
+    env.drop_file("twice.jpg", &one);
+    wait_archived(&env, 1, Duration::from_secs(30));
+    let two = content("two", 4000);
+    env.drop_file("twice.jpg", &two);
+    wait_for(Duration::from_secs(30), "second version archived", || {
+        std::fs::read(env.archive().join("twice.jpg"))
+            .ok()
+            .as_deref()
+            == Some(&two[..])
+            && env.count("archived") == 1
+    });
+    assert_in_s3(&s3, "twice.jpg", &two);
+    let versions = walk(&env.archive().join(".ferry-versions"));
+    assert_eq!(versions.len(), 1);
+    assert_eq!(std::fs::read(&versions[0]).unwrap(), one);
+}
+
+#[test]
+fn symlink_in_spool_is_never_uploaded() {
+    let t = tempfile::tempdir().unwrap();
+    let s3 = S3::start(t.path());
+    let env = Env::for_s3(&s3);
+    let secret = t.path().join("secret.txt");
+    std::fs::write(&secret, b"outside the spool").unwrap();
+    std::os::unix::fs::symlink(&secret, env.spool().join("link.jpg")).unwrap();
+    env.drop_file("real.jpg", b"real");
+    let d = env.spawn(&["sync"]);
+    wait_archived(&env, 1, Duration::from_secs(30));
+    std::thread::sleep(Duration::from_millis(800));
+    let rt = rt();
+    let keys: Vec<String> = rt
+        .block_on(async { s3.store().await.list_all().await.unwrap() })
+        .into_iter()
+        .map(|(k, _)| k)
+        .collect();
+    assert_eq!(keys, vec!["real.jpg"]);
+    assert!(
+        env.spool().join("link.jpg").symlink_metadata().is_ok(),
+        "left in place"
+    );
+    assert!(d.log().contains("link.jpg"), "warned about it");
+}
+
+#[test]
+fn invalid_names_are_refused_and_shown_in_status() {
+    let t = tempfile::tempdir().unwrap();
+    let s3 = S3::start(t.path());
+    let env = Env::for_s3(&s3);
+    env.drop_file("bad\\name.jpg", b"x");
+    env.drop_file("fine.jpg", b"y");
+    let (code, _, err) = env.run(&["sync", "--once"]);
+    assert_eq!(code, 0, "{err}");
+    let st = env.status();
+    let refused = st["refused"].as_array().unwrap();
+    assert_eq!(refused.len(), 1);
+    assert!(refused[0]["reason"].as_str().unwrap().contains("backslash"));
+    assert!(env.spool().join("bad\\name.jpg").exists());
+}
+
+#[test]
+fn status_and_check_config_report_plainly() {
+    let t = tempfile::tempdir().unwrap();
+    let s3 = S3::start(t.path());
+    let env = Env::for_s3(&s3);
+    let (code, out, err) = env.run(&["check-config", "--write-probe"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("write probe"), "{out}");
+    let mut bad = Env::for_s3(&s3);
+    bad.set("FERRY_S3_BUCKET", "no-such-bucket");
+    let (code, out, _) = bad.run(&["check-config"]);
+    assert_ne!(code, 0);
+    assert!(out.contains("FAILED"), "{out}");
+    let mut badcfg = Env::for_s3(&s3);
+    badcfg.set("FERRY_S3_PART_SIZE", "1KiB");
+    let (code, _, err) = badcfg.run(&["status"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("s3.part_size"), "{err}");
+}
+
+#[test]
+fn sigterm_leaves_rows_consistent() {
+    let t = tempfile::tempdir().unwrap();
+    let s3 = S3::start(t.path());
+    let env = Env::for_s3(&s3);
+    let mut d = env.spawn(&["sync"]);
+    for i in 0..20 {
+        env.drop_file(&format!("t{i}.jpg"), &content(&format!("t{i}"), 20_000));
+    }
+    std::thread::sleep(Duration::from_millis(700));
+    assert_eq!(d.terminate(), Some(0), "{}", d.log());
+    assert_eq!(env.count("uploading"), 0, "no row left mid-upload");
+    let (code, _, err) = env.run(&["sync", "--once"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(env.count("archived"), 20);
+}
