@@ -116,6 +116,13 @@ pub async fn run(cfg: Config, with_sync: bool, with_serve: bool) -> anyhow::Resu
     }
 }
 
+/// `ferry route`: the hash router until SIGTERM/SIGINT.
+pub async fn route(cfg: Config) -> anyhow::Result<()> {
+    let shutdown = CancellationToken::new();
+    on_signals(shutdown.clone())?;
+    crate::route::run(cfg, shutdown).await
+}
+
 /// `ferry sync --once`: returns the process exit code.
 pub async fn sync_once(cfg: Config, timeout: Duration) -> anyhow::Result<i32> {
     let cfg = Arc::new(cfg);

@@ -8,6 +8,7 @@
 //! - `retry`     backoff policy and the transient/permanent split
 //! - `sync`      watcher (ready files), uploader (hash, put, verify), archive
 //! - `serve`     HTTP front: spool file, else 302 (or presigned) to S3
+//! - `route`     the hash router: rendezvous ranking, health checks, proxying, failover
 //! - `telemetry` logging
 
 pub mod app;
@@ -15,6 +16,7 @@ pub mod catalog;
 pub mod config;
 pub mod key;
 pub mod retry;
+pub mod route;
 pub mod serve;
 pub mod store;
 pub mod sync;

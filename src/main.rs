@@ -35,6 +35,8 @@ enum Cmd {
     },
     /// Serve HTTP only.
     Serve,
+    /// The hash router in front of several serving nodes.
+    Route,
     /// Counts by state, queue depth, oldest queued, last errors.
     Status {
         #[arg(long)]
@@ -79,6 +81,7 @@ fn main() -> ExitCode {
                 timeout,
             } => ferry::app::sync_once(cfg, timeout.0).await.map(|c| c as u8),
             Cmd::Serve => ferry::app::run(cfg, false, true).await.map(|_| 0),
+            Cmd::Route => ferry::app::route(cfg).await.map(|_| 0),
             Cmd::Status { json } => ferry::app::status(cfg, json).await.map(|_| 0),
             Cmd::CheckConfig { write_probe } => ferry::app::check_config(cfg, write_probe)
                 .await

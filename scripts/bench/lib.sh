@@ -22,7 +22,10 @@ die() { log "error: $*"; exit 1; }
 # Stops one process: TERM first so ferry can drain and nginx can reap its workers, KILL
 # after 10 s so the benchmark never hangs on a stuck server.
 stop_pid() {
-  local pid=$1 i
+  local pid=$1 i keep=()
+  # Forget it first: once reaped, its PID may be reused by someone else's process.
+  for i in "${SPAWNED[@]}"; do [[ $i == "$pid" ]] || keep+=("$i"); done
+  SPAWNED=("${keep[@]}")
   kill -0 "$pid" 2>/dev/null || return 0
   kill -TERM "$pid" 2>/dev/null || true
   for i in $(seq 1 100); do
@@ -36,7 +39,8 @@ stop_pid() {
 cleanup() {
   local rc=$? i
   # Newest first: servers started on top of others (ferry on s3s-fs) go down first.
-  for ((i = ${#SPAWNED[@]} - 1; i >= 0; i--)); do stop_pid "${SPAWNED[i]}"; done
+  local pids=("${SPAWNED[@]}")
+  for ((i = ${#pids[@]} - 1; i >= 0; i--)); do stop_pid "${pids[i]}"; done
   if [[ -n ${WORK:-} && -d $WORK && ${KEEP_WORK:-0} != 1 ]]; then
     rm -rf "$WORK"
   elif [[ -n ${WORK:-} ]]; then
@@ -60,12 +64,12 @@ bench_init() {
 # spawn VAR LOGNAME CMD...: runs CMD in the background with stdout/stderr in $LOGS and
 # stores its PID in VAR (the PID of CMD itself, not of a wrapper, so /proc/PID is the server).
 spawn() {
-  local var=$1 name=$2
+  local _var=$1 _name=$2 _pid
   shift 2
-  "$@" >"$LOGS/$name.out" 2>"$LOGS/$name.err" &
-  local pid=$!
-  SPAWNED+=("$pid")
-  printf -v "$var" '%s' "$pid"
+  "$@" >"$LOGS/$_name.out" 2>"$LOGS/$_name.err" &
+  _pid=$!
+  SPAWNED+=("$_pid")
+  printf -v "$_var" '%s' "$_pid"
 }
 
 # A free loopback port. There is a small race between closing and the server binding it;
@@ -109,6 +113,8 @@ ferry_env() {
 
 # make_files DIR COUNT BYTES: COUNT random files f0000.jpg... (random so nothing compresses;
 # .jpg so every server looks up a real MIME type, as for the photos ferry is meant for).
+# Modification times are set 10 minutes back: a spool filled earlier, whose files
+# `ferry sync --once` takes as settled at once instead of waiting spool.settle for them.
 make_files() {
   local dir=$1 count=$2 bytes=$3
   mkdir -p "$dir"
@@ -122,6 +128,8 @@ for i in range(n):
             chunk = os.urandom(min(left, 1 << 20))
             f.write(chunk)
             left -= len(chunk)
+    t = os.path.getmtime(f.name) - 600
+    os.utime(f.name, (t, t))
 PY
 }
 

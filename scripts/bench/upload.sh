@@ -14,8 +14,9 @@
 # Why the setup looks like this:
 # - Every tool gets its own fresh copy of the files (ferry moves its spool away) and its own
 #   fresh bucket, so no tool can skip work because an earlier one left objects behind.
-# - Copies keep their mtime (cp -a), so `ferry sync --once` does not wait spool.settle for
-#   files it would consider "just written"; that wait is measured by the latency run instead.
+# - The files are dated 10 minutes back and copied with cp -a (mtime kept), as in a spool
+#   filled earlier, so `ferry sync --once` does not wait spool.settle for files it would take
+#   as "just written"; that wait belongs to the latency run below, which measures it.
 # - `sync` before each run flushes the previous run's dirty pages, so one tool's writeback does
 #   not land in the next tool's time. The files themselves stay in the page cache for every
 #   tool alike; all are reading from memory.
