@@ -53,6 +53,7 @@ fn on_signals(token: CancellationToken) -> anyhow::Result<()> {
             _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
             _ = int.recv() => tracing::info!("SIGINT: shutting down"),
         }
+        crate::telemetry::notify_stopping();
         token.cancel();
     });
     Ok(())
@@ -85,16 +86,24 @@ pub async fn run(cfg: Config, with_sync: bool, with_serve: bool) -> anyhow::Resu
         // Tests and scripts read the bound address (port 0) from this line.
         println!("ferry: http listening on {addr}");
     }
-    let sync_task = if with_sync {
+    let mut sync_task = if with_sync {
         let ctx = sync::context(cfg.clone(), catalog.clone(), store.clone())?;
-        tracing::info!(spool = %cfg.spool.dir.display(), archive = %cfg.archive.dir.display(), bucket = %cfg.s3.bucket, "sync running");
-        Some(tokio::spawn(sync::run(ctx, shutdown.clone())))
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let task = tokio::spawn(sync::run(ctx, shutdown.clone(), Some(tx)));
+        // READY=1 only once the watcher runs (recovery and the first scan are done).
+        if rx.await.is_ok() {
+            tracing::info!(spool = %cfg.spool.dir.display(), archive = %cfg.archive.dir.display(), bucket = %cfg.s3.bucket, "sync running");
+        }
+        Some(task)
     } else {
         None
     };
+    if sync_task.as_ref().is_none_or(|t| !t.is_finished()) {
+        crate::telemetry::notify_ready(shutdown.clone());
+    }
 
     let mut failure = None;
-    if let Some(t) = sync_task {
+    if let Some(t) = sync_task.take() {
         match t.await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => failure = Some(e),

@@ -1,5 +1,15 @@
-//! Tracing setup: human-readable logs to stderr, level from `FERRY_LOG` (default "info").
+//! Tracing setup, Prometheus metrics (one registry per process), and sd_notify.
 
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
 pub fn init() {
@@ -13,4 +23,166 @@ pub fn init() {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(false)
         .try_init();
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StateLabel {
+    pub state: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ClassLabel {
+    pub class: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HttpLabel {
+    pub source: String,
+    pub status: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BackendLabel {
+    pub backend: String,
+}
+
+/// Every metric ferry exports. Names and meanings are listed in README.md ("Metrics").
+pub struct Metrics {
+    pub files: Family<StateLabel, Gauge>,
+    pub uploads: Counter,
+    pub upload_bytes: Counter,
+    pub upload_failures: Family<ClassLabel, Counter>,
+    pub verify_failures: Counter,
+    pub upload_seconds: Histogram,
+    pub http_requests: Family<HttpLabel, Counter>,
+    pub http_seconds: Histogram,
+    pub cache_hits: Counter,
+    pub cache_misses: Counter,
+    pub cache_bytes: Gauge,
+    pub cache_evictions: Counter,
+    pub backend_up: Family<BackendLabel, Gauge>,
+    registry: Registry,
+}
+
+impl Metrics {
+    fn new() -> Metrics {
+        let mut m = Metrics {
+            files: Family::default(),
+            uploads: Counter::default(),
+            upload_bytes: Counter::default(),
+            upload_failures: Family::default(),
+            verify_failures: Counter::default(),
+            upload_seconds: Histogram::new(exponential_buckets(0.005, 2.0, 16)),
+            http_requests: Family::default(),
+            http_seconds: Histogram::new(exponential_buckets(0.00005, 2.0, 18)),
+            cache_hits: Counter::default(),
+            cache_misses: Counter::default(),
+            cache_bytes: Gauge::default(),
+            cache_evictions: Counter::default(),
+            backend_up: Family::default(),
+            registry: Registry::with_prefix("ferry"),
+        };
+        let r = &mut m.registry;
+        r.register("files", "Files in the catalog by state", m.files.clone());
+        r.register(
+            "uploads",
+            "Files uploaded and verified",
+            m.uploads.clone(),
+        );
+        r.register(
+            "upload_bytes",
+            "Bytes uploaded and verified",
+            m.upload_bytes.clone(),
+        );
+        r.register(
+            "upload_failures",
+            "Failed upload attempts by class (transient, permanent, local_full)",
+            m.upload_failures.clone(),
+        );
+        r.register(
+            "verify_failures",
+            "Uploads whose verification found other bytes in S3",
+            m.verify_failures.clone(),
+        );
+        r.register(
+            "upload_seconds",
+            "Time from claiming a file to verified, in seconds",
+            m.upload_seconds.clone(),
+        );
+        r.register(
+            "http_requests",
+            "HTTP requests by X-Ferry-Source (or error) and status",
+            m.http_requests.clone(),
+        );
+        r.register(
+            "http_request_seconds",
+            "HTTP request handling time until the response head, in seconds",
+            m.http_seconds.clone(),
+        );
+        r.register("cache_hits", "Hot-cache hits", m.cache_hits.clone());
+        r.register("cache_misses", "Hot-cache misses", m.cache_misses.clone());
+        r.register("cache_bytes", "Bytes held by the hot cache", m.cache_bytes.clone());
+        r.register(
+            "cache_evictions",
+            "Hot-cache entries evicted or expired",
+            m.cache_evictions.clone(),
+        );
+        r.register(
+            "router_backend_up",
+            "Router backend health (1 up, 0 down)",
+            m.backend_up.clone(),
+        );
+        m
+    }
+
+    /// The Prometheus text exposition of everything registered.
+    pub fn encode(&self) -> String {
+        let mut s = String::new();
+        if prometheus_client::encoding::text::encode(&mut s, &self.registry).is_err() {
+            s.clear();
+        }
+        s
+    }
+
+    pub fn http(&self, source: &str, status: u16) {
+        self.http_requests
+            .get_or_create(&HttpLabel {
+                source: source.to_string(),
+                status,
+            })
+            .inc();
+    }
+}
+
+/// The process's metrics.
+pub fn metrics() -> &'static Metrics {
+    static M: OnceLock<Metrics> = OnceLock::new();
+    M.get_or_init(Metrics::new)
+}
+
+/// Tells systemd (if it started us with NOTIFY_SOCKET) that start-up is done, and keeps the
+/// watchdog fed at half its interval until `shutdown`.
+pub fn notify_ready(shutdown: CancellationToken) {
+    if let Err(e) = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]) {
+        tracing::warn!(error = %e, "sd_notify READY failed");
+    }
+    let mut usec = 0u64;
+    if sd_notify::watchdog_enabled(false, &mut usec) && usec > 0 {
+        let every = Duration::from_micros(usec / 2);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tick.tick() => {
+                        let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Watchdog]);
+                    }
+                }
+            }
+        });
+    }
+}
+
+pub fn notify_stopping() {
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
 }

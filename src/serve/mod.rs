@@ -1,5 +1,7 @@
 //! The HTTP front: routes, the listener, and the one place errors become status codes.
 
+pub mod cache;
+pub mod fetch;
 pub mod local;
 pub mod meta;
 pub mod resolve;
@@ -29,6 +31,10 @@ pub enum ServeError {
     Method,
     #[error("not ready: {0}")]
     NotReady(String),
+    #[error("bad gateway: S3 and the archive both failed")]
+    BadGateway,
+    #[error("gateway timeout: S3 and the archive both failed")]
+    Timeout,
     #[error("internal: {0}")]
     Internal(String),
 }
@@ -41,6 +47,8 @@ impl ServeError {
             ServeError::Gone => StatusCode::GONE,
             ServeError::Method => StatusCode::METHOD_NOT_ALLOWED,
             ServeError::NotReady(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ServeError::BadGateway => StatusCode::BAD_GATEWAY,
+            ServeError::Timeout => StatusCode::GATEWAY_TIMEOUT,
             ServeError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }

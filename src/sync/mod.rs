@@ -150,7 +150,11 @@ async fn abort_orphans(ctx: &Ctx) {
 }
 
 /// The long-running sync: watcher + uploader until shutdown.
-pub async fn run(ctx: Arc<Ctx>, shutdown: CancellationToken) -> anyhow::Result<()> {
+pub async fn run(
+    ctx: Arc<Ctx>,
+    shutdown: CancellationToken,
+    started: Option<tokio::sync::oneshot::Sender<()>>,
+) -> anyhow::Result<()> {
     recover(&ctx).await?;
     let watcher = watch::Watcher {
         spool: ctx.spool.clone(),
@@ -160,6 +164,7 @@ pub async fn run(ctx: Arc<Ctx>, shutdown: CancellationToken) -> anyhow::Result<(
         ignore: IgnoreSet::new(&ctx.cfg.spool.ignore)?,
         catalog: ctx.catalog.clone(),
         wake: ctx.wake.clone(),
+        started,
     };
     let w = tokio::spawn(watcher.run(shutdown.clone()));
     let u = tokio::spawn(upload::run(ctx.clone(), shutdown.clone()));

@@ -329,7 +329,32 @@ impl Ctx {
         let key_str = row.key.clone();
         let gen = row.gen;
         let attempts = row.attempts;
+        let started = std::time::Instant::now();
         let outcome = self.attempt(&row).await;
+        let m = crate::telemetry::metrics();
+        match &outcome {
+            Attempt::Done => {
+                m.uploads.inc();
+                m.upload_bytes.inc_by(row.stat.size);
+                m.upload_seconds.observe(started.elapsed().as_secs_f64());
+            }
+            Attempt::Retry { class, error, .. } => {
+                let class = match class {
+                    Class::Transient => "transient",
+                    Class::Permanent => "permanent",
+                    Class::LocalFull => "local_full",
+                };
+                m.upload_failures
+                    .get_or_create(&crate::telemetry::ClassLabel {
+                        class: class.into(),
+                    })
+                    .inc();
+                if error.starts_with("verification failed") {
+                    m.verify_failures.inc();
+                }
+            }
+            _ => {}
+        }
         let settle_ms = self.cfg.spool.settle.0.as_millis() as i64;
         let res = match outcome {
             Attempt::Done | Attempt::Superseded => Ok(()),

@@ -35,6 +35,8 @@ pub struct Watcher {
     pub ignore: IgnoreSet,
     pub catalog: Catalog,
     pub wake: Arc<Notify>,
+    /// Told once the watch is set and the first scan done (systemd's READY=1 waits for it).
+    pub started: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
 /// What a scan found.
@@ -82,7 +84,7 @@ impl Watcher {
         Some(rel.to_path_buf())
     }
 
-    pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+    pub async fn run(mut self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let (tx, mut rx) = mpsc::unbounded_channel::<notify::Result<notify::Event>>();
         // Start the watch first, then scan: a file that appears in between is seen twice,
         // never missed.
@@ -96,6 +98,9 @@ impl Watcher {
         let mut pending: HashMap<PathBuf, Pending> = HashMap::new();
         let mut warned: HashSet<PathBuf> = HashSet::new();
         self.full_scan(&mut pending, &mut warned).await;
+        if let Some(tx) = self.started.take() {
+            let _ = tx.send(());
+        }
 
         let tick = (self.settle / 4).clamp(Duration::from_millis(20), Duration::from_millis(250));
         let mut ticker = tokio::time::interval(tick);

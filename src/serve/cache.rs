@@ -1,0 +1,359 @@
+//! The hot cache: popular objects kept on local disk under `cache.dir`, bounded by
+//! `cache.max_size`, evicted by frequency and recency (moka's TinyLFU: a scan of one-hit keys
+//! cannot flush the hot set), expiring after `cache.ttl`, and rebuilt from disk at start-up.
+//!
+//! An entry is two files named by the SHA-256 of its key: `<h>.data` (the bytes) and
+//! `<h>.json` (key, sha256, size, created). Data is written to a temp name and renamed in only
+//! after its size and SHA-256 match; an entry read back from disk after a restart is re-hashed
+//! before its first use, so a corrupted file is dropped and refetched, never served.
+//!
+//! Hotness (DESIGN.md "Hotness") lives here too: hits per key in a sliding window.
+
+use std::collections::VecDeque;
+use std::fs::{self, File};
+use std::io::{self, Read};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use moka::notification::RemovalCause;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Sidecar {
+    key: String,
+    sha256: String,
+    size: u64,
+    created_ms: u64,
+}
+
+#[derive(Debug)]
+pub struct Entry {
+    pub key: String,
+    pub sha256: String,
+    pub size: u64,
+    pub data: PathBuf,
+    json: PathBuf,
+    /// Entries loaded from disk are hashed once before they are trusted.
+    checked: AtomicBool,
+}
+
+pub struct HotCache {
+    dir: PathBuf,
+    index: moka::sync::Cache<String, Arc<Entry>>,
+    hits: moka::sync::Cache<String, Arc<Mutex<VecDeque<Instant>>>>,
+    hot_hits: u32,
+    window: Duration,
+    enabled: bool,
+}
+
+fn key_hash(key: &str) -> String {
+    hex::encode(Sha256::digest(key.as_bytes()))
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+pub fn sha256_file(path: &Path) -> io::Result<(u64, String)> {
+    let mut f = File::open(path)?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut n = 0u64;
+    loop {
+        let r = f.read(&mut buf)?;
+        if r == 0 {
+            break;
+        }
+        n += r as u64;
+        h.update(&buf[..r]);
+    }
+    Ok((n, hex::encode(h.finalize())))
+}
+
+impl HotCache {
+    /// Opens (creating) the cache directory and rebuilds the index from it. Blocking.
+    pub fn open(
+        dir: &Path,
+        max_size: u64,
+        ttl: Duration,
+        hot_hits: u32,
+        window: Duration,
+    ) -> io::Result<HotCache> {
+        let enabled = max_size > 0;
+        if enabled {
+            fs::create_dir_all(dir)?;
+        }
+        let index = moka::sync::Cache::builder()
+            .max_capacity(max_size.max(1))
+            // Weights are u32; anything over 4 GiB counts as 4 GiB (and rarely fits anyway).
+            .weigher(|_k: &String, e: &Arc<Entry>| e.size.min(u32::MAX as u64).max(1) as u32)
+            .time_to_live(ttl)
+            .eviction_listener(|_k: Arc<String>, e: Arc<Entry>, cause: RemovalCause| {
+                // Replaced entries were already renamed over; only drop files otherwise.
+                if cause != RemovalCause::Replaced {
+                    let _ = fs::remove_file(&e.data);
+                    let _ = fs::remove_file(&e.json);
+                    let m = crate::telemetry::metrics();
+                    m.cache_evictions.inc();
+                    m.cache_bytes.dec_by(e.size as i64);
+                }
+            })
+            .build();
+        let hits = moka::sync::Cache::builder()
+            .max_capacity(1_000_000)
+            .time_to_live(window)
+            .build();
+        let cache = HotCache {
+            dir: dir.to_path_buf(),
+            index,
+            hits,
+            hot_hits,
+            window,
+            enabled,
+        };
+        if enabled {
+            cache.rebuild()?;
+        }
+        Ok(cache)
+    }
+
+    pub fn enabled(&self) -> bool {
+        self.enabled
+    }
+
+    fn rebuild(&self) -> io::Result<()> {
+        for e in fs::read_dir(&self.dir)?.flatten() {
+            let p = e.path();
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.starts_with(".tmp") {
+                // A fill cut short by a stop.
+                let _ = fs::remove_file(&p);
+                continue;
+            }
+            if !name.ends_with(".json") {
+                continue;
+            }
+            let Ok(text) = fs::read_to_string(&p) else { continue };
+            let Ok(sc) = serde_json::from_str::<Sidecar>(&text) else {
+                let _ = fs::remove_file(&p);
+                continue;
+            };
+            let h = key_hash(&sc.key);
+            let data = self.dir.join(format!("{h}.data"));
+            let size_ok = fs::metadata(&data).map(|m| m.len() == sc.size).unwrap_or(false);
+            if !size_ok {
+                let _ = fs::remove_file(&data);
+                let _ = fs::remove_file(&p);
+                continue;
+            }
+            crate::telemetry::metrics().cache_bytes.inc_by(sc.size as i64);
+            self.index.insert(
+                sc.key.clone(),
+                Arc::new(Entry {
+                    key: sc.key,
+                    sha256: sc.sha256,
+                    size: sc.size,
+                    data,
+                    json: p,
+                    checked: AtomicBool::new(false),
+                }),
+            );
+        }
+        self.index.run_pending_tasks();
+        Ok(())
+    }
+
+    /// Counts one request for `key`; returns the count within the window (capped at
+    /// `hot_hits`, which is all anyone needs to know).
+    pub fn hit(&self, key: &str) -> u32 {
+        let w = self
+            .hits
+            .get_with(key.to_string(), || Arc::new(Mutex::new(VecDeque::new())));
+        let Ok(mut q) = w.lock() else { return 0 };
+        let now = Instant::now();
+        while q.front().is_some_and(|t| now.duration_since(*t) > self.window) {
+            q.pop_front();
+        }
+        q.push_back(now);
+        while q.len() > self.hot_hits as usize {
+            q.pop_front();
+        }
+        q.len() as u32
+    }
+
+    pub fn hot_hits(&self) -> u32 {
+        self.hot_hits
+    }
+
+    /// The entry for `key` if it holds exactly the bytes with `sha256`. Blocking (may hash a
+    /// file loaded from disk on its first use).
+    pub fn lookup(&self, key: &str, sha256: &str) -> Option<Arc<Entry>> {
+        if !self.enabled {
+            return None;
+        }
+        let e = self.index.get(key)?;
+        if e.sha256 != sha256 {
+            // An old version: never served; dropped so the new one can be cached.
+            self.index.invalidate(key);
+            return None;
+        }
+        if !e.checked.load(Ordering::Acquire) {
+            match sha256_file(&e.data) {
+                Ok((n, h)) if n == e.size && h == e.sha256 => {
+                    e.checked.store(true, Ordering::Release);
+                }
+                _ => {
+                    tracing::warn!(key, "hot cache entry is corrupt; dropped and refetched");
+                    self.index.invalidate(key);
+                    return None;
+                }
+            }
+        }
+        Some(e)
+    }
+
+    /// A temp path for a fill in progress.
+    pub fn temp_path(&self) -> PathBuf {
+        self.dir.join(format!(
+            ".tmp-{}-{}",
+            std::process::id(),
+            rand::random::<u64>()
+        ))
+    }
+
+    /// Admits a completely written temp file whose bytes were hashed during the fill. The
+    /// caller has already checked size and SHA-256 against the metadata.
+    pub fn admit(&self, key: &str, sha256: &str, size: u64, tmp: &Path) -> io::Result<()> {
+        if !self.enabled {
+            let _ = fs::remove_file(tmp);
+            return Ok(());
+        }
+        let h = key_hash(key);
+        let data = self.dir.join(format!("{h}.data"));
+        let json = self.dir.join(format!("{h}.json"));
+        fs::rename(tmp, &data)?;
+        let sc = Sidecar {
+            key: key.to_string(),
+            sha256: sha256.to_string(),
+            size,
+            created_ms: now_ms(),
+        };
+        let jtmp = self.temp_path();
+        fs::write(&jtmp, serde_json::to_vec(&sc).unwrap_or_default())?;
+        fs::rename(&jtmp, &json)?;
+        crate::telemetry::metrics().cache_bytes.inc_by(size as i64);
+        self.index.insert(
+            key.to_string(),
+            Arc::new(Entry {
+                key: key.to_string(),
+                sha256: sha256.to_string(),
+                size,
+                data,
+                json,
+                checked: AtomicBool::new(true),
+            }),
+        );
+        self.index.run_pending_tasks();
+        Ok(())
+    }
+
+    /// Drops `key` (deleted or replaced).
+    pub fn remove(&self, key: &str) {
+        self.index.invalidate(key);
+    }
+
+    /// Bytes held, after pending evictions are applied.
+    pub fn weighted_size(&self) -> u64 {
+        self.index.run_pending_tasks();
+        self.index.weighted_size()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fill(c: &HotCache, key: &str, bytes: &[u8]) {
+        let tmp = c.temp_path();
+        fs::write(&tmp, bytes).unwrap();
+        let sha = hex::encode(Sha256::digest(bytes));
+        c.admit(key, &sha, bytes.len() as u64, &tmp).unwrap();
+    }
+
+    #[test]
+    fn hotness_counts_within_window() {
+        let t = tempfile::tempdir().unwrap();
+        let c = HotCache::open(t.path(), 1 << 20, Duration::from_secs(60), 3, Duration::from_secs(60))
+            .unwrap();
+        assert_eq!(c.hit("a"), 1);
+        assert_eq!(c.hit("a"), 2);
+        assert_eq!(c.hit("a"), 3);
+        assert_eq!(c.hit("a"), 3, "capped at hot_hits");
+        assert_eq!(c.hit("b"), 1);
+    }
+
+    #[test]
+    fn survives_restart_and_detects_corruption() {
+        let t = tempfile::tempdir().unwrap();
+        let sha = hex::encode(Sha256::digest(b"hello"));
+        {
+            let c = HotCache::open(t.path(), 1 << 20, Duration::from_secs(60), 3, Duration::from_secs(60))
+                .unwrap();
+            fill(&c, "k", b"hello");
+            assert!(c.lookup("k", &sha).is_some());
+            assert!(c.lookup("k", "other").is_none(), "another version is never served");
+            fill(&c, "k", b"hello");
+        }
+        let c = HotCache::open(t.path(), 1 << 20, Duration::from_secs(60), 3, Duration::from_secs(60))
+            .unwrap();
+        let e = c.lookup("k", &sha).expect("rebuilt from disk");
+        assert_eq!(fs::read(&e.data).unwrap(), b"hello");
+        // Corrupt it on disk behind the cache's back, restart: detected, dropped.
+        fs::write(&e.data, b"jello").unwrap();
+        drop(c);
+        let c = HotCache::open(t.path(), 1 << 20, Duration::from_secs(60), 3, Duration::from_secs(60))
+            .unwrap();
+        assert!(c.lookup("k", &sha).is_none());
+    }
+
+    #[test]
+    fn bounded_and_scan_resistant() {
+        let t = tempfile::tempdir().unwrap();
+        let max = 100 * 1024u64;
+        let c = HotCache::open(t.path(), max, Duration::from_secs(600), 3, Duration::from_secs(60))
+            .unwrap();
+        let blob = vec![7u8; 10 * 1024];
+        // A hot set of 5 entries, used often.
+        for i in 0..5 {
+            fill(&c, &format!("hot{i}"), &blob);
+        }
+        let sha = hex::encode(Sha256::digest(&blob));
+        for _ in 0..20 {
+            for i in 0..5 {
+                assert!(c.lookup(&format!("hot{i}"), &sha).is_some());
+            }
+        }
+        // Twice the capacity of one-hit keys.
+        for i in 0..20 {
+            fill(&c, &format!("cold{i}"), &blob);
+        }
+        assert!(c.weighted_size() <= max, "{} > {max}", c.weighted_size());
+        let on_disk: u64 = fs::read_dir(t.path())
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".data"))
+            .map(|e| e.metadata().unwrap().len())
+            .sum();
+        assert!(on_disk <= max, "disk {on_disk} > {max}");
+        let kept = (0..5)
+            .filter(|i| c.lookup(&format!("hot{i}"), &sha).is_some())
+            .count();
+        assert_eq!(kept, 5, "the hot set survived the scan");
+    }
+}

@@ -1,0 +1,273 @@
+//! Fetching objects from S3 for proxying and for filling the hot cache: one GET per key at a
+//! time, written to a temp file that every waiter reads as it grows (so late joiners get the
+//! whole body), checked against the metadata's size and SHA-256, then admitted to the cache.
+
+use std::collections::HashMap;
+use std::io::{Read, Seek, SeekFrom};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::Stream;
+use sha2::{Digest, Sha256};
+use tokio::io::AsyncWriteExt;
+use tokio::sync::watch;
+
+use super::cache::HotCache;
+use crate::store::Store;
+
+/// Progress of one fill, published to its readers.
+#[derive(Debug, Clone, Default)]
+pub struct Progress {
+    /// The object's length, once S3 answered.
+    pub len: Option<u64>,
+    pub written: u64,
+    pub done: bool,
+    pub error: Option<String>,
+    pub timed_out: bool,
+}
+
+struct Fill {
+    path: PathBuf,
+    rx: watch::Receiver<Progress>,
+}
+
+pub struct Fetcher {
+    store: Store,
+    prefix: String,
+    cache: Arc<HotCache>,
+    tmp_dir: PathBuf,
+    inflight: Mutex<HashMap<String, Arc<Fill>>>,
+}
+
+/// How long S3 may take to start answering before the archive is tried.
+const FIRST_BYTE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a stalled body may sit without a byte.
+const STALL_TIMEOUT: Duration = Duration::from_secs(30);
+
+impl Fetcher {
+    pub fn new(store: Store, prefix: String, cache: Arc<HotCache>, tmp_dir: PathBuf) -> Fetcher {
+        Fetcher {
+            store,
+            prefix,
+            cache,
+            tmp_dir,
+            inflight: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Joins the fill in flight for `key`, or starts one. `admit` puts the finished, checked
+    /// bytes in the hot cache. Returns a reader positioned at the start of the body.
+    pub fn fetch(
+        self: &Arc<Self>,
+        key: &str,
+        sha256: Option<String>,
+        admit: bool,
+    ) -> std::io::Result<FillReader> {
+        let mut map = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(f) = map.get(key) {
+            // Opened under the lock: the fill cannot rename or unlink it before this.
+            let file = std::fs::File::open(&f.path)?;
+            return Ok(FillReader {
+                file,
+                rx: f.rx.clone(),
+                pos: 0,
+            });
+        }
+        std::fs::create_dir_all(&self.tmp_dir)?;
+        let path = self.tmp_dir.join(format!(
+            ".tmp-fill-{}-{}",
+            std::process::id(),
+            rand::random::<u64>()
+        ));
+        let file = std::fs::File::create(&path)?;
+        let reader_file = std::fs::File::open(&path)?;
+        let (tx, rx) = watch::channel(Progress::default());
+        map.insert(
+            key.to_string(),
+            Arc::new(Fill {
+                path: path.clone(),
+                rx: rx.clone(),
+            }),
+        );
+        drop(map);
+        let this = self.clone();
+        let key = key.to_string();
+        tokio::spawn(async move {
+            let outcome = this.run_fill(&key, file, &tx).await;
+            // New requests stop joining before the file moves or goes.
+            this.inflight
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&key);
+            match outcome {
+                Ok((n, sha)) => {
+                    let good = sha256.as_deref().is_none_or(|want| want == sha);
+                    if !good {
+                        tracing::warn!(key, "S3 returned bytes that do not match the catalog's SHA-256");
+                        tx.send_modify(|p| p.error = Some("checksum mismatch".into()));
+                        let _ = std::fs::remove_file(&path);
+                        return;
+                    }
+                    tx.send_modify(|p| {
+                        p.written = n;
+                        p.done = true;
+                    });
+                    let admitted = admit && sha256.is_some() && this.cache.enabled();
+                    if admitted {
+                        let (c, k, s, p) = (this.cache.clone(), key.clone(), sha, path.clone());
+                        let res =
+                            tokio::task::spawn_blocking(move || c.admit(&k, &s, n, &p)).await;
+                        if !matches!(res, Ok(Ok(()))) {
+                            tracing::warn!(key, "could not admit to the hot cache");
+                            let _ = std::fs::remove_file(&path);
+                        }
+                    } else {
+                        let _ = std::fs::remove_file(&path);
+                    }
+                }
+                Err((msg, timed_out)) => {
+                    tx.send_modify(|p| {
+                        p.error = Some(msg);
+                        p.timed_out = timed_out;
+                    });
+                    let _ = std::fs::remove_file(&path);
+                }
+            }
+        });
+        Ok(FillReader {
+            file: reader_file,
+            rx,
+            pos: 0,
+        })
+    }
+
+    async fn run_fill(
+        &self,
+        key: &str,
+        file: std::fs::File,
+        tx: &watch::Sender<Progress>,
+    ) -> Result<(u64, String), (String, bool)> {
+        let object_key = format!("{}{}", self.prefix, key);
+        let out = match tokio::time::timeout(FIRST_BYTE_TIMEOUT, self.store.get(&object_key, None))
+            .await
+        {
+            Ok(Ok(o)) => o,
+            Ok(Err(e)) => return Err((e.to_string(), false)),
+            Err(_) => return Err(("S3 did not answer in time".into(), true)),
+        };
+        let len = out.content_length().map(|n| n.max(0) as u64);
+        tx.send_modify(|p| p.len = len);
+        let mut body = out.body;
+        let mut f = tokio::fs::File::from_std(file);
+        let mut h = Sha256::new();
+        let mut n = 0u64;
+        loop {
+            let chunk = match tokio::time::timeout(STALL_TIMEOUT, body.try_next()).await {
+                Ok(Ok(Some(c))) => c,
+                Ok(Ok(None)) => break,
+                Ok(Err(e)) => return Err((format!("reading from S3: {e}"), false)),
+                Err(_) => return Err(("S3 stalled".into(), true)),
+            };
+            f.write_all(&chunk)
+                .await
+                .map_err(|e| (format!("writing cache temp file: {e}"), false))?;
+            // Readers may only read what is flushed to the file.
+            f.flush()
+                .await
+                .map_err(|e| (format!("writing cache temp file: {e}"), false))?;
+            h.update(&chunk);
+            n += chunk.len() as u64;
+            tx.send_modify(|p| p.written = n);
+        }
+        if let Some(l) = len {
+            if l != n {
+                return Err((format!("S3 sent {n} of {l} bytes"), false));
+            }
+        }
+        Ok((n, hex::encode(h.finalize())))
+    }
+}
+
+/// Reads a fill as it grows.
+pub struct FillReader {
+    file: std::fs::File,
+    rx: watch::Receiver<Progress>,
+    pos: u64,
+}
+
+pub enum Started {
+    /// S3 answered: the body length (when known) and a stream of the whole body.
+    Body(Option<u64>, FillReader),
+    /// S3 failed before a byte was written; `timed_out` distinguishes 504 from 502.
+    Failed { error: String, timed_out: bool },
+}
+
+impl FillReader {
+    /// Waits until S3 has answered (or failed).
+    pub async fn started(mut self) -> Started {
+        loop {
+            let p = self.rx.borrow_and_update().clone();
+            if let Some(e) = p.error {
+                if p.written == 0 {
+                    return Started::Failed {
+                        error: e,
+                        timed_out: p.timed_out,
+                    };
+                }
+            }
+            if p.len.is_some() || p.done || p.written > 0 {
+                return Started::Body(p.len, self);
+            }
+            if self.rx.changed().await.is_err() {
+                return Started::Failed {
+                    error: "fill stopped".into(),
+                    timed_out: false,
+                };
+            }
+        }
+    }
+
+    /// The body as a stream of chunks read from the temp file as it grows.
+    pub fn into_stream(self) -> impl Stream<Item = Result<Bytes, std::io::Error>> + Send {
+        futures_util::stream::unfold(self, |mut r| async move {
+            loop {
+                let p = r.rx.borrow_and_update().clone();
+                if p.written > r.pos {
+                    let want = (p.written - r.pos).min(256 * 1024) as usize;
+                    let pos = r.pos;
+                    let mut file = match r.file.try_clone() {
+                        Ok(f) => f,
+                        Err(e) => return Some((Err(e), r)),
+                    };
+                    let res = tokio::task::spawn_blocking(move || {
+                        let mut buf = vec![0u8; want];
+                        file.seek(SeekFrom::Start(pos))?;
+                        file.read_exact(&mut buf)?;
+                        Ok::<_, std::io::Error>(buf)
+                    })
+                    .await;
+                    return match res {
+                        Ok(Ok(buf)) => {
+                            r.pos += buf.len() as u64;
+                            Some((Ok(Bytes::from(buf)), r))
+                        }
+                        Ok(Err(e)) => Some((Err(e), r)),
+                        Err(e) => Some((Err(std::io::Error::other(e.to_string())), r)),
+                    };
+                }
+                if let Some(e) = p.error {
+                    // Headers are out; all that can be done is to cut the body short.
+                    return Some((Err(std::io::Error::other(e)), r));
+                }
+                if p.done {
+                    return None;
+                }
+                if r.rx.changed().await.is_err() {
+                    return None;
+                }
+            }
+        })
+    }
+}
