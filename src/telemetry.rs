@@ -84,11 +84,7 @@ impl Metrics {
         };
         let r = &mut m.registry;
         r.register("files", "Files in the catalog by state", m.files.clone());
-        r.register(
-            "uploads",
-            "Files uploaded and verified",
-            m.uploads.clone(),
-        );
+        r.register("uploads", "Files uploaded and verified", m.uploads.clone());
         r.register(
             "upload_bytes",
             "Bytes uploaded and verified",
@@ -121,7 +117,11 @@ impl Metrics {
         );
         r.register("cache_hits", "Hot-cache hits", m.cache_hits.clone());
         r.register("cache_misses", "Hot-cache misses", m.cache_misses.clone());
-        r.register("cache_bytes", "Bytes held by the hot cache", m.cache_bytes.clone());
+        r.register(
+            "cache_bytes",
+            "Bytes held by the hot cache",
+            m.cache_bytes.clone(),
+        );
         r.register(
             "cache_evictions",
             "Hot-cache entries evicted or expired",

@@ -38,6 +38,15 @@ pub struct Entry {
     json: PathBuf,
     /// Entries loaded from disk are hashed once before they are trusted.
     checked: AtomicBool,
+    /// (size, mtime ns, inode) of the data file when it was last known good: anything that
+    /// rewrites the file changes one of them, and the entry is hashed again.
+    seen: Mutex<Option<(u64, i64, u64)>>,
+}
+
+fn stat_of(p: &Path) -> Option<(u64, i64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    let m = fs::metadata(p).ok()?;
+    Some((m.len(), m.mtime() * 1_000_000_000 + m.mtime_nsec(), m.ino()))
 }
 
 pub struct HotCache {
@@ -139,20 +148,26 @@ impl HotCache {
             if !name.ends_with(".json") {
                 continue;
             }
-            let Ok(text) = fs::read_to_string(&p) else { continue };
+            let Ok(text) = fs::read_to_string(&p) else {
+                continue;
+            };
             let Ok(sc) = serde_json::from_str::<Sidecar>(&text) else {
                 let _ = fs::remove_file(&p);
                 continue;
             };
             let h = key_hash(&sc.key);
             let data = self.dir.join(format!("{h}.data"));
-            let size_ok = fs::metadata(&data).map(|m| m.len() == sc.size).unwrap_or(false);
+            let size_ok = fs::metadata(&data)
+                .map(|m| m.len() == sc.size)
+                .unwrap_or(false);
             if !size_ok {
                 let _ = fs::remove_file(&data);
                 let _ = fs::remove_file(&p);
                 continue;
             }
-            crate::telemetry::metrics().cache_bytes.inc_by(sc.size as i64);
+            crate::telemetry::metrics()
+                .cache_bytes
+                .inc_by(sc.size as i64);
             self.index.insert(
                 sc.key.clone(),
                 Arc::new(Entry {
@@ -162,6 +177,7 @@ impl HotCache {
                     data,
                     json: p,
                     checked: AtomicBool::new(false),
+                    seen: Mutex::new(None),
                 }),
             );
         }
@@ -177,7 +193,10 @@ impl HotCache {
             .get_with(key.to_string(), || Arc::new(Mutex::new(VecDeque::new())));
         let Ok(mut q) = w.lock() else { return 0 };
         let now = Instant::now();
-        while q.front().is_some_and(|t| now.duration_since(*t) > self.window) {
+        while q
+            .front()
+            .is_some_and(|t| now.duration_since(*t) > self.window)
+        {
             q.pop_front();
         }
         q.push_back(now);
@@ -203,10 +222,15 @@ impl HotCache {
             self.index.invalidate(key);
             return None;
         }
-        if !e.checked.load(Ordering::Acquire) {
+        let now = stat_of(&e.data);
+        let moved = e.seen.lock().map(|s| *s != now).unwrap_or(true);
+        if moved || !e.checked.load(Ordering::Acquire) {
             match sha256_file(&e.data) {
                 Ok((n, h)) if n == e.size && h == e.sha256 => {
                     e.checked.store(true, Ordering::Release);
+                    if let Ok(mut s) = e.seen.lock() {
+                        *s = now;
+                    }
                 }
                 _ => {
                     tracing::warn!(key, "hot cache entry is corrupt; dropped and refetched");
@@ -254,6 +278,7 @@ impl HotCache {
                 key: key.to_string(),
                 sha256: sha256.to_string(),
                 size,
+                seen: Mutex::new(stat_of(&data)),
                 data,
                 json,
                 checked: AtomicBool::new(true),
@@ -289,8 +314,14 @@ mod tests {
     #[test]
     fn hotness_counts_within_window() {
         let t = tempfile::tempdir().unwrap();
-        let c = HotCache::open(t.path(), 1 << 20, Duration::from_secs(60), 3, Duration::from_secs(60))
-            .unwrap();
+        let c = HotCache::open(
+            t.path(),
+            1 << 20,
+            Duration::from_secs(60),
+            3,
+            Duration::from_secs(60),
+        )
+        .unwrap();
         assert_eq!(c.hit("a"), 1);
         assert_eq!(c.hit("a"), 2);
         assert_eq!(c.hit("a"), 3);
@@ -303,22 +334,48 @@ mod tests {
         let t = tempfile::tempdir().unwrap();
         let sha = hex::encode(Sha256::digest(b"hello"));
         {
-            let c = HotCache::open(t.path(), 1 << 20, Duration::from_secs(60), 3, Duration::from_secs(60))
-                .unwrap();
+            let c = HotCache::open(
+                t.path(),
+                1 << 20,
+                Duration::from_secs(60),
+                3,
+                Duration::from_secs(60),
+            )
+            .unwrap();
             fill(&c, "k", b"hello");
             assert!(c.lookup("k", &sha).is_some());
-            assert!(c.lookup("k", "other").is_none(), "another version is never served");
+            assert!(
+                c.lookup("k", "other").is_none(),
+                "another version is never served"
+            );
             fill(&c, "k", b"hello");
         }
-        let c = HotCache::open(t.path(), 1 << 20, Duration::from_secs(60), 3, Duration::from_secs(60))
-            .unwrap();
+        let c = HotCache::open(
+            t.path(),
+            1 << 20,
+            Duration::from_secs(60),
+            3,
+            Duration::from_secs(60),
+        )
+        .unwrap();
         let e = c.lookup("k", &sha).expect("rebuilt from disk");
         assert_eq!(fs::read(&e.data).unwrap(), b"hello");
-        // Corrupt it on disk behind the cache's back, restart: detected, dropped.
+        // Overwritten behind the cache's back while running: detected, dropped.
         fs::write(&e.data, b"jello").unwrap();
+        assert!(c.lookup("k", &sha).is_none());
+        fill(&c, "k", b"hello");
+        let e = c.lookup("k", &sha).unwrap();
+        // Corrupted on disk while stopped (same size): detected at first use after restart.
         drop(c);
-        let c = HotCache::open(t.path(), 1 << 20, Duration::from_secs(60), 3, Duration::from_secs(60))
-            .unwrap();
+        fs::write(&e.data, b"jello").unwrap();
+        let c = HotCache::open(
+            t.path(),
+            1 << 20,
+            Duration::from_secs(60),
+            3,
+            Duration::from_secs(60),
+        )
+        .unwrap();
         assert!(c.lookup("k", &sha).is_none());
     }
 
@@ -326,8 +383,14 @@ mod tests {
     fn bounded_and_scan_resistant() {
         let t = tempfile::tempdir().unwrap();
         let max = 100 * 1024u64;
-        let c = HotCache::open(t.path(), max, Duration::from_secs(600), 3, Duration::from_secs(60))
-            .unwrap();
+        let c = HotCache::open(
+            t.path(),
+            max,
+            Duration::from_secs(600),
+            3,
+            Duration::from_secs(60),
+        )
+        .unwrap();
         let blob = vec![7u8; 10 * 1024];
         // A hot set of 5 entries, used often.
         for i in 0..5 {

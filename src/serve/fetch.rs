@@ -105,7 +105,10 @@ impl Fetcher {
                 Ok((n, sha)) => {
                     let good = sha256.as_deref().is_none_or(|want| want == sha);
                     if !good {
-                        tracing::warn!(key, "S3 returned bytes that do not match the catalog's SHA-256");
+                        tracing::warn!(
+                            key,
+                            "S3 returned bytes that do not match the catalog's SHA-256"
+                        );
                         tx.send_modify(|p| p.error = Some("checksum mismatch".into()));
                         let _ = std::fs::remove_file(&path);
                         return;
@@ -117,8 +120,7 @@ impl Fetcher {
                     let admitted = admit && sha256.is_some() && this.cache.enabled();
                     if admitted {
                         let (c, k, s, p) = (this.cache.clone(), key.clone(), sha, path.clone());
-                        let res =
-                            tokio::task::spawn_blocking(move || c.admit(&k, &s, n, &p)).await;
+                        let res = tokio::task::spawn_blocking(move || c.admit(&k, &s, n, &p)).await;
                         if !matches!(res, Ok(Ok(()))) {
                             tracing::warn!(key, "could not admit to the hot cache");
                             let _ = std::fs::remove_file(&path);

@@ -176,7 +176,7 @@ impl Resolver {
             Where::Unknown => return Err(ServeError::NotFound),
             // The catalog knows it but S3 does not hold it, and the spool has no copy (the
             // app removed it): the archive may still.
-            Where::NotInS3 => return self.from_archive(&key, method, headers).await,
+            Where::NotInS3 => return self.serve_archive(&key, method, headers).await,
             Where::InS3 => {}
         }
 
@@ -203,9 +203,7 @@ impl Resolver {
                 }
             }
         }
-        let hot = self.cache.enabled()
-            && meta.sha256.is_some()
-            && count >= self.cache.hot_hits();
+        let hot = self.cache.enabled() && meta.sha256.is_some() && count >= self.cache.hot_hits();
         if self.cache.enabled() {
             crate::telemetry::metrics().cache_misses.inc();
         }
@@ -245,7 +243,7 @@ impl Resolver {
             }
             Started::Failed { error, timed_out } => {
                 tracing::warn!(key = %key, error = %error, "S3 fetch failed; trying the archive");
-                match self.from_archive(&key, method, headers).await {
+                match self.serve_archive(&key, method, headers).await {
                     Ok(r) => Ok(r),
                     Err(_) if timed_out => Err(ServeError::Timeout),
                     Err(_) => Err(ServeError::BadGateway),
@@ -293,7 +291,7 @@ impl Resolver {
             Err(e) => {
                 tracing::warn!(key = %key, error = %e, "S3 range GET failed; trying the archive");
                 return self
-                    .from_archive(key, method, headers)
+                    .serve_archive(key, method, headers)
                     .await
                     .map_err(|_| ServeError::BadGateway);
             }
@@ -307,12 +305,18 @@ impl Resolver {
         }
         let h = r.headers_mut();
         h.insert("x-ferry-source", HeaderValue::from_static("s3"));
-        h.insert(http::header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+        h.insert(
+            http::header::ACCEPT_RANGES,
+            HeaderValue::from_static("bytes"),
+        );
         if let Some(cr) = content_range.and_then(|c| HeaderValue::from_str(&c).ok()) {
             h.insert(http::header::CONTENT_RANGE, cr);
         }
         if let Some(n) = len {
-            h.insert(http::header::CONTENT_LENGTH, HeaderValue::from(n.max(0) as u64));
+            h.insert(
+                http::header::CONTENT_LENGTH,
+                HeaderValue::from(n.max(0) as u64),
+            );
         }
         let ct = crate::sync::upload::content_type(key.as_str());
         if let Ok(v) = HeaderValue::from_str(&ct) {
@@ -322,7 +326,7 @@ impl Resolver {
     }
 
     /// The archive copy: the local archive dir, or the archive file server.
-    async fn from_archive(
+    async fn serve_archive(
         &self,
         key: &Key,
         method: &Method,
@@ -495,7 +499,11 @@ impl FallbackClient {
         // SECURITY: built from config and the validated, percent-encoded key only.
         let url = format!("{}{}", self.base, key.encoded_object_path(""));
         let mut req = http::Request::builder().method(method.clone()).uri(&url);
-        for h in [http::header::RANGE, http::header::IF_NONE_MATCH, http::header::IF_MODIFIED_SINCE] {
+        for h in [
+            http::header::RANGE,
+            http::header::IF_NONE_MATCH,
+            http::header::IF_MODIFIED_SINCE,
+        ] {
             if let Some(v) = headers.get(&h) {
                 req = req.header(h, v.clone());
             }
@@ -503,14 +511,15 @@ impl FallbackClient {
         let req = req
             .body(http_body_util::Empty::new())
             .map_err(|e| ServeError::Internal(format!("fallback request: {e}")))?;
-        let resp = match tokio::time::timeout(Duration::from_secs(10), self.client.request(req)).await {
-            Ok(Ok(r)) => r,
-            Ok(Err(e)) => {
-                tracing::warn!(url, error = %e, "archive file server failed");
-                return Err(ServeError::BadGateway);
-            }
-            Err(_) => return Err(ServeError::Timeout),
-        };
+        let resp =
+            match tokio::time::timeout(Duration::from_secs(10), self.client.request(req)).await {
+                Ok(Ok(r)) => r,
+                Ok(Err(e)) => {
+                    tracing::warn!(url, error = %e, "archive file server failed");
+                    return Err(ServeError::BadGateway);
+                }
+                Err(_) => return Err(ServeError::Timeout),
+            };
         let status = resp.status();
         if !(status.is_success() || status == StatusCode::NOT_MODIFIED) {
             return Err(if status == StatusCode::NOT_FOUND {

@@ -410,6 +410,10 @@ pub struct FaultProxy {
     pub corrupted: Arc<AtomicUsize>,
     /// Delay per forwarded client chunk, in ms.
     pub delay_ms: Arc<AtomicUsize>,
+    /// Delay per forwarded server chunk, in ms (slow downloads).
+    pub down_delay_ms: Arc<AtomicUsize>,
+    /// Request lines seen ("GET /bucket/key HTTP/1.1"), to count what reached S3.
+    pub requests: Arc<Mutex<Vec<String>>>,
 }
 
 impl FaultProxy {
@@ -419,7 +423,10 @@ impl FaultProxy {
         let corrupt_left = Arc::new(AtomicUsize::new(0));
         let corrupted = Arc::new(AtomicUsize::new(0));
         let delay_ms = Arc::new(AtomicUsize::new(0));
+        let down_delay_ms = Arc::new(AtomicUsize::new(0));
+        let requests = Arc::new(Mutex::new(Vec::new()));
         let (cl, cd, dm) = (corrupt_left.clone(), corrupted.clone(), delay_ms.clone());
+        let (ddm, reqs) = (down_delay_ms.clone(), requests.clone());
         std::thread::spawn(move || {
             for conn in l.incoming() {
                 let Ok(client) = conn else { continue };
@@ -427,11 +434,25 @@ impl FaultProxy {
                     continue;
                 };
                 let (c2, s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
-                let (cl, cd, dm) = (cl.clone(), cd.clone(), dm.clone());
-                std::thread::spawn(move || pump_up(client, server, cl, cd, dm));
+                let (cl, cd, dm, reqs) = (cl.clone(), cd.clone(), dm.clone(), reqs.clone());
+                std::thread::spawn(move || pump_up(client, server, cl, cd, dm, reqs));
+                let ddm = ddm.clone();
                 std::thread::spawn(move || {
                     let (mut s, mut c) = (s2, c2);
-                    let _ = std::io::copy(&mut s, &mut c);
+                    let mut buf = vec![0u8; 64 * 1024];
+                    loop {
+                        let n = match s.read(&mut buf) {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => n,
+                        };
+                        let d = ddm.load(Ordering::Relaxed);
+                        if d > 0 {
+                            std::thread::sleep(Duration::from_millis(d as u64));
+                        }
+                        if c.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                    }
                     let _ = c.shutdown(std::net::Shutdown::Both);
                 });
             }
@@ -441,11 +462,23 @@ impl FaultProxy {
             corrupt_left,
             corrupted,
             delay_ms,
+            down_delay_ms,
+            requests,
         }
     }
 
     pub fn endpoint(&self) -> String {
         format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// How many requests with this method reached the server for a path containing `needle`.
+    pub fn count(&self, method: &str, needle: &str) -> usize {
+        self.requests
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| l.starts_with(&format!("{method} ")) && l.contains(needle))
+            .count()
     }
 }
 
@@ -457,6 +490,7 @@ fn pump_up(
     corrupt_left: Arc<AtomicUsize>,
     corrupted: Arc<AtomicUsize>,
     delay_ms: Arc<AtomicUsize>,
+    requests: Arc<Mutex<Vec<String>>>,
 ) {
     let mut buf = vec![0u8; 64 * 1024];
     let mut window: Vec<u8> = Vec::new();
@@ -474,7 +508,11 @@ fn pump_up(
         } else {
             window.extend_from_slice(chunk);
             if let Some(end) = window.windows(4).position(|w| w == b"\r\n\r\n") {
-                let head = String::from_utf8_lossy(&window[..end]).to_ascii_lowercase();
+                let raw_head = String::from_utf8_lossy(&window[..end]).into_owned();
+                if let Some(line) = raw_head.lines().next() {
+                    requests.lock().unwrap().push(line.to_string());
+                }
+                let head = raw_head.to_ascii_lowercase();
                 let is_put = head.starts_with("put ");
                 let has_body = head
                     .lines()

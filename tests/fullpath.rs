@@ -1,0 +1,289 @@
+//! The full serve path end to end: hot cache, proxy mode with coalesced fetches, archive
+//! fallback (local and `fallback_url`), deletion (410) across nodes, S3 HEAD for unknown keys.
+
+mod common;
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+fn get(addr: std::net::SocketAddr, path: &str) -> RawResponse {
+    raw_request(addr, "GET", path.as_bytes(), &[])
+}
+
+fn blob(seed: u8, len: usize) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect()
+}
+
+/// Uploads `files` with `sync --once` and returns the env (catalog knows them as archived).
+fn uploaded(s3: &S3, files: &[(&str, &[u8])], extra: &[(&str, &str)]) -> Env {
+    let mut env = Env::for_s3(s3);
+    for (k, v) in extra {
+        env.set(k, v);
+    }
+    for (k, b) in files {
+        env.drop_file(k, b);
+    }
+    let (code, _, err) = env.run(&["sync", "--once"]);
+    assert_eq!(code, 0, "{err}");
+    env
+}
+
+#[test]
+fn hot_threshold_then_cache_and_still_cached_after_restart() {
+    let t = tempfile::tempdir().unwrap();
+    let s3 = S3::start(t.path());
+    let bytes = blob(1, 100_000);
+    let env = uploaded(
+        &s3,
+        &[("hot.jpg", &bytes)],
+        &[("FERRY_CACHE_HOT_HITS", "3")],
+    );
+    let mut d = env.spawn(&["serve"]);
+    let addr = d.addr();
+    for i in 1..3 {
+        let r = get(addr, "/static/hot.jpg");
+        assert_eq!(r.status, 302, "request {i} is below the threshold");
+        assert_eq!(r.header("x-ferry-source"), Some("redirect"));
+    }
+    let r = get(addr, "/static/hot.jpg");
+    assert_eq!(r.status, 200, "the request reaching hot_hits fetches");
+    assert_eq!(r.header("x-ferry-source"), Some("s3"));
+    assert_eq!(r.body, bytes);
+    wait_for(
+        Duration::from_secs(10),
+        "the cache to hold the entry",
+        || get(addr, "/static/hot.jpg").header("x-ferry-source") == Some("cache"),
+    );
+    let r = get(addr, "/static/hot.jpg");
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("x-ferry-source"), Some("cache"));
+    assert_eq!(r.body, bytes);
+    // Ranges work on cache hits too.
+    let r = raw_request(addr, "GET", b"/static/hot.jpg", &[("Range", "bytes=10-19")]);
+    assert_eq!(r.status, 206);
+    assert_eq!(r.body, &bytes[10..20]);
+    // The cache's copy is byte-identical to S3's.
+    let cached: Vec<_> = walk(&env.dir.path().join("cache"))
+        .into_iter()
+        .filter(|p| p.extension().is_some_and(|e| e == "data"))
+        .collect();
+    assert_eq!(cached.len(), 1);
+    assert_eq!(
+        std::fs::read(&cached[0]).unwrap(),
+        std::fs::read(s3.object_path("hot.jpg")).unwrap()
+    );
+
+    assert_eq!(d.terminate(), Some(0));
+    let d = env.spawn(&["serve"]);
+    let r = get(d.addr(), "/static/hot.jpg");
+    assert_eq!(
+        r.header("x-ferry-source"),
+        Some("cache"),
+        "still cached after a restart"
+    );
+    assert_eq!(r.body, bytes);
+}
+
+#[test]
+fn corrupted_cache_entry_is_refetched_never_served() {
+    let t = tempfile::tempdir().unwrap();
+    let s3 = S3::start(t.path());
+    let bytes = blob(2, 50_000);
+    let env = uploaded(&s3, &[("c.jpg", &bytes)], &[("FERRY_CACHE_HOT_HITS", "1")]);
+    let d = env.spawn(&["serve"]);
+    let addr = d.addr();
+    assert_eq!(
+        get(addr, "/static/c.jpg").header("x-ferry-source"),
+        Some("s3")
+    );
+    wait_for(Duration::from_secs(10), "cached", || {
+        get(addr, "/static/c.jpg").header("x-ferry-source") == Some("cache")
+    });
+    let data = walk(&env.dir.path().join("cache"))
+        .into_iter()
+        .find(|p| p.extension().is_some_and(|e| e == "data"))
+        .unwrap();
+    let mut bad = bytes.clone();
+    bad[100] ^= 0xff;
+    std::fs::write(&data, &bad).unwrap();
+    let r = get(addr, "/static/c.jpg");
+    assert_eq!(r.body, bytes, "never the corrupted bytes");
+    assert_ne!(r.header("x-ferry-source"), Some("cache"));
+}
+
+#[test]
+fn concurrent_first_requests_share_one_s3_get() {
+    let t = tempfile::tempdir().unwrap();
+    let s3 = S3::start(t.path());
+    let proxy = FaultProxy::start(s3.port);
+    let bytes = blob(3, 1 << 20);
+    let mut env = uploaded(&s3, &[("one.bin", &bytes)], &[]);
+    env.set("FERRY_S3_ENDPOINT", &proxy.endpoint());
+    env.set("FERRY_HTTP_MODE", "proxy");
+    // A slow download keeps the fetch open while all 50 requests arrive.
+    proxy
+        .down_delay_ms
+        .store(30, std::sync::atomic::Ordering::SeqCst);
+    let d = env.spawn(&["serve"]);
+    let addr = d.addr();
+    let handles: Vec<_> = (0..50)
+        .map(|_| std::thread::spawn(move || get(addr, "/static/one.bin")))
+        .collect();
+    for h in handles {
+        let r = h.join().unwrap();
+        assert_eq!(r.status, 200);
+        assert_eq!(r.header("x-ferry-source"), Some("s3"));
+        assert_eq!(r.body.len(), bytes.len());
+        assert!(r.body == bytes);
+    }
+    assert_eq!(
+        proxy.count("GET", "/one.bin"),
+        1,
+        "{:?}",
+        proxy.requests.lock().unwrap()
+    );
+}
+
+#[test]
+fn s3_down_serves_the_archive_copy_locally_and_from_fallback_url() {
+    let t = tempfile::tempdir().unwrap();
+    let mut s3 = S3::start(t.path());
+    let a = blob(4, 30_000);
+    let b = blob(5, 40_000);
+    let env = uploaded(
+        &s3,
+        &[("a.jpg", &a), ("sub/b.jpg", &b)],
+        &[("FERRY_HTTP_MODE", "proxy")],
+    );
+    s3.down();
+    let d = env.spawn(&["serve"]);
+    let r = get(d.addr(), "/static/a.jpg");
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("x-ferry-source"), Some("archive"));
+    assert_eq!(r.body, a);
+    drop(d);
+
+    // The archive on another box: a plain HTTP file server over the archive dir.
+    let port = free_port();
+    let mut server = Command::new("python3")
+        .args([
+            "-m",
+            "http.server",
+            "--bind",
+            "127.0.0.1",
+            &port.to_string(),
+        ])
+        .current_dir(env.archive())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("python3 -m http.server");
+    wait_for(Duration::from_secs(10), "file server", || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+    });
+    let mut env2 = Env::for_s3(&s3);
+    env2.set("FERRY_HTTP_MODE", "proxy");
+    env2.set(
+        "FERRY_HTTP_FALLBACK_URL",
+        &format!("http://127.0.0.1:{port}/"),
+    );
+    env2.set(
+        "FERRY_CATALOG_PATH",
+        &env.dir.path().join("ferry.db").to_string_lossy(),
+    );
+    let d2 = env2.spawn(&["serve"]);
+    let r = get(d2.addr(), "/static/sub/b.jpg");
+    let _ = server.kill();
+    let _ = server.wait();
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("x-ferry-source"), Some("archive"));
+    assert_eq!(r.body, b);
+}
+
+#[test]
+fn hot_key_with_s3_down_falls_back_to_archive() {
+    let t = tempfile::tempdir().unwrap();
+    let mut s3 = S3::start(t.path());
+    let a = blob(6, 20_000);
+    let env = uploaded(&s3, &[("h.jpg", &a)], &[("FERRY_CACHE_HOT_HITS", "1")]);
+    s3.down();
+    let d = env.spawn(&["serve"]);
+    let r = get(d.addr(), "/static/h.jpg");
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("x-ferry-source"), Some("archive"));
+    assert_eq!(r.body, a);
+}
+
+#[test]
+fn delete_answers_410_here_at_once_and_elsewhere_within_ttl() {
+    let t = tempfile::tempdir().unwrap();
+    let s3 = S3::start(t.path());
+    let a = blob(7, 10_000);
+    let env = uploaded(&s3, &[("gone.jpg", &a)], &[]);
+    let d = env.spawn(&["serve"]);
+    assert_eq!(get(d.addr(), "/static/gone.jpg").status, 302);
+
+    // Another node with its own (empty) catalog learns the key from S3.
+    let mut other = Env::for_s3(&s3);
+    other.set("FERRY_HTTP_METADATA_TTL", "2s");
+    let d2 = other.spawn(&["serve"]);
+    let r = get(d2.addr(), "/static/gone.jpg");
+    assert_eq!(r.status, 302, "known through S3 HEAD");
+
+    let (code, out, err) = env.run(&["delete", "gone.jpg"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let start = Instant::now();
+    wait_for(Duration::from_secs(1), "410 on this host", || {
+        get(d.addr(), "/static/gone.jpg").status == 410
+    });
+    let here = start.elapsed();
+    wait_for(Duration::from_secs(5), "410 on the other node", || {
+        get(d2.addr(), "/static/gone.jpg").status == 410
+    });
+    assert!(here <= Duration::from_secs(1));
+    // The bytes are gone from S3; the archive copy stays.
+    assert_eq!(
+        std::fs::metadata(s3.object_path("gone.jpg")).unwrap().len(),
+        0
+    );
+    assert_eq!(std::fs::read(env.archive().join("gone.jpg")).unwrap(), a);
+    assert_eq!(get(d.addr(), "/static/never.jpg").status, 404);
+}
+
+#[test]
+fn unknown_key_with_s3_unreachable_is_503() {
+    let t = tempfile::tempdir().unwrap();
+    let mut s3 = S3::start(t.path());
+    let env = Env::for_s3(&s3);
+    s3.down();
+    let d = env.spawn(&["serve"]);
+    let r = get(d.addr(), "/static/who.jpg");
+    assert_eq!(r.status, 503);
+    assert!(r.header("retry-after").is_some());
+    assert_eq!(r.header("x-ferry-source"), None);
+}
+
+#[test]
+fn proxy_mode_passes_ranges_through() {
+    let t = tempfile::tempdir().unwrap();
+    let s3 = S3::start(t.path());
+    let a = blob(8, 5000);
+    let env = uploaded(&s3, &[("r.jpg", &a)], &[("FERRY_HTTP_MODE", "proxy")]);
+    let d = env.spawn(&["serve"]);
+    let r = raw_request(
+        d.addr(),
+        "GET",
+        b"/static/r.jpg",
+        &[("Range", "bytes=100-199")],
+    );
+    assert_eq!(r.status, 206);
+    assert_eq!(r.header("x-ferry-source"), Some("s3"));
+    assert_eq!(r.body, &a[100..200]);
+    let r = get(d.addr(), "/static/r.jpg");
+    assert_eq!(r.status, 200);
+    assert_eq!(r.body, a);
+}
