@@ -310,6 +310,34 @@ pub async fn check_config(cfg: Config, write_probe: bool) -> anyhow::Result<bool
     Ok(ok)
 }
 
+/// `ferry verify [--repair]`: prints findings; returns whether everything is consistent.
+pub async fn verify(cfg: Config, repair: bool, json: bool) -> anyhow::Result<bool> {
+    let cfg = Arc::new(cfg);
+    let (catalog, store) = open(&cfg).await?;
+    let ctx = sync::context(cfg.clone(), catalog, store)?;
+    let report = sync::reconcile::run(ctx, repair).await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        println!(
+            "checked {} uploaded file(s); {} finding(s); {} object(s) under the prefix unknown to this catalog",
+            report.checked,
+            report.findings.len(),
+            report.unknown_objects
+        );
+        for f in &report.findings {
+            match &f.repair {
+                Some(r) => println!("  {}: {} -> {}", f.key, f.problem, r),
+                None => println!("  {}: {}", f.key, f.problem),
+            }
+        }
+        if report.unresolved > 0 && !repair {
+            println!("run `ferry verify --repair` to re-upload from the archive");
+        }
+    }
+    Ok(report.unresolved == 0)
+}
+
 /// `ferry delete KEY`: tombstone in the catalog and an empty marker object in S3, so every
 /// node answers 410. The archive copy stays.
 pub async fn delete(cfg: Config, key: &str) -> anyhow::Result<()> {

@@ -47,6 +47,13 @@ enum Cmd {
         #[arg(long)]
         write_probe: bool,
     },
+    /// Reconcile catalog, bucket and archive; --repair re-uploads what S3 lacks.
+    Verify {
+        #[arg(long)]
+        repair: bool,
+        #[arg(long)]
+        json: bool,
+    },
     /// Tombstone a key: served as 410; the archive copy stays.
     Delete { key: String },
 }
@@ -72,23 +79,27 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let res: anyhow::Result<u8> = rt.block_on(async move {
-        match cli.cmd {
-            Cmd::Run => ferry::app::run(cfg, true, true).await.map(|_| 0),
-            Cmd::Sync { once: false, .. } => ferry::app::run(cfg, true, false).await.map(|_| 0),
-            Cmd::Sync {
-                once: true,
-                timeout,
-            } => ferry::app::sync_once(cfg, timeout.0).await.map(|c| c as u8),
-            Cmd::Serve => ferry::app::run(cfg, false, true).await.map(|_| 0),
-            Cmd::Route => ferry::app::route(cfg).await.map(|_| 0),
-            Cmd::Status { json } => ferry::app::status(cfg, json).await.map(|_| 0),
-            Cmd::CheckConfig { write_probe } => ferry::app::check_config(cfg, write_probe)
-                .await
-                .map(|ok| if ok { 0 } else { 1 }),
-            Cmd::Delete { key } => ferry::app::delete(cfg, &key).await.map(|_| 0),
-        }
-    });
+    let res: anyhow::Result<u8> =
+        rt.block_on(async move {
+            match cli.cmd {
+                Cmd::Run => ferry::app::run(cfg, true, true).await.map(|_| 0),
+                Cmd::Sync { once: false, .. } => ferry::app::run(cfg, true, false).await.map(|_| 0),
+                Cmd::Sync {
+                    once: true,
+                    timeout,
+                } => ferry::app::sync_once(cfg, timeout.0).await.map(|c| c as u8),
+                Cmd::Serve => ferry::app::run(cfg, false, true).await.map(|_| 0),
+                Cmd::Route => ferry::app::route(cfg).await.map(|_| 0),
+                Cmd::Status { json } => ferry::app::status(cfg, json).await.map(|_| 0),
+                Cmd::CheckConfig { write_probe } => ferry::app::check_config(cfg, write_probe)
+                    .await
+                    .map(|ok| if ok { 0 } else { 1 }),
+                Cmd::Verify { repair, json } => ferry::app::verify(cfg, repair, json)
+                    .await
+                    .map(|ok| if ok { 0 } else { 1 }),
+                Cmd::Delete { key } => ferry::app::delete(cfg, &key).await.map(|_| 0),
+            }
+        });
     match res {
         Ok(code) => ExitCode::from(code),
         Err(e) => {

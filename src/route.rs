@@ -1,12 +1,938 @@
 //! The hash router (`ferry route`): ranks backends per request by rendezvous hashing of the
 //! Host (or first path segment), health-checks them, proxies, and fails over.
+//!
+//! Why rendezvous hashing: each key ranks every backend by `weight(backend, key)`, so a dead
+//! backend's keys go to their second choice and nobody else's move; when it heals, the same
+//! keys come back. That keeps each site's hot objects in one node's cache (DESIGN.md
+//! "Hotness"). The weights come from SHA-256, never from a seeded hasher, so every router
+//! process, on every machine and after every restart, ranks alike.
+//!
+//! Health: every backend starts up. A `/healthz` probe every `router.health_interval` marks
+//! it down after 2 failures in a row and up after 2 successes in a row. A connect error
+//! while proxying marks it down at once, and a GET/HEAD without a body is retried once on the
+//! next-ranked healthy backend, so clients do not see the failover.
 
+use std::convert::Infallible;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{self, HeaderName, HeaderValue};
+use http::uri::{Authority, Uri};
+use http::{HeaderMap, Method, Request, Response, StatusCode};
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Empty, Full, Limited};
+use hyper::body::{Body as _, Incoming};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use sha2::{Digest, Sha256};
+use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
 
+/// The body type on both sides of the proxy: a client's or backend's stream, or our own text.
+pub type Body = UnsyncBoxBody<Bytes, hyper::Error>;
+
+/// The router's own endpoints live under this prefix; everything else is proxied, including
+/// `/healthz`, which belongs to the nodes.
+const OWN_PREFIX: &str = "/-/router/";
+/// A client that has not sent its headers by then is holding a connection for nothing.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// Connections get this long to finish after shutdown starts.
+const DRAIN: Duration = Duration::from_secs(10);
+/// A backend that accepts no connection by then is treated as unreachable (failover).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// A backend that sends no response headers by then gets the client a 504. Generous: a node
+/// may be fetching from S3 before it answers.
+const RESPONSE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Consecutive probe results needed to change a backend's state.
+const FLIP_AFTER: u32 = 2;
+/// Below this, probes would be a load of their own (and a zero interval cannot tick).
+const MIN_HEALTH_INTERVAL: Duration = Duration::from_millis(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum RouteError {
+    #[error("router.backends: must list at least one backend")]
+    NoBackends,
+    #[error("router.backends: {backend:?} {reason}")]
+    Backend {
+        backend: String,
+        reason: &'static str,
+    },
+    #[error("router.hash: {0:?} must be \"host\" or \"path\"")]
+    Hash(String),
+    #[error("router.health_interval: {0:?} is too short (at least 10ms)")]
+    HealthInterval(Duration),
+    #[error("router.listen: {addr:?} is not an address like 127.0.0.1:8000")]
+    ListenAddr { addr: String },
+    #[error("router.listen {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// What a request is ranked by.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HashBy {
+    /// The Host header, lower-cased, without port: one site, one node.
+    Host,
+    /// The first path segment after `http.mount` (`/static/<blog>/...`): for sites that
+    /// share one Host.
+    Path,
+}
+
+impl HashBy {
+    pub fn parse(s: &str) -> Result<HashBy, RouteError> {
+        match s {
+            "host" => Ok(HashBy::Host),
+            "path" => Ok(HashBy::Path),
+            other => Err(RouteError::Hash(other.to_string())),
+        }
+    }
+}
+
+/// The rendezvous weight of `backend` for `key`: the first 8 bytes of
+/// SHA-256(backend + "\0" + key). The NUL keeps ("ab", "c") and ("a", "bc") apart.
+pub fn weight(backend: &str, key: &str) -> u64 {
+    let mut h = Sha256::new();
+    h.update(backend.as_bytes());
+    h.update([0u8]);
+    h.update(key.as_bytes());
+    let digest = h.finalize();
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&digest[..8]);
+    u64::from_be_bytes(first)
+}
+
+/// Indices into `backends`, best first, for `key`.
+pub fn rank_indices(backends: &[String], key: &str) -> Vec<usize> {
+    let mut w: Vec<(u64, usize)> = backends
+        .iter()
+        .enumerate()
+        .map(|(i, b)| (weight(b, key), i))
+        .collect();
+    // Ties (astronomically rare) break on the name, so the order of the config list never
+    // matters.
+    w.sort_by(|a, b| {
+        b.0.cmp(&a.0)
+            .then_with(|| backends[a.1].cmp(&backends[b.1]))
+    });
+    w.into_iter().map(|(_, i)| i).collect()
+}
+
+/// `backends` ranked for `key`, best first.
+pub fn rank<'a>(backends: &'a [String], key: &str) -> Vec<&'a str> {
+    rank_indices(backends, key)
+        .into_iter()
+        .map(|i| backends[i].as_str())
+        .collect()
+}
+
+/// The Host a request is ranked by: lower-cased, without port or trailing dot, so
+/// `Example.com:80`, `example.com` and `example.com.` are one site. Falls back to the URI's
+/// authority (absolute-form requests); "" when there is neither.
+pub fn host_key(headers: &HeaderMap, uri: &Uri) -> String {
+    let raw = headers
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .or_else(|| uri.authority().map(Authority::as_str))
+        .unwrap_or("")
+        .trim();
+    let host = if raw.starts_with('[') {
+        // An IPv6 literal: the port, if any, follows the bracket.
+        match raw.find(']') {
+            Some(end) => &raw[..=end],
+            None => raw,
+        }
+    } else {
+        match raw.rsplit_once(':') {
+            Some((h, port)) if port.bytes().all(|b| b.is_ascii_digit()) => h,
+            _ => raw,
+        }
+    };
+    let host = host.strip_suffix('.').unwrap_or(host);
+    host.to_ascii_lowercase()
+}
+
+/// The first path segment after `mount` (`/static/<blog>/a.jpg` -> `<blog>`), as sent
+/// (not decoded: the same bytes always rank alike); "" outside the mount.
+pub fn path_key<'p>(mount: &str, path: &'p str) -> &'p str {
+    match path.strip_prefix(mount) {
+        Some(rest) => rest.split_once('/').map_or(rest, |(first, _)| first),
+        None => "",
+    }
+}
+
+/// One backend's health as the probes and the proxy saw it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Health {
+    pub healthy: bool,
+    /// Failed probes in a row; 2 mark an up backend down.
+    pub fails: u32,
+    /// Successful probes in a row; 2 mark a down backend up.
+    pub successes: u32,
+}
+
+impl Default for Health {
+    /// Every backend starts up: routing begins at once, and a dead one is found by the first
+    /// request (connect error) or the first two probes.
+    fn default() -> Self {
+        Health {
+            healthy: true,
+            fails: 0,
+            successes: 0,
+        }
+    }
+}
+
+impl Health {
+    /// Counts one probe result; returns the new state when it changed.
+    pub fn record(&mut self, ok: bool) -> Option<bool> {
+        if ok {
+            self.fails = 0;
+            self.successes = self.successes.saturating_add(1);
+            if !self.healthy && self.successes >= FLIP_AFTER {
+                self.healthy = true;
+                return Some(true);
+            }
+        } else {
+            self.successes = 0;
+            self.fails = self.fails.saturating_add(1);
+            if self.healthy && self.fails >= FLIP_AFTER {
+                self.healthy = false;
+                return Some(false);
+            }
+        }
+        None
+    }
+
+    /// A connect error while proxying: down now, without waiting for probes (the request
+    /// that found it is being retried elsewhere). Returns whether it was up.
+    pub fn mark_down(&mut self) -> bool {
+        let was = self.healthy;
+        self.healthy = false;
+        self.successes = 0;
+        self.fails = self.fails.max(FLIP_AFTER);
+        was
+    }
+}
+
+struct Backend {
+    /// `http://host:port`, the form that is hashed, so "http://a:1/" and "http://a:1" rank
+    /// alike.
+    name: String,
+    authority: Authority,
+    healthz: Uri,
+    /// A std Mutex: held only to read or update the counters, never across an await.
+    health: Mutex<Health>,
+}
+
+impl Backend {
+    fn parse(raw: &str) -> Result<Backend, RouteError> {
+        let bad = |reason| RouteError::Backend {
+            backend: raw.to_string(),
+            reason,
+        };
+        let uri: Uri = raw
+            .trim()
+            .parse()
+            .map_err(|_| bad("is not a URL like http://10.0.0.2:8080"))?;
+        if uri.scheme_str() != Some("http") {
+            return Err(bad(
+                "must start with http:// (the router speaks plain HTTP to its nodes)",
+            ));
+        }
+        let authority = uri.authority().cloned().ok_or(bad("has no host:port"))?;
+        if authority.port_u16().is_none() || authority.host().is_empty() {
+            return Err(bad(
+                "must name a host and a port, like http://10.0.0.2:8080",
+            ));
+        }
+        if authority.as_str().contains('@') {
+            return Err(bad("must not contain credentials"));
+        }
+        if uri.query().is_some() || !matches!(uri.path(), "" | "/") {
+            return Err(bad("must not have a path or query"));
+        }
+        let name = format!("http://{authority}");
+        let healthz = format!("{name}/healthz")
+            .parse()
+            .map_err(|_| bad("is not a URL like http://10.0.0.2:8080"))?;
+        Ok(Backend {
+            name,
+            authority,
+            healthz,
+            health: Mutex::new(Health::default()),
+        })
+    }
+
+    fn health(&self) -> Health {
+        *self.health.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn is_healthy(&self) -> bool {
+        self.health().healthy
+    }
+
+    fn update<T>(&self, f: impl FnOnce(&mut Health) -> T) -> T {
+        f(&mut self.health.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+}
+
+/// The router's state: backends with their health, and the one pooled client.
+pub struct Router {
+    backends: Vec<Backend>,
+    /// The backend names in config order, as `rank` takes them.
+    names: Vec<String>,
+    hash: HashBy,
+    mount: String,
+    interval: Duration,
+    client: Client<HttpConnector, Body>,
+}
+
+impl Router {
+    /// Validates `[router]` and builds the client; does no I/O.
+    pub fn new(cfg: &Config) -> Result<Router, RouteError> {
+        let r = &cfg.router;
+        if r.backends.is_empty() {
+            return Err(RouteError::NoBackends);
+        }
+        let backends = r
+            .backends
+            .iter()
+            .map(|b| Backend::parse(b))
+            .collect::<Result<Vec<_>, _>>()?;
+        for (i, b) in backends.iter().enumerate() {
+            if backends[..i].iter().any(|o| o.name == b.name) {
+                return Err(RouteError::Backend {
+                    backend: b.name.clone(),
+                    reason: "is listed twice",
+                });
+            }
+        }
+        let hash = HashBy::parse(&r.hash)?;
+        if r.health_interval.0 < MIN_HEALTH_INTERVAL {
+            return Err(RouteError::HealthInterval(r.health_interval.0));
+        }
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(CONNECT_TIMEOUT));
+        let client = Client::builder(TokioExecutor::new())
+            .pool_timer(TokioTimer::new())
+            .pool_idle_timeout(Duration::from_secs(30))
+            .build(connector);
+        Ok(Router {
+            names: backends.iter().map(|b| b.name.clone()).collect(),
+            backends,
+            hash,
+            mount: cfg.http.mount.clone(),
+            interval: r.health_interval.0,
+            client,
+        })
+    }
+
+    /// Each backend (`http://host:port`) and whether it takes requests, in config order.
+    pub fn backend_health(&self) -> Vec<(String, bool)> {
+        self.backends
+            .iter()
+            .map(|b| (b.name.clone(), b.is_healthy()))
+            .collect()
+    }
+
+    /// Each backend with its probe counters, in config order (for metrics).
+    pub fn backend_states(&self) -> Vec<(String, Health)> {
+        self.backends
+            .iter()
+            .map(|b| (b.name.clone(), b.health()))
+            .collect()
+    }
+
+    /// The key a request is ranked by.
+    pub fn key_for(&self, headers: &HeaderMap, uri: &Uri) -> String {
+        match self.hash {
+            HashBy::Host => host_key(headers, uri),
+            HashBy::Path => path_key(&self.mount, uri.path()).to_string(),
+        }
+    }
+
+    /// Probes every backend each `health_interval` until `shutdown`.
+    pub async fn check_health(self: Arc<Self>, shutdown: CancellationToken) {
+        let mut tick = tokio::time::interval(self.interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // A slow probe must not outlive the next round by much, nor fail a healthy backend
+        // on a short interval.
+        let limit = self
+            .interval
+            .clamp(Duration::from_millis(500), Duration::from_secs(5));
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let round =
+                futures_util::future::join_all(self.backends.iter().map(|b| self.probe(b, limit)));
+            let results = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                r = round => r,
+            };
+            for (b, ok) in self.backends.iter().zip(results) {
+                match b.update(|h| h.record(ok)) {
+                    Some(true) => tracing::info!(backend = %b.name, "backend up"),
+                    Some(false) => {
+                        tracing::warn!(backend = %b.name, "backend down: /healthz failed twice")
+                    }
+                    None => {}
+                }
+            }
+        }
+    }
+
+    async fn probe(&self, b: &Backend, limit: Duration) -> bool {
+        let req = match Request::get(b.healthz.clone())
+            .header(header::USER_AGENT, "ferry-router")
+            .body(empty())
+        {
+            Ok(r) => r,
+            Err(_) => return false,
+        };
+        let attempt = async {
+            let resp = self.client.request(req).await.ok()?;
+            let ok = resp.status().is_success();
+            // Read the (tiny) body so the connection goes back to the pool.
+            let _ = Limited::new(resp.into_body(), 4096).collect().await;
+            Some(ok)
+        };
+        matches!(tokio::time::timeout(limit, attempt).await, Ok(Some(true)))
+    }
+
+    /// Answers one client request: the router's own endpoints, else the proxy.
+    pub async fn handle(&self, req: Request<Incoming>, peer: IpAddr) -> Response<Body> {
+        // The router's own metrics answer /metrics; nodes are scraped directly.
+        if req.uri().path().starts_with(OWN_PREFIX) || req.uri().path() == "/metrics" {
+            return self.own(&req);
+        }
+        self.proxy(req, peer).await
+    }
+
+    fn own(&self, req: &Request<Incoming>) -> Response<Body> {
+        match (req.method(), req.uri().path()) {
+            (&Method::GET | &Method::HEAD, "/-/router/healthz") => {
+                let mut r = text(StatusCode::OK, "ok\n");
+                r.headers_mut()
+                    .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+                r
+            }
+            (&Method::GET | &Method::HEAD, "/metrics" | "/-/router/metrics") => {
+                let m = crate::telemetry::metrics();
+                for (backend, up) in self.backend_health() {
+                    m.backend_up
+                        .get_or_create(&crate::telemetry::BackendLabel { backend })
+                        .set(i64::from(up));
+                }
+                let mut r = text(StatusCode::OK, m.encode());
+                r.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static(
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    ),
+                );
+                r
+            }
+            _ => text(StatusCode::NOT_FOUND, "not found\n"),
+        }
+    }
+
+    async fn proxy(&self, req: Request<Incoming>, peer: IpAddr) -> Response<Body> {
+        let (parts, body) = req.into_parts();
+        let key = self.key_for(&parts.headers, &parts.uri);
+        let order = rank_indices(&self.names, &key);
+        let mut headers = parts.headers;
+        strip_hop_by_hop(&mut headers);
+        add_forwarded(&mut headers, peer);
+        let path = parts
+            .uri
+            .path_and_query()
+            .map_or("/", |p| p.as_str())
+            .to_string();
+        // Only a request whose whole body is known (none) can be sent twice; GET and HEAD are
+        // safe to repeat, and nothing has reached the client yet when we retry.
+        let replayable = matches!(parts.method, Method::GET | Method::HEAD) && body.is_end_stream();
+        let mut body = Some(body);
+        let mut attempts = 0;
+        for i in order {
+            let b = &self.backends[i];
+            if !b.is_healthy() {
+                continue;
+            }
+            let send_body = if replayable {
+                empty()
+            } else {
+                match body.take() {
+                    Some(incoming) => incoming.boxed_unsync(),
+                    None => break,
+                }
+            };
+            attempts += 1;
+            let out = match upstream_request(b, &parts.method, &path, &headers, send_body) {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::warn!(backend = %b.name, error = %e, "cannot build the upstream request");
+                    return text(StatusCode::BAD_REQUEST, "bad request\n");
+                }
+            };
+            match tokio::time::timeout(RESPONSE_TIMEOUT, self.client.request(out)).await {
+                Ok(Ok(resp)) => {
+                    let (mut rp, rb) = resp.into_parts();
+                    strip_hop_by_hop(&mut rp.headers);
+                    return Response::from_parts(rp, rb.boxed_unsync());
+                }
+                Ok(Err(e)) => {
+                    if e.is_connect() && b.update(Health::mark_down) {
+                        tracing::warn!(backend = %b.name, error = %e, "backend down: connect failed");
+                    } else {
+                        tracing::warn!(backend = %b.name, error = %e, "proxying failed");
+                    }
+                    if !replayable || attempts >= 2 {
+                        break;
+                    }
+                    // A non-connect error (a pooled connection that died under us) leaves
+                    // the backend up, so skip it explicitly: the retry goes to the next one.
+                }
+                Err(_) => {
+                    tracing::warn!(backend = %b.name, "no response headers within {RESPONSE_TIMEOUT:?}");
+                    return text(StatusCode::GATEWAY_TIMEOUT, "gateway timeout\n");
+                }
+            }
+        }
+        if attempts == 0 {
+            text(StatusCode::BAD_GATEWAY, "no healthy backend\n")
+        } else {
+            text(StatusCode::BAD_GATEWAY, "backend unreachable\n")
+        }
+    }
+
+    /// Accepts on `listener` until `shutdown`, then lets open connections finish for up to
+    /// 10 s.
+    pub async fn serve(self: Arc<Self>, listener: TcpListener, shutdown: CancellationToken) {
+        let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(HEADER_READ_TIMEOUT);
+        let builder = Arc::new(builder);
+        let tracker = TaskTracker::new();
+        loop {
+            let (stream, peer) = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                r = listener.accept() => match r {
+                    Ok(x) => x,
+                    Err(e) => {
+                        // Out of descriptors or a connection reset before accept: keep
+                        // serving, without spinning.
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+            };
+            let _ = stream.set_nodelay(true);
+            let router = self.clone();
+            let builder = builder.clone();
+            let stop = shutdown.clone();
+            tracker.spawn(async move {
+                let ip = peer.ip().to_canonical();
+                let svc = hyper::service::service_fn(move |req| {
+                    let router = router.clone();
+                    async move { Ok::<_, Infallible>(router.handle(req, ip).await) }
+                });
+                let conn = builder.serve_connection(TokioIo::new(stream), svc);
+                tokio::pin!(conn);
+                let res = tokio::select! {
+                    r = conn.as_mut() => r,
+                    _ = stop.cancelled() => {
+                        conn.as_mut().graceful_shutdown();
+                        conn.await
+                    }
+                };
+                if let Err(e) = res {
+                    tracing::debug!(%peer, error = %e, "client connection ended with an error");
+                }
+            });
+        }
+        drop(listener);
+        tracker.close();
+        if tokio::time::timeout(DRAIN, tracker.wait()).await.is_err() {
+            tracing::warn!(
+                open = tracker.len(),
+                "connections still open after {DRAIN:?}; closing them"
+            );
+        }
+    }
+}
+
+fn empty() -> Body {
+    Empty::<Bytes>::new()
+        .map_err(|never| match never {})
+        .boxed_unsync()
+}
+
+/// A short plain-text answer from the router itself (never cached: it describes a moment).
+fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {
+    let mut r = Response::new(
+        Full::new(body.into())
+            .map_err(|never| match never {})
+            .boxed_unsync(),
+    );
+    *r.status_mut() = status;
+    let h = r.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    if status != StatusCode::OK {
+        h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    }
+    r
+}
+
+fn upstream_request(
+    b: &Backend,
+    method: &Method,
+    path_and_query: &str,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<Request<Body>, http::Error> {
+    let uri = Uri::builder()
+        .scheme("http")
+        .authority(b.authority.clone())
+        .path_and_query(path_and_query)
+        .build()?;
+    let mut req = Request::builder()
+        .method(method.clone())
+        .uri(uri)
+        .body(body)?;
+    // The client's Host goes through unchanged: the nodes see the site that was asked for.
+    *req.headers_mut() = headers.clone();
+    Ok(req)
+}
+
+/// Removes the headers that describe one connection (RFC 9110 7.6.1), including any the
+/// Connection header names: they must not leak onto our connection to the other side.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    for n in named {
+        // The Host routes the request; "Connection: host" must not take it away.
+        if n != header::HOST {
+            headers.remove(n);
+        }
+    }
+    for n in [
+        header::CONNECTION,
+        header::TE,
+        header::TRAILER,
+        header::TRANSFER_ENCODING,
+        header::UPGRADE,
+        header::PROXY_AUTHORIZATION,
+        header::PROXY_AUTHENTICATE,
+    ] {
+        headers.remove(n);
+    }
+    headers.remove("keep-alive");
+    headers.remove("proxy-connection");
+}
+
+/// Appends the client's address to X-Forwarded-For and sets X-Forwarded-Proto.
+pub fn add_forwarded(headers: &mut HeaderMap, client: IpAddr) {
+    // Earlier hops' values are kept (joined into one line); a value that is not visible
+    // ASCII cannot be passed on faithfully, so it is dropped rather than mangled.
+    let prior: Vec<String> = headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(str::to_string)
+        .collect();
+    let value = if prior.is_empty() {
+        client.to_string()
+    } else {
+        format!("{}, {client}", prior.join(", "))
+    };
+    let value = HeaderValue::from_str(&value).unwrap_or_else(|_| {
+        HeaderValue::from_str(&client.to_string()).unwrap_or(HeaderValue::from_static("unknown"))
+    });
+    headers.insert("x-forwarded-for", value);
+    // SECURITY: set, not appended: a client must not be able to claim it came over https.
+    headers.insert("x-forwarded-proto", HeaderValue::from_static("http"));
+}
+
 /// Runs the router on `router.listen` until `shutdown`.
 pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let _ = (cfg, shutdown);
-    anyhow::bail!("ferry route is being built")
+    let router = Arc::new(Router::new(&cfg)?);
+    let addr: SocketAddr = cfg
+        .router
+        .listen
+        .parse()
+        .map_err(|_| RouteError::ListenAddr {
+            addr: cfg.router.listen.clone(),
+        })?;
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|source| RouteError::Bind { addr, source })?;
+    let local = listener.local_addr()?;
+    tracing::info!(
+        %local,
+        backends = ?router.names,
+        hash = %cfg.router.hash,
+        interval = ?router.interval,
+        "router listening"
+    );
+    // Tests and scripts read the bound address (port 0) from this line.
+    println!("ferry: router listening on {local}");
+    // systemd/ferry-router.service is Type=notify with a watchdog.
+    crate::telemetry::notify_ready(shutdown.clone());
+    let health = tokio::spawn(router.clone().check_health(shutdown.clone()));
+    router.serve(listener, shutdown.clone()).await;
+    crate::telemetry::notify_stopping();
+    shutdown.cancel();
+    let _ = health.await;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn names(v: &[&str]) -> Vec<String> {
+        v.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn weight_is_fixed_forever() {
+        // Pinned: a change here would move every site to another node on upgrade.
+        assert_eq!(
+            weight("http://10.0.0.1:8080", "example.com"),
+            u64::from_be_bytes({
+                let d = Sha256::digest(b"http://10.0.0.1:8080\0example.com");
+                let mut b = [0u8; 8];
+                b.copy_from_slice(&d[..8]);
+                b
+            })
+        );
+        assert_ne!(weight("ab", "c"), weight("a", "bc"));
+    }
+
+    #[test]
+    fn rank_spreads_keys_over_all_backends() {
+        let b = names(&["http://a:1", "http://b:1", "http://c:1"]);
+        let mut count = [0usize; 3];
+        for i in 0..3000 {
+            count[rank_indices(&b, &format!("site{i}.example"))[0]] += 1;
+        }
+        for c in count {
+            assert!((800..1200).contains(&c), "{count:?}");
+        }
+    }
+
+    #[test]
+    fn rank_of_nothing_is_empty() {
+        assert!(rank(&[], "k").is_empty());
+        let one = names(&["http://a:1"]);
+        assert_eq!(rank(&one, "k"), vec!["http://a:1"]);
+    }
+
+    #[test]
+    fn host_key_is_lowercase_without_port() {
+        let uri: Uri = "/static/x.jpg".parse().unwrap();
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::HOST,
+            HeaderValue::from_static("Blog.Example.COM:8080"),
+        );
+        assert_eq!(host_key(&h, &uri), "blog.example.com");
+        h.insert(header::HOST, HeaderValue::from_static("blog.example.com."));
+        assert_eq!(host_key(&h, &uri), "blog.example.com");
+        h.insert(header::HOST, HeaderValue::from_static("[::1]:8000"));
+        assert_eq!(host_key(&h, &uri), "[::1]");
+        h.insert(header::HOST, HeaderValue::from_static("[::1]"));
+        assert_eq!(host_key(&h, &uri), "[::1]");
+        assert_eq!(host_key(&HeaderMap::new(), &uri), "");
+        let abs: Uri = "http://Other.example:81/x".parse().unwrap();
+        assert_eq!(host_key(&HeaderMap::new(), &abs), "other.example");
+    }
+
+    #[test]
+    fn path_key_is_the_first_segment_after_the_mount() {
+        assert_eq!(path_key("/static/", "/static/blog1/2026/a.jpg"), "blog1");
+        assert_eq!(path_key("/static/", "/static/a.jpg"), "a.jpg");
+        assert_eq!(path_key("/static/", "/static/"), "");
+        assert_eq!(path_key("/static/", "/healthz"), "");
+        assert_eq!(path_key("/", "/blog2/x"), "blog2");
+    }
+
+    #[test]
+    fn health_flips_after_two_in_a_row() {
+        let mut h = Health::default();
+        assert!(h.healthy);
+        assert_eq!(h.record(false), None);
+        assert_eq!(h.record(true), None);
+        assert_eq!(h.record(false), None);
+        assert_eq!(h.record(false), Some(false));
+        assert_eq!(h.record(false), None);
+        assert_eq!(h.record(true), None);
+        assert_eq!(h.record(false), None);
+        assert_eq!(h.record(true), None);
+        assert_eq!(h.record(true), Some(true));
+        assert!(h.mark_down());
+        assert!(!h.mark_down());
+        assert_eq!(h.record(true), None);
+        assert_eq!(h.record(true), Some(true));
+    }
+
+    #[test]
+    fn backends_are_validated_and_named() {
+        let ok = Backend::parse("http://127.0.0.1:8080/").unwrap();
+        assert_eq!(ok.name, "http://127.0.0.1:8080");
+        assert_eq!(ok.healthz.to_string(), "http://127.0.0.1:8080/healthz");
+        for bad in [
+            "127.0.0.1:8080",
+            "https://a:1",
+            "http://a",
+            "http://a:1/x",
+            "http://u:p@a:1",
+            "",
+        ] {
+            let e = Backend::parse(bad).err().map(|e| e.to_string());
+            assert!(
+                e.as_deref().is_some_and(|e| e.contains("router.backends")),
+                "{bad:?}: {e:?}"
+            );
+        }
+        let mut cfg = Config::default();
+        cfg.router.backends = names(&["http://a:1", "http://a:1/"]);
+        let e = Router::new(&cfg)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(e.contains("twice"), "{e}");
+        cfg.router.backends.clear();
+        assert!(matches!(Router::new(&cfg), Err(RouteError::NoBackends)));
+    }
+
+    #[tokio::test]
+    async fn router_starts_with_every_backend_up() {
+        let mut cfg = Config::default();
+        cfg.router.backends = names(&["http://127.0.0.1:1", "http://127.0.0.1:2"]);
+        let r = Router::new(&cfg).unwrap();
+        assert_eq!(
+            r.backend_health(),
+            vec![
+                ("http://127.0.0.1:1".to_string(), true),
+                ("http://127.0.0.1:2".to_string(), true)
+            ]
+        );
+    }
+
+    #[test]
+    fn forwarding_headers() {
+        let mut h = HeaderMap::new();
+        add_forwarded(&mut h, "10.0.0.9".parse().unwrap());
+        assert_eq!(h["x-forwarded-for"], "10.0.0.9");
+        assert_eq!(h["x-forwarded-proto"], "http");
+        let mut h = HeaderMap::new();
+        h.append("x-forwarded-for", HeaderValue::from_static("1.1.1.1"));
+        h.append(
+            "x-forwarded-for",
+            HeaderValue::from_static("2.2.2.2, 3.3.3.3"),
+        );
+        h.insert("x-forwarded-proto", HeaderValue::from_static("https"));
+        add_forwarded(&mut h, "::1".parse().unwrap());
+        assert_eq!(h["x-forwarded-for"], "1.1.1.1, 2.2.2.2, 3.3.3.3, ::1");
+        assert_eq!(h["x-forwarded-proto"], "http");
+    }
+
+    #[test]
+    fn hop_by_hop_headers_are_removed() {
+        let mut h = HeaderMap::new();
+        h.insert(header::HOST, HeaderValue::from_static("a.example"));
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, x-secret, host"),
+        );
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
+        h.insert(header::RANGE, HeaderValue::from_static("bytes=0-1"));
+        strip_hop_by_hop(&mut h);
+        let left: Vec<_> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(left, vec!["host", "range"]);
+    }
+
+    #[test]
+    fn example_router_config_parses() {
+        let text = include_str!("../config/router.toml");
+        let c = Config::from_toml_with_env(text, "config/router.toml", Vec::new()).unwrap();
+        let r = Router::new(&c).unwrap();
+        assert_eq!(r.backend_health().len(), c.router.backends.len());
+    }
+
+    fn backend_set() -> impl Strategy<Value = Vec<String>> {
+        proptest::collection::btree_set("[a-z0-9.]{1,12}:[0-9]{1,5}", 1..9)
+            .prop_map(|s| s.into_iter().map(|h| format!("http://{h}")).collect())
+    }
+
+    proptest! {
+        #[test]
+        fn ranking_is_stable_and_a_permutation(b in backend_set(), key in ".{0,40}") {
+            let r1 = rank(&b, &key);
+            prop_assert_eq!(&r1, &rank(&b, &key));
+            let mut sorted = r1.clone();
+            sorted.sort_unstable();
+            let mut all: Vec<&str> = b.iter().map(String::as_str).collect();
+            all.sort_unstable();
+            prop_assert_eq!(sorted, all);
+            // The config order does not matter.
+            let mut rev = b.clone();
+            rev.reverse();
+            prop_assert_eq!(r1, rank(&rev, &key));
+        }
+
+        #[test]
+        fn removing_a_backend_moves_only_its_keys(
+            b in backend_set(),
+            keys in proptest::collection::vec("[a-z0-9.-]{0,30}", 1..20),
+            pick in any::<proptest::sample::Index>(),
+        ) {
+            let gone = pick.index(b.len());
+            let rest: Vec<String> = b.iter().enumerate()
+                .filter(|&(i, _)| i != gone).map(|(_, s)| s.clone()).collect();
+            for key in &keys {
+                let before = rank(&b, key);
+                let after = rank(&rest, key);
+                // The others keep their relative order...
+                let expected: Vec<&str> = before.iter().copied()
+                    .filter(|s| *s != b[gone]).collect();
+                prop_assert_eq!(&after, &expected);
+                // ...so a key moves only when its top choice was the removed backend.
+                if before[0] != b[gone] {
+                    prop_assert_eq!(after.first(), Some(&before[0]));
+                }
+            }
+        }
+    }
 }

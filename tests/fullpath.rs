@@ -287,3 +287,45 @@ fn proxy_mode_passes_ranges_through() {
     assert_eq!(r.status, 200);
     assert_eq!(r.body, a);
 }
+
+#[test]
+fn verify_finds_and_repairs_missing_and_different_objects() {
+    let t = tempfile::tempdir().unwrap();
+    let s3 = S3::start(t.path());
+    let a = blob(9, 7000);
+    let b = blob(10, 9000);
+    let c = blob(11, 3000);
+    let env = uploaded(&s3, &[("a.jpg", &a), ("b.jpg", &b), ("c.jpg", &c)], &[]);
+    let (code, out, err) = env.run(&["verify"]);
+    assert_eq!(code, 0, "consistent at first: {out}{err}");
+
+    // Lose one object and replace another behind ferry's back; lose c's archive copy too.
+    std::fs::remove_file(s3.object_path("a.jpg")).unwrap();
+    let rt = rt();
+    rt.block_on(async {
+        s3.store()
+            .await
+            .put_bytes("b.jpg", b"not b".to_vec(), &[])
+            .await
+            .unwrap()
+    });
+    std::fs::remove_file(s3.object_path("c.jpg")).unwrap();
+    std::fs::remove_file(env.archive().join("c.jpg")).unwrap();
+
+    let (code, out, _) = env.run(&["verify"]);
+    assert_ne!(code, 0);
+    assert!(out.contains("a.jpg: missing in S3"), "{out}");
+    assert!(out.contains("b.jpg"), "{out}");
+    let (code, out, _) = env.run(&["verify", "--repair"]);
+    assert_ne!(code, 0, "c has no copy left to repair from: {out}");
+    assert!(
+        out.contains("c.jpg") && out.contains("no archive or spool copy"),
+        "{out}"
+    );
+    assert!(out.contains("a.jpg: missing in S3 -> re-uploaded"), "{out}");
+    rt.block_on(async {
+        let st = s3.store().await;
+        assert_eq!(st.read_back("a.jpg").await.unwrap().1, sha256_hex(&a));
+        assert_eq!(st.read_back("b.jpg").await.unwrap().1, sha256_hex(&b));
+    });
+}

@@ -2,6 +2,7 @@
 //! and `sync --once`.
 
 pub mod archive;
+pub mod reconcile;
 pub mod upload;
 pub mod watch;
 

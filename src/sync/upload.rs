@@ -593,6 +593,54 @@ impl Ctx {
         }
     }
 
+    /// Uploads `path` as `key` and verifies it by reading it back (for `verify --repair`);
+    /// the file must hash to `want_sha256`.
+    pub async fn upload_copy(
+        &self,
+        key: &Key,
+        gen: i64,
+        path: &Path,
+        want_sha256: &str,
+    ) -> Result<(), String> {
+        let size = std::fs::symlink_metadata(path)
+            .map_err(|e| format!("{}: {e}", path.display()))?
+            .len();
+        let part_size = (size > self.cfg.s3.multipart_threshold.0)
+            .then(|| part_size_for(size, self.cfg.s3.part_size.0));
+        let p = path.to_path_buf();
+        let h = tokio::task::spawn_blocking(move || hash_file(&p, part_size))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        if h.sha256_hex() != want_sha256 {
+            return Err(format!(
+                "{} has SHA-256 {}, the catalog says {want_sha256}",
+                path.display(),
+                h.sha256_hex()
+            ));
+        }
+        let object_key = self.object_key(key);
+        let meta = PutMeta {
+            content_type: content_type(key.as_str()),
+            sha256_hex: h.sha256_hex(),
+            mtime: (h.stat.mtime_ns / 1_000_000_000).to_string(),
+        };
+        if h.parts.is_empty() {
+            self.store
+                .put_single(&object_key, path, h.stat.size, &h.sha256_b64(), &meta)
+                .await
+                .map_err(|e| e.to_string())?;
+        } else {
+            self.put_multipart(key.as_str(), gen, &object_key, path, &h, &meta)
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+        verify(&self.store, &object_key, path, &h, true)
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
+
     async fn put_multipart(
         &self,
         key: &str,

@@ -1,0 +1,140 @@
+//! `ferry verify [--repair]`: compares the catalog, the bucket and the archive, and with
+//! `--repair` re-uploads from the archive (or spool) copy any object missing or different in S3.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use base64::Engine;
+
+use crate::catalog::{ops, State};
+use crate::key::Key;
+use crate::sync::upload::Ctx;
+
+/// One inconsistency, printed as a line.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Finding {
+    pub key: String,
+    pub problem: String,
+    /// What `--repair` did about it, if anything.
+    pub repair: Option<String>,
+}
+
+#[derive(Debug, Default, serde::Serialize)]
+pub struct Report {
+    pub checked: usize,
+    pub findings: Vec<Finding>,
+    /// Objects under the prefix that the catalog does not know (other nodes' uploads, or
+    /// files put there by hand). Reported, never touched.
+    pub unknown_objects: usize,
+    /// Findings still unresolved (after repair, if asked).
+    pub unresolved: usize,
+}
+
+/// Why S3's copy of `row` is not the catalog's, if it is not.
+async fn s3_problem(ctx: &Ctx, key: &str, size: u64, sha: &str) -> Option<String> {
+    let obj = format!("{}{}", ctx.cfg.s3.prefix, key);
+    match ctx.store.head(&obj).await {
+        Err(e) if e.is_not_found() => Some("missing in S3".into()),
+        Err(e) => Some(format!("cannot HEAD: {}", e.message)),
+        Ok(h) => {
+            if h.metadata.contains_key("ferry-deleted") {
+                return Some("S3 holds a deletion marker".into());
+            }
+            if h.size != size {
+                return Some(format!("S3 has {} bytes, catalog {}", h.size, size));
+            }
+            let b64 = hex::decode(sha)
+                .map(|b| base64::engine::general_purpose::STANDARD.encode(b))
+                .unwrap_or_default();
+            if let Some(c) = h.checksum_sha256.as_deref().filter(|c| !c.contains('-')) {
+                if c != b64 {
+                    return Some(format!("S3's SHA-256 {c} is not the catalog's {b64}"));
+                }
+                return None;
+            }
+            match h.metadata.get("sha256") {
+                Some(m) if m.eq_ignore_ascii_case(sha) => None,
+                Some(m) => Some(format!(
+                    "S3 object metadata says SHA-256 {m}, catalog {sha}"
+                )),
+                // Nothing cheap to compare: read it back.
+                None => match ctx.store.read_back(&obj).await {
+                    Ok((n, s)) if n == size && s == sha => None,
+                    Ok((_, s)) => Some(format!("S3 holds SHA-256 {s}, catalog {sha}")),
+                    Err(e) => Some(format!("cannot read back: {}", e.message)),
+                },
+            }
+        }
+    }
+}
+
+pub async fn run(ctx: Arc<Ctx>, repair: bool) -> anyhow::Result<Report> {
+    let rows = ctx
+        .catalog
+        .read(|c| ops::rows_in(c, &[State::Verified, State::Archived]))
+        .await?;
+    let mut report = Report::default();
+    let listing: HashMap<String, u64> = ctx.store.list_all().await?.into_iter().collect();
+    let mut known = std::collections::HashSet::new();
+    for row in &rows {
+        known.insert(format!("{}{}", ctx.cfg.s3.prefix, row.key));
+    }
+    let deleted = ctx
+        .catalog
+        .read(|c| ops::rows_in(c, &[State::Deleted]))
+        .await?;
+    for row in &deleted {
+        known.insert(format!("{}{}", ctx.cfg.s3.prefix, row.key));
+    }
+    report.unknown_objects = listing.keys().filter(|k| !known.contains(*k)).count();
+
+    for row in rows {
+        report.checked += 1;
+        let Some(sha) = row.sha256.clone() else {
+            continue;
+        };
+        let Ok(key) = Key::new(&row.key, &ctx.cfg.s3.prefix) else {
+            continue;
+        };
+        let archive_copy = key.path_in(&ctx.archive);
+        if row.state == State::Archived && archive_copy.symlink_metadata().is_err() {
+            report.findings.push(Finding {
+                key: row.key.clone(),
+                problem: "archive copy missing".into(),
+                repair: None,
+            });
+        }
+        let Some(problem) = s3_problem(&ctx, &row.key, row.stat.size, &sha).await else {
+            continue;
+        };
+        let mut finding = Finding {
+            key: row.key.clone(),
+            problem,
+            repair: None,
+        };
+        if repair {
+            let spool_copy = key.path_in(&ctx.spool);
+            let source = [archive_copy, spool_copy]
+                .into_iter()
+                .find(|p| p.symlink_metadata().is_ok_and(|m| m.is_file()));
+            finding.repair = Some(match source {
+                None => "no archive or spool copy to re-upload from".into(),
+                Some(p) => match ctx.upload_copy(&key, row.gen, &p, &sha).await {
+                    Ok(()) => format!("re-uploaded from {} and verified", p.display()),
+                    Err(e) => format!("re-upload failed: {e}"),
+                },
+            });
+        }
+        report.findings.push(finding);
+    }
+    report.unresolved = report
+        .findings
+        .iter()
+        .filter(|f| {
+            !f.repair
+                .as_deref()
+                .is_some_and(|r| r.starts_with("re-uploaded"))
+        })
+        .count();
+    Ok(report)
+}

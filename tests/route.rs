@@ -1,0 +1,449 @@
+//! The hash router end to end: real `ferry serve` nodes and a real `ferry route` on loopback
+//! ports, plain HTTP over TCP, nodes killed and restarted under it.
+//!
+//! The nodes need no S3: an unknown key is answered 404 from the catalog, and every answer
+//! names its node in X-Ferry-Node, which is all these tests look at.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use ferry::route::rank;
+
+/// Leaves the child none of our FERRY_*/AWS_* variables: each test sets what it means.
+fn clean_env(cmd: &mut Command) {
+    for (k, _) in std::env::vars_os() {
+        let k = k.to_string_lossy();
+        if k.starts_with("FERRY_") || k.starts_with("AWS_") {
+            cmd.env_remove(&*k);
+        }
+    }
+}
+
+/// A `ferry` child process, killed on drop.
+struct Proc {
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Proc {
+    /// Runs `ferry <sub>` with only `vars` from the FERRY_/AWS_ families, and waits for its
+    /// "ferry: <what> listening on ADDR" line.
+    fn start(sub: &str, what: &str, dir: &Path, vars: &[(&str, String)]) -> Proc {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_ferry"));
+        cmd.arg(sub).current_dir(dir);
+        clean_env(&mut cmd);
+        for (k, v) in vars {
+            cmd.env(k, v);
+        }
+        let log = std::fs::File::create(dir.join(format!("{sub}.log"))).expect("log file");
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .spawn()
+            .expect("start ferry");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let (tx, rx) = mpsc::channel();
+        let prefix = format!("ferry: {what} listening on ");
+        std::thread::spawn(move || {
+            // Keeps reading after the line so the child never blocks on a full pipe.
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if let Some(a) = line.strip_prefix(&prefix) {
+                    let _ = tx.send(a.trim().to_string());
+                }
+            }
+        });
+        let addr = match rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(a) => a.parse().expect("a socket address"),
+            Err(_) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                let log =
+                    std::fs::read_to_string(dir.join(format!("{sub}.log"))).unwrap_or_default();
+                panic!("ferry {sub} did not print its address; its log:\n{log}");
+            }
+        };
+        Proc { child, addr }
+    }
+
+    /// SIGKILL: no graceful anything.
+    fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn node_vars(dir: &Path, name: &str, listen: &str) -> Vec<(&'static str, String)> {
+    let p = |s: &str| dir.join(s).to_string_lossy().into_owned();
+    vec![
+        ("FERRY_HTTP_LISTEN", listen.to_string()),
+        ("FERRY_HTTP_NODE_NAME", name.to_string()),
+        ("FERRY_SPOOL_DIR", p("spool")),
+        ("FERRY_ARCHIVE_DIR", p("archive")),
+        ("FERRY_CATALOG_PATH", p("ferry.db")),
+        ("FERRY_CACHE_DIR", p("cache")),
+        ("FERRY_S3_ENDPOINT", "http://127.0.0.1:1".to_string()),
+        ("AWS_ACCESS_KEY_ID", "x".to_string()),
+        ("AWS_SECRET_ACCESS_KEY", "y".to_string()),
+        ("AWS_EC2_METADATA_DISABLED", "true".to_string()),
+    ]
+}
+
+/// One serving node and its working directory.
+struct Node {
+    name: String,
+    dir: tempfile::TempDir,
+    addr: SocketAddr,
+    proc: Option<Proc>,
+}
+
+impl Node {
+    fn start(name: &str) -> Node {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = Proc::start(
+            "serve",
+            "http",
+            dir.path(),
+            &node_vars(dir.path(), name, "127.0.0.1:0"),
+        );
+        Node {
+            name: name.to_string(),
+            addr: p.addr,
+            dir,
+            proc: Some(p),
+        }
+    }
+
+    fn backend(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    fn kill(&mut self) {
+        if let Some(p) = self.proc.take() {
+            p.kill();
+        }
+    }
+
+    /// Starts it again on the very address it had.
+    fn restart(&mut self) {
+        assert!(self.proc.is_none());
+        let vars = node_vars(self.dir.path(), &self.name, &self.addr.to_string());
+        let p = Proc::start("serve", "http", self.dir.path(), &vars);
+        assert_eq!(p.addr, self.addr);
+        self.proc = Some(p);
+    }
+}
+
+fn start_router(dir: &Path, backends: &[String], extra: &[(&'static str, String)]) -> Proc {
+    let mut vars = vec![
+        ("FERRY_ROUTER_LISTEN", "127.0.0.1:0".to_string()),
+        ("FERRY_ROUTER_BACKENDS", backends.join(",")),
+        ("FERRY_ROUTER_HEALTH_INTERVAL", "200ms".to_string()),
+    ];
+    vars.extend(extra.iter().cloned());
+    Proc::start("route", "router", dir, &vars)
+}
+
+struct Resp {
+    status: u16,
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+}
+
+impl Resp {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+    fn node(&self) -> String {
+        self.header("x-ferry-node").unwrap_or("").to_string()
+    }
+}
+
+/// One HTTP/1.1 GET over a fresh connection, with the Host set explicitly.
+fn get(addr: SocketAddr, host: &str, path: &str) -> Resp {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+    )
+    .expect("send");
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).expect("read the response");
+    let end = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("a complete response head");
+    let head = String::from_utf8_lossy(&raw[..end]).into_owned();
+    let mut lines = head.split("\r\n");
+    let status = lines
+        .next()
+        .and_then(|l| l.split(' ').nth(1))
+        .and_then(|c| c.parse().ok())
+        .expect("a status line");
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+        .collect();
+    let mut body = raw[end + 4..].to_vec();
+    if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        body = dechunk(&body);
+    }
+    Resp {
+        status,
+        headers,
+        body,
+    }
+}
+
+fn dechunk(mut b: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    while let Some(nl) = b.windows(2).position(|w| w == b"\r\n") {
+        let len = usize::from_str_radix(String::from_utf8_lossy(&b[..nl]).trim(), 16).unwrap_or(0);
+        if len == 0 || b.len() < nl + 2 + len {
+            break;
+        }
+        out.extend_from_slice(&b[nl + 2..nl + 2 + len]);
+        b = &b[(nl + 2 + len + 2).min(b.len())..];
+    }
+    out
+}
+
+/// A GET through the router that must succeed (be answered by some node).
+fn node_for(router: SocketAddr, host: &str, path: &str) -> String {
+    let r = get(router, host, path);
+    let node = r.node();
+    assert!(
+        r.status != 502 && !node.is_empty(),
+        "{host} {path}: status {} without a node: {}",
+        r.status,
+        String::from_utf8_lossy(&r.body)
+    );
+    node
+}
+
+fn free_port_addr() -> SocketAddr {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free loopback port")
+}
+
+#[test]
+fn hosts_stick_to_their_node_fail_over_and_come_back() {
+    let mut nodes: Vec<Node> = ["node-a", "node-b", "node-c"]
+        .iter()
+        .map(|n| Node::start(n))
+        .collect();
+    let backends: Vec<String> = nodes.iter().map(Node::backend).collect();
+    let name_of: BTreeMap<String, String> = nodes
+        .iter()
+        .map(|n| (n.backend(), n.name.clone()))
+        .collect();
+    let rdir = tempfile::tempdir().unwrap();
+    let router = start_router(rdir.path(), &backends, &[]);
+    let r = router.addr;
+
+    let hosts: Vec<String> = (0..30).map(|i| format!("h{i}.example")).collect();
+    // The router's own health answer, whatever the Host.
+    let own = get(r, "h0.example", "/-/router/healthz");
+    assert_eq!((own.status, own.body.as_slice()), (200, &b"ok\n"[..]));
+
+    // Each host has one node, the one the ranking names, every time.
+    let mut owner = BTreeMap::new();
+    for h in &hosts {
+        let ranked = rank(&backends, h);
+        let first = node_for(r, h, "/static/x.jpg");
+        assert_eq!(first, name_of[ranked[0]], "{h}");
+        for _ in 0..3 {
+            assert_eq!(node_for(r, h, "/static/x.jpg"), first, "{h} moved");
+        }
+        // The port is not part of the site.
+        assert_eq!(
+            node_for(r, &format!("{}:8000", h.to_uppercase()), "/static/y.jpg"),
+            first
+        );
+        owner.insert(h.clone(), first);
+    }
+    let used: BTreeSet<&String> = owner.values().collect();
+    assert_eq!(used.len(), 3, "30 hosts should use all 3 nodes: {owner:?}");
+
+    // SIGKILL one node: its hosts go to their second choice, at once; nobody else moves,
+    // and no request fails on the way.
+    let victim = 1;
+    let vname = nodes[victim].name.clone();
+    let vbackend = nodes[victim].backend();
+    let expected_after: BTreeMap<String, String> = hosts
+        .iter()
+        .map(|h| {
+            let next = rank(&backends, h)
+                .into_iter()
+                .find(|b| *b != vbackend)
+                .expect("another backend");
+            let o = if owner[h] == vname {
+                name_of[next].clone()
+            } else {
+                owner[h].clone()
+            };
+            (h.clone(), o)
+        })
+        .collect();
+    assert!(expected_after.values().all(|n| *n != vname));
+    nodes[victim].kill();
+    let killed = Instant::now();
+    // Before any probe can notice (2 x 200ms), a request for one of its hosts meets the
+    // connect error, and is retried on the next-ranked node instead of failing.
+    let orphan = hosts
+        .iter()
+        .find(|h| owner[*h] == vname)
+        .expect("the victim owns a host");
+    assert_eq!(node_for(r, orphan, "/static/x.jpg"), expected_after[orphan]);
+    loop {
+        let now: BTreeMap<String, String> = hosts
+            .iter()
+            .map(|h| (h.clone(), node_for(r, h, "/static/x.jpg")))
+            .collect();
+        for (h, n) in &now {
+            assert_ne!(n, &vname, "{h} answered by the killed node");
+            if owner[h] != vname {
+                assert_eq!(n, &owner[h], "{h} is not on the dead node but moved");
+            }
+        }
+        if now == expected_after {
+            break;
+        }
+        assert!(
+            killed.elapsed() < Duration::from_secs(2),
+            "hosts did not fail over within 2s: {now:?} vs {expected_after:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // And they stay there while it is down.
+    for h in &hosts {
+        assert_eq!(node_for(r, h, "/static/x.jpg"), expected_after[h]);
+    }
+
+    // Restart it on the same port: its hosts come back after two good probes.
+    nodes[victim].restart();
+    let restarted = Instant::now();
+    loop {
+        let now: BTreeMap<String, String> = hosts
+            .iter()
+            .map(|h| (h.clone(), node_for(r, h, "/static/x.jpg")))
+            .collect();
+        for (h, n) in &now {
+            if owner[h] != vname {
+                assert_eq!(n, &owner[h], "{h} moved while another node healed");
+            }
+        }
+        if now == owner {
+            break;
+        }
+        assert!(
+            restarted.elapsed() < Duration::from_secs(10),
+            "hosts did not return within 10s: {now:?} vs {owner:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    drop(router);
+}
+
+#[test]
+fn path_hashing_keeps_a_first_segment_on_one_node() {
+    let nodes: Vec<Node> = ["node-a", "node-b", "node-c"]
+        .iter()
+        .map(|n| Node::start(n))
+        .collect();
+    let backends: Vec<String> = nodes.iter().map(Node::backend).collect();
+    let name_of: BTreeMap<String, String> = nodes
+        .iter()
+        .map(|n| (n.backend(), n.name.clone()))
+        .collect();
+    let rdir = tempfile::tempdir().unwrap();
+    let router = start_router(
+        rdir.path(),
+        &backends,
+        &[("FERRY_ROUTER_HASH", "path".to_string())],
+    );
+    let r = router.addr;
+    let mut used = BTreeSet::new();
+    for i in 0..40 {
+        let blog = format!("blog{i}");
+        let want = &name_of[rank(&backends, &blog)[0]];
+        // Whatever the Host and the rest of the path, the segment decides.
+        for (host, path) in [
+            ("a.example", format!("/static/{blog}/x.jpg")),
+            ("b.example", format!("/static/{blog}/2026/11/y.png")),
+            ("c.example:8000", format!("/static/{blog}/z.gif?v=2")),
+        ] {
+            assert_eq!(&node_for(r, host, &path), want, "{host}{path}");
+        }
+        used.insert(want.clone());
+    }
+    assert_eq!(used.len(), 3, "40 segments should use all 3 nodes");
+}
+
+#[test]
+fn no_healthy_backend_is_a_plain_502() {
+    // Addresses that nothing listens on.
+    let backends: Vec<String> = (0..3)
+        .map(|_| format!("http://{}", free_port_addr()))
+        .collect();
+    let rdir = tempfile::tempdir().unwrap();
+    let router = start_router(rdir.path(), &backends, &[]);
+    // First while they are still believed up (connect errors), then once probes agree.
+    for round in 0..2 {
+        let resp = get(router.addr, "h1.example", "/static/x.jpg");
+        assert_eq!(resp.status, 502, "round {round}");
+        assert!(
+            resp.header("content-type")
+                .is_some_and(|c| c.starts_with("text/plain")),
+            "{:?}",
+            resp.headers
+        );
+        assert!(!resp.body.is_empty() && resp.body.len() < 100);
+        assert!(resp.header("x-ferry-node").is_none());
+        std::thread::sleep(Duration::from_millis(600));
+    }
+    // The router itself is fine.
+    assert_eq!(get(router.addr, "x", "/-/router/healthz").status, 200);
+}
+
+#[test]
+fn bad_backend_is_refused_at_start_naming_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_ferry"));
+    clean_env(&mut cmd);
+    let out = cmd
+        .arg("route")
+        .current_dir(dir.path())
+        .env("FERRY_ROUTER_LISTEN", "127.0.0.1:0")
+        .env("FERRY_ROUTER_BACKENDS", "http://127.0.0.1:8080,ftp://x:1")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run ferry route");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("router.backends") && err.contains("ftp://x:1"),
+        "{err}"
+    );
+}
