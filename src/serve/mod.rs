@@ -101,11 +101,22 @@ pub async fn serve(
                 let state = state.clone();
                 let node = node.clone();
                 async move {
+                    let started = std::time::Instant::now();
                     let mut resp = match state.handle(&method, path.as_str(), &headers).await {
                         Ok(r) => r,
                         Err(e) => e.into_response(),
                     };
                     resp.headers_mut().insert("x-ferry-node", node);
+                    if path.as_str().starts_with(&state.cfg.http.mount) {
+                        let m = crate::telemetry::metrics();
+                        let source = resp
+                            .headers()
+                            .get("x-ferry-source")
+                            .and_then(|v| v.to_str().ok())
+                            .unwrap_or("none");
+                        m.http(source, resp.status().as_u16());
+                        m.http_seconds.observe(started.elapsed().as_secs_f64());
+                    }
                     resp
                 }
             },

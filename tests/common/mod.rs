@@ -180,7 +180,12 @@ impl Env {
     }
 
     pub fn command(&self, args: &[&str]) -> Command {
-        let mut c = Command::new(env!("CARGO_BIN_EXE_ferry"));
+        self.command_for(env!("CARGO_BIN_EXE_ferry"), args)
+    }
+
+    /// Like `command`, for another program (a wrapper that execs ferry).
+    pub fn command_for(&self, program: &str, args: &[&str]) -> Command {
+        let mut c = Command::new(program);
         c.args(args).current_dir(self.dir.path());
         // Nothing from the developer's own environment leaks in.
         for (k, _) in std::env::vars() {
@@ -206,8 +211,12 @@ impl Env {
 
     /// Starts a long-running subcommand (`sync`, `run`, `serve`).
     pub fn spawn(&self, args: &[&str]) -> Daemon {
+        self.spawn_with(env!("CARGO_BIN_EXE_ferry"), args)
+    }
+
+    pub fn spawn_with(&self, program: &str, args: &[&str]) -> Daemon {
         let mut child = self
-            .command(args)
+            .command_for(program, args)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
