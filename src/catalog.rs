@@ -183,6 +183,8 @@ const MIGRATIONS: &[&str] = &[
         reason TEXT NOT NULL,
         seen_at_ms INTEGER NOT NULL
     );",
+    // 2: archive retention: when the archive copy was removed after S3 was re-confirmed.
+    "ALTER TABLE files ADD COLUMN archive_pruned_at_ms INTEGER;",
 ];
 
 fn open_conn(path: &Path) -> Result<Connection> {
@@ -304,7 +306,7 @@ pub mod ops {
                     "UPDATE files SET state = 'queued', size = ?2, mtime_ns = ?3, ctime_ns = ?4, \
                      inode = ?5, sha256 = NULL, attempts = 0, next_attempt_ms = 0, \
                      last_error = NULL, etag = NULL, updated_at_ms = ?6, queued_at_ms = ?6, \
-                     gen = gen + 1 WHERE key = ?1",
+                     archive_pruned_at_ms = NULL, gen = gen + 1 WHERE key = ?1",
                     params![
                         key.as_str(),
                         stat.size as i64,
@@ -515,6 +517,26 @@ pub mod ops {
             "UPDATE files SET state = 'queued', next_attempt_ms = 0 \
              WHERE key = ?1 AND state IN ('queued', 'failed')",
             [key],
+        )?;
+        Ok(())
+    }
+
+    /// Archived rows whose archive copy is older than `before_ms` and still kept.
+    pub fn prunable(c: &Connection, before_ms: i64, limit: usize) -> Result<Vec<Row>> {
+        let mut stmt = c.prepare(&format!(
+            "SELECT {ROW_COLS} FROM files WHERE state = 'archived' AND archived_at_ms < ?1 \
+             AND archive_pruned_at_ms IS NULL ORDER BY archived_at_ms LIMIT ?2"
+        ))?;
+        let v = stmt
+            .query_map(params![before_ms, limit as i64], row_from)?
+            .collect::<rusqlite::Result<_>>()?;
+        Ok(v)
+    }
+
+    pub fn mark_pruned(c: &Connection, key: &str, gen: i64) -> Result<()> {
+        c.execute(
+            "UPDATE files SET archive_pruned_at_ms = ?3 WHERE key = ?1 AND gen = ?2",
+            params![key, gen, now_ms()],
         )?;
         Ok(())
     }

@@ -495,9 +495,17 @@ impl Config {
         if !self.http.node_name.is_empty() {
             return self.http.node_name.clone();
         }
-        let name = std::fs::read_to_string("/proc/sys/kernel/hostname")
-            .map(|s| s.trim().to_string())
-            .unwrap_or_default();
+        // gethostname(2), not /proc/sys/kernel/hostname: the unit's ProcSubset=pid hides /proc/sys.
+        let mut buf = [0u8; 256];
+        // SAFETY: the buffer is valid for its length; gethostname NUL-terminates within it
+        // (or truncates, which the NUL search below handles).
+        let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+        let name = if rc == 0 {
+            let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+            String::from_utf8_lossy(&buf[..end]).trim().to_string()
+        } else {
+            String::new()
+        };
         if name.is_empty() || name.chars().any(|c| c.is_control() || !c.is_ascii()) {
             "ferry".to_string()
         } else {

@@ -461,3 +461,39 @@ fn sigterm_leaves_rows_consistent() {
     assert_eq!(code, 0, "{err}");
     assert_eq!(env.count("archived"), 20);
 }
+
+#[test]
+fn archive_retain_deletes_only_copies_that_s3_still_confirms() {
+    let t = tempfile::tempdir().unwrap();
+    let s3 = S3::start(t.path());
+    let mut env = Env::for_s3(&s3);
+    let keep = content("keep", 5000);
+    let drop_me = content("drop", 6000);
+    env.drop_file("keep.jpg", &keep);
+    env.drop_file("old/drop.jpg", &drop_me);
+    let (code, _, err) = env.run(&["sync", "--once"]);
+    assert_eq!(code, 0, "{err}");
+    // S3's copy of keep.jpg no longer matches: its archive copy must stay.
+    let rt = rt();
+    rt.block_on(async {
+        s3.store()
+            .await
+            .put_bytes("keep.jpg", b"something else".to_vec(), &[])
+            .await
+            .unwrap()
+    });
+    std::thread::sleep(Duration::from_millis(1200));
+    env.set("FERRY_ARCHIVE_RETAIN", "1s");
+    let d = env.spawn(&["sync"]);
+    wait_for(Duration::from_secs(20), "the old copy to go", || {
+        !env.archive().join("old/drop.jpg").exists()
+    });
+    assert!(
+        !env.archive().join("old").exists(),
+        "emptied archive folders go too"
+    );
+    assert_in_s3(&s3, "old/drop.jpg", &drop_me);
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(std::fs::read(env.archive().join("keep.jpg")).unwrap(), keep);
+    assert!(d.log().contains("kept past archive.retain"), "{}", d.log());
+}

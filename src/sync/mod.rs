@@ -169,11 +169,31 @@ pub async fn run(
     };
     let w = tokio::spawn(watcher.run(shutdown.clone()));
     let u = tokio::spawn(upload::run(ctx.clone(), shutdown.clone()));
+    if let Some(retain) = ctx.cfg.archive_retain() {
+        tokio::spawn(retention(ctx.clone(), retain, shutdown.clone()));
+    }
     let (wr, ur) = tokio::join!(w, u);
     // A watcher that fails is fatal: uploads alone would miss new files.
     wr??;
     ur??;
     Ok(())
+}
+
+/// Applies `archive.retain` now and then: at start, then every tenth of the retention
+/// (between a second and an hour).
+async fn retention(ctx: Arc<Ctx>, retain: Duration, shutdown: CancellationToken) {
+    let every = (retain / 10).clamp(Duration::from_secs(1), Duration::from_secs(3600));
+    loop {
+        match reconcile::prune_archive(&ctx, retain).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(removed = n, "archive retention pass"),
+            Err(e) => tracing::warn!(error = %e, "archive retention pass failed"),
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+    }
 }
 
 /// The end of `sync --once`.

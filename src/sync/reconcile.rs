@@ -1,5 +1,7 @@
 //! `ferry verify [--repair]`: compares the catalog, the bucket and the archive, and with
 //! `--repair` re-uploads from the archive (or spool) copy any object missing or different in S3.
+//! Also archive retention: a copy older than `archive.retain` is deleted only after a fresh
+//! HEAD confirms that S3 still holds the same SHA-256.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -137,4 +139,46 @@ pub async fn run(ctx: Arc<Ctx>, repair: bool) -> anyhow::Result<Report> {
         })
         .count();
     Ok(report)
+}
+
+/// Deletes archive copies older than `retain` whose object S3 still holds with the same
+/// SHA-256 (a fresh HEAD). Anything unconfirmed is kept and logged. Returns how many went.
+pub async fn prune_archive(ctx: &Ctx, retain: std::time::Duration) -> anyhow::Result<usize> {
+    let before = crate::catalog::now_ms() - retain.as_millis() as i64;
+    let rows = ctx
+        .catalog
+        .read(move |c| ops::prunable(c, before, 1000))
+        .await?;
+    let mut pruned = 0;
+    for row in rows {
+        let (Some(sha), Ok(key)) = (row.sha256.clone(), Key::new(&row.key, &ctx.cfg.s3.prefix))
+        else {
+            continue;
+        };
+        let path = key.path_in(&ctx.archive);
+        if path.symlink_metadata().is_ok() {
+            if let Some(problem) = s3_problem(ctx, &row.key, row.stat.size, &sha).await {
+                tracing::warn!(key = %row.key, problem, "archive copy kept past archive.retain: S3 does not confirm it");
+                continue;
+            }
+            if let Err(e) = std::fs::remove_file(&path) {
+                tracing::warn!(key = %row.key, error = %e, "cannot remove an expired archive copy");
+                continue;
+            }
+            if let Some(parent) = path.parent() {
+                crate::sync::archive::remove_empty_parents(
+                    &ctx.archive,
+                    parent,
+                    std::time::Duration::ZERO,
+                );
+            }
+            tracing::info!(key = %row.key, "archive copy removed after archive.retain (S3 re-confirmed)");
+            pruned += 1;
+        }
+        let (k, gen) = (row.key.clone(), row.gen);
+        ctx.catalog
+            .write(move |c| ops::mark_pruned(c, &k, gen))
+            .await?;
+    }
+    Ok(pruned)
 }
