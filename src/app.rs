@@ -73,6 +73,7 @@ pub async fn run(cfg: Config, with_sync: bool, with_serve: bool) -> anyhow::Resu
 
     let mut tasks = tokio::task::JoinSet::new();
     if with_serve {
+        serve::raise_fd_limit();
         let resolver = serve::resolver(cfg.clone(), catalog.clone(), store.clone())?;
         let (listener, addr) = serve::bind(&cfg).await?;
         tasks.spawn(resolver.meta.clone().watch(shutdown.clone()));

@@ -247,6 +247,8 @@ pub struct HttpConfig {
     pub fallback_url: String,
     /// Cache-Control on local hits: uploads never change under one key for long, but can.
     pub cache_control: String,
+    /// A client must send its request headers within this long (slowloris defence).
+    pub header_read_timeout: Dur,
 }
 impl Default for HttpConfig {
     fn default() -> Self {
@@ -262,6 +264,7 @@ impl Default for HttpConfig {
             metadata_ttl: Dur(Duration::from_secs(5 * 60)),
             fallback_url: String::new(),
             cache_control: "public, max-age=300".into(),
+            header_read_timeout: Dur(Duration::from_secs(30)),
         }
     }
 }

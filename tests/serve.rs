@@ -239,3 +239,27 @@ fn allow_regex_refuses_other_keys_with_404() {
     assert_eq!(get(d.addr(), "/static/ok.jpg", &[]).status, 200);
     assert_eq!(get(d.addr(), "/static/no.txt", &[]).status, 404);
 }
+
+#[test]
+fn a_client_that_never_finishes_its_headers_is_cut_off() {
+    use std::io::{Read, Write};
+    let t = tempfile::tempdir().unwrap();
+    let s3 = S3::start(t.path());
+    let mut env = Env::for_s3(&s3);
+    env.set("FERRY_HTTP_HEADER_READ_TIMEOUT", "1s");
+    let d = env.spawn(&["serve"]);
+    let mut slow = std::net::TcpStream::connect(d.addr()).unwrap();
+    slow.write_all(b"GET /static/x HTTP/1.1\r\nHost: a\r\n")
+        .unwrap();
+    slow.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let start = std::time::Instant::now();
+    let mut buf = Vec::new();
+    let _ = slow.read_to_end(&mut buf);
+    assert!(
+        start.elapsed() < Duration::from_secs(5),
+        "closed by the server"
+    );
+    // Others are served meanwhile.
+    assert_eq!(get(d.addr(), "/healthz", &[]).status, 200);
+}

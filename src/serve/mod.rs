@@ -91,6 +91,7 @@ pub async fn serve(
     listener: tokio::net::TcpListener,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    let header_timeout = state.cfg.http.header_read_timeout.0;
     let node = HeaderValue::from_str(&state.node_name)
         .unwrap_or_else(|_| HeaderValue::from_static("ferry"));
     let filter = warp::method()
@@ -121,12 +122,69 @@ pub async fn serve(
                 }
             },
         );
-    warp::serve(filter)
-        .incoming(listener)
-        .graceful(async move { shutdown.cancelled().await })
-        .run()
-        .await;
+    // Our own accept loop (warp's `serve` has no header-read timeout): a client that never
+    // finishes its headers is cut off, and shutdown drains connections with a deadline.
+    let svc = warp::service(filter);
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(header_timeout)
+        .keep_alive(true);
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    loop {
+        let (stream, _peer) = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            r = listener.accept() => match r {
+                Ok(pair) => pair,
+                Err(e) => {
+                    // EMFILE/ENFILE: out of descriptors; back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let io = hyper_util::rt::TokioIo::new(stream);
+        let conn = http.serve_connection(
+            io,
+            hyper_util::service::TowerToHyperService::new(svc.clone()),
+        );
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    if tokio::time::timeout(DRAIN_DEADLINE, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("HTTP connections still open after the drain deadline; closing them");
+    }
     Ok(())
+}
+
+/// How long shutdown waits for responses in flight.
+const DRAIN_DEADLINE: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Raises the soft open-files limit to the hard limit: every connection and every file served
+/// holds a descriptor, and the default soft limit (1024) is far below what a busy node needs.
+pub fn raise_fd_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a valid, owned struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                tracing::debug!("could not raise the open-files limit");
+            }
+        }
+    }
 }
 
 /// Binds `http.listen` (port 0 picks a free port) and returns the listener and address.
