@@ -139,7 +139,14 @@ fn chaos(files: usize, secs: u64) {
     // Every file: in S3 with its original SHA-256, in the archive with the same bytes.
     let originals = originals.lock().unwrap();
     let rt = rt();
-    let store = rt.block_on(async { s3.lock().unwrap().store().await });
+    let cfg_s3 = s3.lock().unwrap().endpoint();
+    let store = rt.block_on(async {
+        let mut cfg = ferry::config::Config::default();
+        cfg.s3.endpoint = cfg_s3;
+        cfg.s3.bucket = "ferry-test".into();
+        cfg.s3.path_style = true;
+        ferry::store::Store::with_credentials(&cfg, ACCESS_KEY, SECRET_KEY).await
+    });
     let mut lost = Vec::new();
     for (key, sha) in originals.iter() {
         let in_s3 = rt.block_on(store.read_back(key)).ok().map(|(_, s)| s);
