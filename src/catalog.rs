@@ -262,12 +262,9 @@ pub mod ops {
     use super::*;
 
     pub fn get(c: &Connection, key: &str) -> Result<Option<Row>> {
-        Ok(c.query_row(
-            &format!("SELECT {ROW_COLS} FROM files WHERE key = ?1"),
-            [key],
-            row_from,
-        )
-        .optional()?)
+        // Cached: this runs for every served miss and every poll of `sync --once`.
+        let mut stmt = c.prepare_cached(&format!("SELECT {ROW_COLS} FROM files WHERE key = ?1"))?;
+        Ok(stmt.query_row([key], row_from).optional()?)
     }
 
     /// A ready file in the spool: queue it unless the catalog already has this version.
@@ -358,11 +355,10 @@ pub mod ops {
 
     /// The earliest time a queued or failed row becomes due, if any.
     pub fn next_due(c: &Connection) -> Result<Option<i64>> {
-        Ok(c.query_row(
+        let mut stmt = c.prepare_cached(
             "SELECT MIN(next_attempt_ms) FROM files WHERE state IN ('queued', 'failed')",
-            [],
-            |r| r.get::<_, Option<i64>>(0),
-        )?)
+        )?;
+        Ok(stmt.query_row([], |r| r.get::<_, Option<i64>>(0))?)
     }
 
     /// Records what was hashed (the stat may have moved on since the row was queued).
@@ -399,14 +395,32 @@ pub mod ops {
     }
 
     /// S3 holds these exact bytes. Committing this is what allows the move to the archive.
-    pub fn mark_verified(c: &Connection, key: &str, gen: i64, etag: Option<&str>) -> Result<bool> {
+    pub fn mark_verified(
+        c: &Connection,
+        key: &str,
+        gen: i64,
+        stat: FileStat,
+        sha256: &str,
+        etag: Option<&str>,
+    ) -> Result<bool> {
         let now = now_ms();
-        let n = c.execute(
-            "UPDATE files SET state = 'verified', etag = ?3, upload_id = NULL, \
-             last_error = NULL, uploaded_at_ms = ?4, updated_at_ms = ?4 \
-             WHERE key = ?1 AND gen = ?2 AND state = 'uploading' AND sha256 IS NOT NULL",
-            params![key, gen, etag, now],
+        let mut stmt = c.prepare_cached(
+            "UPDATE files SET state = 'verified', size = ?3, mtime_ns = ?4, ctime_ns = ?5, \
+             inode = ?6, sha256 = ?7, etag = ?8, upload_id = NULL, last_error = NULL, \
+             uploaded_at_ms = ?9, updated_at_ms = ?9 \
+             WHERE key = ?1 AND gen = ?2 AND state = 'uploading'",
         )?;
+        let n = stmt.execute(params![
+            key,
+            gen,
+            stat.size as i64,
+            stat.mtime_ns,
+            stat.ctime_ns,
+            stat.inode as i64,
+            sha256,
+            etag,
+            now
+        ])?;
         Ok(n == 1)
     }
 

@@ -257,9 +257,12 @@ pub async fn run_once(
         total: keys.len(),
         ..Default::default()
     };
+    // Rows archived (or gone) are final; only the others are looked at again.
+    let mut finished: Vec<crate::catalog::Row> = Vec::new();
+    let mut open_keys = keys.clone();
     loop {
-        let ks = keys.clone();
-        let rows = ctx
+        let ks = std::mem::take(&mut open_keys);
+        let fresh = ctx
             .catalog
             .read(move |c| {
                 let mut v = Vec::with_capacity(ks.len());
@@ -271,6 +274,12 @@ pub async fn run_once(
                 Ok(v)
             })
             .await?;
+        let (done_now, open_now): (Vec<_>, Vec<_>) = fresh
+            .into_iter()
+            .partition(|r| matches!(r.state, State::Archived | State::Vanished | State::Deleted));
+        finished.extend(done_now);
+        open_keys = open_now.iter().map(|r| r.key.clone()).collect();
+        let rows: Vec<&crate::catalog::Row> = finished.iter().chain(open_now.iter()).collect();
         let archived = rows.iter().filter(|r| r.state == State::Archived).count();
         let vanished = rows
             .iter()
@@ -302,7 +311,7 @@ pub async fn run_once(
         }
         tokio::select! {
             _ = shutdown.cancelled() => {}
-            _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+            _ = tokio::time::sleep(Duration::from_millis(100)) => {}
         }
     }
     stop.cancel();

@@ -96,6 +96,12 @@ fn open_nofollow(path: &Path) -> Result<File, HashError> {
     }
 }
 
+/// A read buffer for a file of `size` bytes: 1 MiB at most, no more than the file needs
+/// (zeroing a megabyte for every small photo showed up in profiles).
+pub fn read_buffer(size: u64) -> Vec<u8> {
+    vec![0u8; (size as usize).saturating_add(1).clamp(4096, 1 << 20)]
+}
+
 /// Reads the file once: full SHA-256 and, when `part_size` is given, each part's SHA-256.
 /// Fails with `Changed` if the file's identity moved while it was read.
 pub fn hash_file(path: &Path, part_size: Option<u64>) -> Result<Hashed, HashError> {
@@ -110,12 +116,12 @@ pub fn hash_file(path: &Path, part_size: Option<u64>) -> Result<Hashed, HashErro
     }
     let before = FileStat::of(&md);
     let mut full = Sha256::new();
+    let mut buf = read_buffer(before.size);
     let mut parts = Vec::new();
     let mut part = Sha256::new();
     let mut part_start = 0u64;
     let mut part_len = 0u64;
     let mut total = 0u64;
-    let mut buf = vec![0u8; 1 << 20];
     loop {
         let want = match part_size {
             Some(ps) => ((ps - part_len) as usize).min(buf.len()),
@@ -165,7 +171,7 @@ fn md5s(path: &Path, h: &Hashed) -> Result<(String, Option<String>), HashError> 
     let mut full = Md5::new();
     let mut sha = Sha256::new();
     let mut part_md5s: Vec<u8> = Vec::new();
-    let mut buf = vec![0u8; 1 << 20];
+    let mut buf = read_buffer(h.stat.size);
     let bounds: Vec<(u64, u64)> = if h.parts.is_empty() {
         vec![(0, h.stat.size)]
     } else {
@@ -454,21 +460,8 @@ impl Ctx {
         if (h.stat.size > threshold) != part_size.is_some() {
             return Attempt::Changed("size crossed the multipart threshold");
         }
+        // The hash is recorded with `verified`: before that, a restart hashes again anyway.
         let sha_hex = h.sha256_hex();
-        {
-            let k = row.key.clone();
-            let sh = sha_hex.clone();
-            let st = h.stat;
-            match self
-                .catalog
-                .write(move |c| ops::set_hashed(c, &k, gen, st, &sh))
-                .await
-            {
-                Ok(true) => {}
-                Ok(false) => return Attempt::Superseded,
-                Err(e) => return catalog_retry(e),
-            }
-        }
 
         // 2. PUT.
         let object_key = self.object_key(&key);
@@ -529,9 +522,10 @@ impl Ctx {
         {
             let k = row.key.clone();
             let tag = etag.clone();
+            let (st, sh) = (h.stat, sha_hex.clone());
             match self
                 .catalog
-                .write(move |c| ops::mark_verified(c, &k, gen, tag.as_deref()))
+                .write(move |c| ops::mark_verified(c, &k, gen, st, &sh, tag.as_deref()))
                 .await
             {
                 Ok(true) => {}
