@@ -149,10 +149,17 @@ impl Resolver {
         // 1. The spool.
         let spool = self.spool.clone();
         let k = key.as_str().to_string();
-        let found = tokio::task::spawn_blocking(move || local::open_beneath(&spool, &k))
-            .await
-            .map_err(|e| ServeError::Internal(format!("open task: {e}")))?
-            .map_err(|e| ServeError::Internal(format!("open {key}: {e}")))?;
+        let head = method == Method::HEAD;
+        let found = tokio::task::spawn_blocking(move || {
+            let mut f = local::open_beneath(&spool, &k)?;
+            if let (Some(lf), false) = (f.as_mut(), head) {
+                lf.preload()?;
+            }
+            Ok::<_, std::io::Error>(f)
+        })
+        .await
+        .map_err(|e| ServeError::Internal(format!("open task: {e}")))?
+        .map_err(|e| ServeError::Internal(format!("open {key}: {e}")))?;
         if let Some(lf) = found {
             let ct = crate::sync::upload::content_type(key.as_str());
             return Ok(local::respond(lf, method, headers, &ct, &self.cache_control).await);
@@ -462,6 +469,7 @@ fn open_path(p: &std::path::Path) -> std::io::Result<Option<local::LocalFile>> {
         mtime: md.modified()?,
         inode: md.ino(),
         file,
+        preloaded: None,
     }))
 }
 
