@@ -242,6 +242,12 @@ impl HotCache {
         Some(e)
     }
 
+    /// Whether an entry for this version may exist, from memory only (no I/O): the hot
+    /// path asks this before paying for a blocking `lookup`.
+    pub fn may_have(&self, key: &str, sha256: &str) -> bool {
+        self.enabled && self.index.get(key).is_some_and(|e| e.sha256 == sha256)
+    }
+
     /// A temp path for a fill in progress.
     pub fn temp_path(&self) -> PathBuf {
         self.dir.join(format!(

@@ -140,6 +140,126 @@ struct OpenHow {
     resolve: u64,
 }
 
+/// The executor-safe fast path: resolves `rel` only through the dentry cache
+/// (`RESOLVE_CACHED`) and reads a small file only from the page cache (`RWF_NOWAIT`), so
+/// nothing here can wait for a disk. `None` means "that would block: use `open_beneath` on a
+/// blocking thread"; `Some` is the final answer. A file whose bytes are not cached comes back
+/// without `preloaded`, and `respond` reads it on a blocking thread.
+pub fn try_open_cached(
+    dir: &File,
+    rel: &str,
+    preload: bool,
+) -> Option<io::Result<Option<LocalFile>>> {
+    if !is_plain_relative(rel) {
+        return Some(Ok(None));
+    }
+    let path = CString::new(rel).ok()?;
+    let how = OpenHow {
+        flags: FILE_FLAGS as u64,
+        mode: 0,
+        // SECURITY: the same confinement as openat2_beneath, plus "dentry cache only".
+        resolve: libc::RESOLVE_NO_SYMLINKS | libc::RESOLVE_BENEATH | libc::RESOLVE_CACHED,
+    };
+    // SAFETY: `path` is NUL-terminated and `how` is a live open_how of the size we pass.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_openat2,
+            dir.as_raw_fd(),
+            path.as_ptr(),
+            &how as *const OpenHow,
+            std::mem::size_of::<OpenHow>(),
+        )
+    };
+    if ret < 0 {
+        let err = io::Error::last_os_error();
+        return match err.raw_os_error() {
+            // RESOLVE_CACHED never trusts a negative dentry, so a missing file (every redirect)
+            // lands here. A plain lookup answers "absent" from the dentry cache in a
+            // microsecond; only a directory block not in memory could make it wait, and that
+            // is a metadata read, not file I/O. Anything found goes the careful way.
+            Some(libc::EAGAIN) if absent_by_lookup(dir, &path) => Some(Ok(None)),
+            // Not cached, a rename race, or a kernel without openat2/RESOLVE_CACHED.
+            Some(libc::EAGAIN | libc::EINTR | libc::ENOSYS | libc::EINVAL) => None,
+            _ if means_absent(&err) => Some(Ok(None)),
+            _ => Some(Err(err)),
+        };
+    }
+    // SAFETY: a non-negative return is a new descriptor that nothing else owns.
+    let file = File::from(unsafe { OwnedFd::from_raw_fd(ret as libc::c_int) });
+    let meta = match file.metadata() {
+        Ok(m) => m,
+        Err(e) => return Some(Err(e)),
+    };
+    // SECURITY: only regular files are served.
+    if !meta.file_type().is_file() {
+        return Some(Ok(None));
+    }
+    let mtime = match meta.modified() {
+        Ok(t) => t,
+        Err(e) => return Some(Err(e)),
+    };
+    let mut lf = LocalFile {
+        len: meta.len(),
+        mtime,
+        inode: meta.ino(),
+        file,
+        preloaded: None,
+    };
+    if preload && lf.len <= SMALL_BODY {
+        lf.preloaded = read_nowait(&lf.file, lf.len as usize);
+    }
+    Some(Ok(Some(lf)))
+}
+
+/// Whether nothing exists at `path` beneath `dir` (ENOENT/ENOTDIR). A symlinked directory
+/// could make this look further than RESOLVE_BENEATH allows, but it can only ever answer
+/// "absent"; anything present is re-opened with every check on a blocking thread.
+fn absent_by_lookup(dir: &File, path: &CString) -> bool {
+    let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
+    // SAFETY: NUL-terminated path, a valid dir fd and a stat buffer the kernel fills.
+    let rc = unsafe {
+        libc::fstatat(
+            dir.as_raw_fd(),
+            path.as_ptr(),
+            st.as_mut_ptr(),
+            libc::AT_SYMLINK_NOFOLLOW,
+        )
+    };
+    rc != 0
+        && matches!(
+            io::Error::last_os_error().raw_os_error(),
+            Some(libc::ENOENT | libc::ENOTDIR)
+        )
+}
+
+/// Reads `len` bytes from offset 0 only if they are all in the page cache.
+fn read_nowait(file: &File, len: usize) -> Option<Bytes> {
+    let mut buf = vec![0u8; len];
+    let mut done = 0;
+    while done < len {
+        let iov = libc::iovec {
+            iov_base: buf[done..].as_mut_ptr().cast(),
+            iov_len: len - done,
+        };
+        // SAFETY: one iovec over our own live buffer; the kernel writes at most iov_len bytes.
+        let n = unsafe {
+            libc::preadv2(
+                file.as_raw_fd(),
+                &iov,
+                1,
+                done as libc::off_t,
+                libc::RWF_NOWAIT,
+            )
+        };
+        if n <= 0 {
+            // EAGAIN (not cached), EOPNOTSUPP (no RWF_NOWAIT here), or a file that shrank.
+            return None;
+        }
+        done += n as usize;
+    }
+    Some(Bytes::from(buf))
+}
+
 fn openat2_beneath(dir: BorrowedFd<'_>, rel: &str) -> io::Result<OwnedFd> {
     let path = CString::new(rel)?;
     let how = OpenHow {
@@ -1156,6 +1276,31 @@ mod tests {
 
     fn content(n: usize) -> Vec<u8> {
         (0..n).map(|i| (i * 7 % 251) as u8).collect()
+    }
+
+    #[test]
+    fn cached_fast_path_agrees_with_the_blocking_path() {
+        let t = tempfile::tempdir().expect("tempdir");
+        std::fs::create_dir_all(t.path().join("a")).expect("mkdir");
+        std::fs::write(t.path().join("a/f.jpg"), b"hello").expect("write");
+        std::os::unix::fs::symlink("/etc/passwd", t.path().join("link")).expect("symlink");
+        let dir = File::open(t.path()).expect("dir");
+        // Warm the dentry and page caches the way a first request would.
+        let slow = open_beneath(&dir, "a/f.jpg").expect("open").expect("file");
+        // A kernel without RESOLVE_CACHED always says "would block": nothing to compare then.
+        let Some(fast) = (0..100).find_map(|_| try_open_cached(&dir, "a/f.jpg", true)) else {
+            return;
+        };
+        let fast = fast.expect("open").expect("file");
+        assert_eq!((fast.len, fast.inode), (slow.len, slow.inode));
+        if let Some(b) = fast.preloaded {
+            assert_eq!(&b[..], b"hello");
+        }
+        for absent in ["link", "nope", "a/f.jpg/x", "../x"] {
+            if let Some(r) = try_open_cached(&dir, absent, true) {
+                assert!(r.expect("no error").is_none(), "{absent}");
+            }
+        }
     }
 
     fn local(data: &[u8]) -> (tempfile::NamedTempFile, LocalFile) {

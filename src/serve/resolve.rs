@@ -147,19 +147,25 @@ impl Resolver {
         }
 
         // 1. The spool.
-        let spool = self.spool.clone();
-        let k = key.as_str().to_string();
         let head = method == Method::HEAD;
-        let found = tokio::task::spawn_blocking(move || {
-            let mut f = local::open_beneath(&spool, &k)?;
-            if let (Some(lf), false) = (f.as_mut(), head) {
-                lf.preload()?;
+        // Fast path: everything cached, nothing can block, no thread hop.
+        let found = match local::try_open_cached(&self.spool, key.as_str(), !head) {
+            Some(r) => r.map_err(|e| ServeError::Internal(format!("open {key}: {e}")))?,
+            None => {
+                let spool = self.spool.clone();
+                let k = key.as_str().to_string();
+                tokio::task::spawn_blocking(move || {
+                    let mut f = local::open_beneath(&spool, &k)?;
+                    if let (Some(lf), false) = (f.as_mut(), head) {
+                        lf.preload()?;
+                    }
+                    Ok::<_, std::io::Error>(f)
+                })
+                .await
+                .map_err(|e| ServeError::Internal(format!("open task: {e}")))?
+                .map_err(|e| ServeError::Internal(format!("open {key}: {e}")))?
             }
-            Ok::<_, std::io::Error>(f)
-        })
-        .await
-        .map_err(|e| ServeError::Internal(format!("open task: {e}")))?
-        .map_err(|e| ServeError::Internal(format!("open {key}: {e}")))?;
+        };
         if let Some(lf) = found {
             let ct = crate::sync::upload::content_type(key.as_str());
             return Ok(local::respond(lf, method, headers, &ct, &self.cache_control).await);
@@ -194,7 +200,7 @@ impl Resolver {
             0
         };
         if let Some(sha) = meta.sha256.clone() {
-            if self.cache.enabled() {
+            if self.cache.may_have(key.as_str(), &sha) {
                 let (c, k) = (self.cache.clone(), key.as_str().to_string());
                 let entry = tokio::task::spawn_blocking(move || c.lookup(&k, &sha))
                     .await
