@@ -329,3 +329,81 @@ fn verify_finds_and_repairs_missing_and_different_objects() {
         assert_eq!(st.read_back("b.jpg").await.unwrap().1, sha256_hex(&b));
     });
 }
+
+#[test]
+fn cache_stays_within_max_size_and_one_hit_keys_do_not_evict_the_hot_set() {
+    let t = tempfile::tempdir().unwrap();
+    let s3 = S3::start(t.path());
+    // 8 hot keys fill about 40% of the cache; then 2× max_size of other keys go through it.
+    let blob_len = 10 * 1024;
+    let max = 200 * 1024u64;
+    let mut files: Vec<(String, Vec<u8>)> = Vec::new();
+    for i in 0..48u8 {
+        files.push((format!("k{i}.bin"), blob(i, blob_len)));
+    }
+    let refs: Vec<(&str, &[u8])> = files
+        .iter()
+        .map(|(k, b)| (k.as_str(), b.as_slice()))
+        .collect();
+    let env = uploaded(
+        &s3,
+        &refs,
+        &[
+            ("FERRY_CACHE_HOT_HITS", "2"),
+            ("FERRY_CACHE_MAX_SIZE", &max.to_string()),
+        ],
+    );
+    let d = env.spawn(&["serve"]);
+    let addr = d.addr();
+    let cache_bytes = || -> u64 {
+        walk(&env.dir.path().join("cache"))
+            .iter()
+            .filter(|p| p.extension().is_some_and(|e| e == "data"))
+            .map(|p| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0))
+            .sum()
+    };
+    // The hot set: requested often.
+    let check = |r: RawResponse, want: &[u8]| {
+        // Below the threshold a key is redirected; from it on, served with its exact bytes.
+        if r.status == 302 {
+            assert_eq!(r.header("x-ferry-source"), Some("redirect"));
+        } else {
+            assert_eq!(r.status, 200);
+            assert_eq!(r.body, want);
+        }
+    };
+    for round in 0..6 {
+        let mut seen = Vec::new();
+        for (key, bytes) in &files[..8] {
+            let r = get(addr, &format!("/static/{key}"));
+            seen.push(r.header("x-ferry-source").unwrap_or("-").to_string());
+            check(r, bytes);
+        }
+        eprintln!("round {round}: {seen:?}");
+    }
+    // A scan: 40 other keys, each made just hot (2 hits), 2× the cache's size in all.
+    for (key, bytes) in &files[8..] {
+        for _ in 0..2 {
+            check(get(addr, &format!("/static/{key}")), bytes);
+        }
+        assert!(
+            cache_bytes() <= max,
+            "cache holds {} > {max}",
+            cache_bytes()
+        );
+    }
+    let sources: Vec<String> = (0..8)
+        .map(|i| {
+            get(addr, &format!("/static/k{i}.bin"))
+                .header("x-ferry-source")
+                .unwrap_or("-")
+                .to_string()
+        })
+        .collect();
+    eprintln!("hot sources after the scan: {sources:?}");
+    let hot_still_cached = sources.iter().filter(|s| *s == "cache").count();
+    assert!(
+        hot_still_cached >= 6,
+        "the scan evicted the hot set: {hot_still_cached}/8 still cached"
+    );
+}

@@ -1,6 +1,11 @@
 //! The hot cache: popular objects kept on local disk under `cache.dir`, bounded by
-//! `cache.max_size`, evicted by frequency and recency (moka's TinyLFU: a scan of one-hit keys
-//! cannot flush the hot set), expiring after `cache.ttl`, and rebuilt from disk at start-up.
+//! `cache.max_size`, evicted by frequency and recency, expiring after `cache.ttl`, and
+//! rebuilt from disk at start-up.
+//!
+//! Admission is TinyLFU-like: a newcomer displaces entries only if it has been asked for more
+//! often than every entry it would displace (least frequent first, least recent among
+//! equals), so a scan of keys that are barely hot cannot flush the hot set. Frequencies are
+//! halved as accesses accumulate, so yesterday's favourites age out.
 //!
 //! An entry is two files named by the SHA-256 of its key: `<h>.data` (the bytes) and
 //! `<h>.json` (key, sha256, size, created). Data is written to a temp name and renamed in only
@@ -13,11 +18,10 @@ use std::collections::VecDeque;
 use std::fs::{self, File};
 use std::io::{self, Read};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use moka::notification::RemovalCause;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -38,6 +42,13 @@ pub struct Entry {
     json: PathBuf,
     /// Entries loaded from disk are hashed once before they are trusted.
     checked: AtomicBool,
+    /// False between admission and the data file landing: not servable yet.
+    ready: AtomicBool,
+    /// Accesses (aged by halving): what admission compares.
+    freq: AtomicU32,
+    /// Last access, ms since the cache opened: the tie-break among equally frequent.
+    last: AtomicU64,
+    created: Instant,
     /// (size, mtime ns, inode) of the data file when it was last known good: anything that
     /// rewrites the file changes one of them, and the entry is hashed again.
     seen: Mutex<Option<(u64, i64, u64)>>,
@@ -51,12 +62,21 @@ fn stat_of(p: &Path) -> Option<(u64, i64, u64)> {
 
 pub struct HotCache {
     dir: PathBuf,
-    index: moka::sync::Cache<String, Arc<Entry>>,
+    index: Mutex<Index>,
+    max_size: u64,
+    ttl: Duration,
+    opened: Instant,
     hits: moka::sync::Cache<String, Arc<Mutex<VecDeque<Instant>>>>,
+    /// Keys whose admission was refused lately: served the normal way (redirect) for a while
+    /// rather than fetched from S3 on every request.
+    refused: moka::sync::Cache<String, ()>,
     hot_hits: u32,
     window: Duration,
     enabled: bool,
 }
+
+/// How long a refused admission is remembered.
+const REFUSAL_MEMORY: Duration = Duration::from_secs(30);
 
 fn key_hash(key: &str) -> String {
     hex::encode(Sha256::digest(key.as_bytes()))
@@ -98,29 +118,21 @@ impl HotCache {
         if enabled {
             fs::create_dir_all(dir)?;
         }
-        let index = moka::sync::Cache::builder()
-            .max_capacity(max_size.max(1))
-            // Weights are u32; anything over 4 GiB counts as 4 GiB (and rarely fits anyway).
-            .weigher(|_k: &String, e: &Arc<Entry>| e.size.min(u32::MAX as u64).max(1) as u32)
-            .time_to_live(ttl)
-            .eviction_listener(|_k: Arc<String>, e: Arc<Entry>, cause: RemovalCause| {
-                // Replaced entries were already renamed over; only drop files otherwise.
-                if cause != RemovalCause::Replaced {
-                    let _ = fs::remove_file(&e.data);
-                    let _ = fs::remove_file(&e.json);
-                    let m = crate::telemetry::metrics();
-                    m.cache_evictions.inc();
-                    m.cache_bytes.dec_by(e.size as i64);
-                }
-            })
-            .build();
         let hits = moka::sync::Cache::builder()
             .max_capacity(1_000_000)
             .time_to_live(window)
             .build();
+        let refused = moka::sync::Cache::builder()
+            .max_capacity(100_000)
+            .time_to_live(REFUSAL_MEMORY)
+            .build();
         let cache = HotCache {
+            refused,
             dir: dir.to_path_buf(),
-            index,
+            index: Mutex::new(Index::default()),
+            max_size,
+            ttl,
+            opened: Instant::now(),
             hits,
             hot_hits,
             window,
@@ -165,24 +177,69 @@ impl HotCache {
                 let _ = fs::remove_file(&p);
                 continue;
             }
-            crate::telemetry::metrics()
-                .cache_bytes
-                .inc_by(sc.size as i64);
-            self.index.insert(
-                sc.key.clone(),
-                Arc::new(Entry {
-                    key: sc.key,
-                    sha256: sc.sha256,
-                    size: sc.size,
-                    data,
-                    json: p,
-                    checked: AtomicBool::new(false),
-                    seen: Mutex::new(None),
-                }),
-            );
+            // The age of an entry survives restarts through its sidecar.
+            let age = Duration::from_millis(now_ms().saturating_sub(sc.created_ms));
+            let Some(created) = Instant::now().checked_sub(age) else {
+                continue;
+            };
+            let e = Arc::new(Entry {
+                key: sc.key.clone(),
+                sha256: sc.sha256,
+                size: sc.size,
+                data,
+                json: p,
+                checked: AtomicBool::new(false),
+                ready: AtomicBool::new(true),
+                seen: Mutex::new(None),
+                freq: AtomicU32::new(1),
+                last: AtomicU64::new(0),
+                created,
+            });
+            let fits = self.lock().total + sc.size <= self.max_size;
+            if fits {
+                crate::telemetry::metrics()
+                    .cache_bytes
+                    .inc_by(sc.size as i64);
+                self.lock().put(e);
+            } else {
+                drop_files(&e);
+            }
         }
-        self.index.run_pending_tasks();
         Ok(())
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Index> {
+        self.index.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.opened.elapsed().as_millis() as u64
+    }
+
+    /// The entry for `key`, counting an access; expired entries are dropped here.
+    fn get(&self, key: &str) -> Option<Arc<Entry>> {
+        let mut idx = self.lock();
+        let e = idx.map.get(key)?.clone();
+        if e.created.elapsed() >= self.ttl {
+            idx.remove(key, true);
+            return None;
+        }
+        e.freq.fetch_add(1, Ordering::Relaxed);
+        e.last.store(self.now_ms(), Ordering::Relaxed);
+        idx.accesses += 1;
+        // Ageing: once accesses reach ten per entry, every count is halved.
+        if idx.accesses > 10 * (idx.map.len() as u64).max(16) {
+            idx.accesses = 0;
+            for v in idx.map.values() {
+                let f = v.freq.load(Ordering::Relaxed);
+                v.freq.store(f / 2, Ordering::Relaxed);
+            }
+        }
+        Some(e)
+    }
+
+    fn invalidate(&self, key: &str) {
+        self.lock().remove(key, true);
     }
 
     /// Counts one request for `key`; returns the count within the window (capped at
@@ -210,16 +267,25 @@ impl HotCache {
         self.hot_hits
     }
 
+    /// Whether `key` is hot enough to fetch into the cache: `count` reached the threshold
+    /// and the cache has not just refused it.
+    pub fn wants(&self, key: &str, count: u32) -> bool {
+        self.enabled && count >= self.hot_hits && !self.refused.contains_key(key)
+    }
+
     /// The entry for `key` if it holds exactly the bytes with `sha256`. Blocking (may hash a
     /// file loaded from disk on its first use).
     pub fn lookup(&self, key: &str, sha256: &str) -> Option<Arc<Entry>> {
         if !self.enabled {
             return None;
         }
-        let e = self.index.get(key)?;
+        let e = self.get(key)?;
+        if !e.ready.load(Ordering::Acquire) {
+            return None;
+        }
         if e.sha256 != sha256 {
             // An old version: never served; dropped so the new one can be cached.
-            self.index.invalidate(key);
+            self.invalidate(key);
             return None;
         }
         let now = stat_of(&e.data);
@@ -234,7 +300,7 @@ impl HotCache {
                 }
                 _ => {
                     tracing::warn!(key, "hot cache entry is corrupt; dropped and refetched");
-                    self.index.invalidate(key);
+                    self.invalidate(key);
                     return None;
                 }
             }
@@ -245,7 +311,12 @@ impl HotCache {
     /// Whether an entry for this version may exist, from memory only (no I/O): the hot
     /// path asks this before paying for a blocking `lookup`.
     pub fn may_have(&self, key: &str, sha256: &str) -> bool {
-        self.enabled && self.index.get(key).is_some_and(|e| e.sha256 == sha256)
+        self.enabled
+            && self
+                .lock()
+                .map
+                .get(key)
+                .is_some_and(|e| e.sha256 == sha256 && e.ready.load(Ordering::Acquire))
     }
 
     /// A temp path for a fill in progress.
@@ -260,50 +331,143 @@ impl HotCache {
     /// Admits a completely written temp file whose bytes were hashed during the fill. The
     /// caller has already checked size and SHA-256 against the metadata.
     pub fn admit(&self, key: &str, sha256: &str, size: u64, tmp: &Path) -> io::Result<()> {
-        if !self.enabled {
+        if !self.enabled || size > self.max_size {
             let _ = fs::remove_file(tmp);
             return Ok(());
         }
         let h = key_hash(key);
         let data = self.dir.join(format!("{h}.data"));
         let json = self.dir.join(format!("{h}.json"));
-        fs::rename(tmp, &data)?;
-        let sc = Sidecar {
+        // How often this key was asked for lately: what it must beat to displace others.
+        let cand = self
+            .hits
+            .get(key)
+            .and_then(|w| w.lock().ok().map(|q| q.len() as u32))
+            .unwrap_or(1);
+        let entry = Arc::new(Entry {
             key: key.to_string(),
             sha256: sha256.to_string(),
             size,
-            created_ms: now_ms(),
-        };
-        let jtmp = self.temp_path();
-        fs::write(&jtmp, serde_json::to_vec(&sc).unwrap_or_default())?;
-        fs::rename(&jtmp, &json)?;
-        crate::telemetry::metrics().cache_bytes.inc_by(size as i64);
-        self.index.insert(
-            key.to_string(),
-            Arc::new(Entry {
+            seen: Mutex::new(None),
+            data: data.clone(),
+            json: json.clone(),
+            checked: AtomicBool::new(true),
+            ready: AtomicBool::new(false),
+            freq: AtomicU32::new(cand),
+            last: AtomicU64::new(self.now_ms()),
+            created: Instant::now(),
+        });
+        // Admission first, bytes second: evictions happen before the new file lands, so the
+        // directory never holds more than max_size.
+        {
+            let mut idx = self.lock();
+            idx.remove(key, false);
+            let need = (idx.total + size).saturating_sub(self.max_size);
+            if need > 0 {
+                let mut order: Vec<Arc<Entry>> = idx.map.values().cloned().collect();
+                order.sort_by_key(|e| {
+                    (
+                        e.freq.load(Ordering::Relaxed),
+                        e.last.load(Ordering::Relaxed),
+                    )
+                });
+                let mut freed = 0;
+                let mut victims = Vec::new();
+                for v in order {
+                    if freed >= need {
+                        break;
+                    }
+                    if v.freq.load(Ordering::Relaxed) >= cand {
+                        // Everything left is asked for at least as often: keep them.
+                        let _ = fs::remove_file(tmp);
+                        self.refused.insert(key.to_string(), ());
+                        return Ok(());
+                    }
+                    freed += v.size;
+                    victims.push(v.key.clone());
+                }
+                if freed < need {
+                    let _ = fs::remove_file(tmp);
+                    return Ok(());
+                }
+                for k in victims {
+                    idx.remove(&k, true);
+                }
+            }
+            idx.put(entry.clone());
+        }
+        let landed = (|| {
+            fs::rename(tmp, &data)?;
+            let sc = Sidecar {
                 key: key.to_string(),
                 sha256: sha256.to_string(),
                 size,
-                seen: Mutex::new(stat_of(&data)),
-                data,
-                json,
-                checked: AtomicBool::new(true),
-            }),
-        );
-        self.index.run_pending_tasks();
+                created_ms: now_ms(),
+            };
+            let jtmp = self.temp_path();
+            fs::write(&jtmp, serde_json::to_vec(&sc).unwrap_or_default())?;
+            fs::rename(&jtmp, &json)
+        })();
+        if let Err(e) = landed {
+            let _ = fs::remove_file(tmp);
+            self.lock().remove(key, true);
+            return Err(e);
+        }
+        if let Ok(mut s) = entry.seen.lock() {
+            *s = stat_of(&data);
+        }
+        entry.ready.store(true, Ordering::Release);
+        crate::telemetry::metrics().cache_bytes.inc_by(size as i64);
         Ok(())
     }
 
     /// Drops `key` (deleted or replaced).
     pub fn remove(&self, key: &str) {
-        self.index.invalidate(key);
+        self.invalidate(key);
     }
 
-    /// Bytes held, after pending evictions are applied.
+    /// Bytes held.
     pub fn weighted_size(&self) -> u64 {
-        self.index.run_pending_tasks();
-        self.index.weighted_size()
+        self.lock().total
     }
+}
+
+/// The entries, their total size, and the access count that drives ageing.
+#[derive(Default)]
+struct Index {
+    map: std::collections::HashMap<String, Arc<Entry>>,
+    total: u64,
+    accesses: u64,
+}
+
+impl Index {
+    fn put(&mut self, e: Arc<Entry>) {
+        self.total += e.size;
+        if let Some(old) = self.map.insert(e.key.clone(), e) {
+            self.total -= old.size;
+        }
+    }
+
+    /// Removes `key`; `drop_data` also deletes its files (not when a new version of the same
+    /// key is about to be renamed over them).
+    fn remove(&mut self, key: &str, drop_data: bool) {
+        if let Some(e) = self.map.remove(key) {
+            self.total -= e.size;
+            let m = crate::telemetry::metrics();
+            if e.ready.load(Ordering::Acquire) {
+                m.cache_bytes.dec_by(e.size as i64);
+            }
+            m.cache_evictions.inc();
+            if drop_data {
+                drop_files(&e);
+            }
+        }
+    }
+}
+
+fn drop_files(e: &Entry) {
+    let _ = fs::remove_file(&e.data);
+    let _ = fs::remove_file(&e.json);
 }
 
 #[cfg(test)]

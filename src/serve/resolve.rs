@@ -216,7 +216,7 @@ impl Resolver {
                 }
             }
         }
-        let hot = self.cache.enabled() && meta.sha256.is_some() && count >= self.cache.hot_hits();
+        let hot = meta.sha256.is_some() && self.cache.wants(key.as_str(), count);
         if self.cache.enabled() {
             crate::telemetry::metrics().cache_misses.inc();
         }
