@@ -496,3 +496,22 @@ fn archive_retain_deletes_only_copies_that_s3_still_confirms() {
     assert_eq!(std::fs::read(env.archive().join("keep.jpg")).unwrap(), keep);
     assert!(d.log().contains("kept past archive.retain"), "{}", d.log());
 }
+
+#[test]
+fn relative_spool_dir_from_the_embedded_defaults_is_watched() {
+    let t = tempfile::tempdir().unwrap();
+    let s3 = S3::start(t.path());
+    let mut env = Env::for_s3(&s3);
+    // The embedded defaults are relative (var/spool ...): events must still match.
+    env.set("FERRY_SPOOL_DIR", "spool");
+    env.set("FERRY_ARCHIVE_DIR", "archive");
+    env.set("FERRY_CATALOG_PATH", "ferry.db");
+    // A long rescan interval: only inotify events can find the file in time.
+    env.set("FERRY_SPOOL_RESCAN_INTERVAL", "1h");
+    let _d = env.spawn(&["sync"]);
+    std::thread::sleep(Duration::from_millis(800));
+    let bytes = content("rel", 4000);
+    env.drop_file("new.jpg", &bytes);
+    wait_archived(&env, 1, Duration::from_secs(15));
+    assert_in_s3(&s3, "new.jpg", &bytes);
+}

@@ -23,17 +23,19 @@ use upload::Ctx;
 
 /// Builds what the uploader needs and creates the spool and archive folders.
 pub fn context(cfg: Arc<Config>, catalog: Catalog, store: Store) -> anyhow::Result<Arc<Ctx>> {
-    for (what, dir) in [
-        ("spool.dir", &cfg.spool.dir),
-        ("archive.dir", &cfg.archive.dir),
-    ] {
+    // Absolute paths: inotify reports absolute event paths, and a relative spool (the
+    // embedded default `var/spool`) would match none of them.
+    let absolute = |what: &str, dir: &std::path::Path| -> anyhow::Result<std::path::PathBuf> {
         std::fs::create_dir_all(dir)
-            .map_err(|e| anyhow::anyhow!("{what} {}: {e}", dir.display()))?;
-    }
+            .and_then(|_| std::fs::canonicalize(dir))
+            .map_err(|e| anyhow::anyhow!("{what} {}: {e}", dir.display()))
+    };
+    let spool = absolute("spool.dir", &cfg.spool.dir)?;
+    let archive = absolute("archive.dir", &cfg.archive.dir)?;
     Ok(Arc::new(Ctx {
         policy: Policy::new(&cfg.retry),
-        spool: cfg.spool.dir.clone(),
-        archive: cfg.archive.dir.clone(),
+        spool,
+        archive,
         cfg,
         catalog,
         store,
