@@ -63,6 +63,8 @@ fn stat_of(p: &Path) -> Option<(u64, i64, u64)> {
 pub struct HotCache {
     dir: PathBuf,
     index: Mutex<Index>,
+    /// The cache directory, opened once, for lookups beneath it.
+    dir_fd: Option<File>,
     max_size: u64,
     ttl: Duration,
     opened: Instant,
@@ -126,7 +128,13 @@ impl HotCache {
             .max_capacity(100_000)
             .time_to_live(REFUSAL_MEMORY)
             .build();
+        let dir_fd = if enabled {
+            Some(File::open(dir)?)
+        } else {
+            None
+        };
         let cache = HotCache {
+            dir_fd,
             refused,
             dir: dir.to_path_buf(),
             index: Mutex::new(Index::default()),
@@ -317,6 +325,34 @@ impl HotCache {
                 .map
                 .get(key)
                 .is_some_and(|e| e.sha256 == sha256 && e.ready.load(Ordering::Acquire))
+    }
+
+    /// The executor-safe hit: an entry already checked, whose data file opens from the
+    /// dentry cache and reads from the page cache (`local::try_open_cached`), and whose
+    /// fstat still matches what was checked. `None` means: take the blocking `lookup`.
+    pub fn try_hit_cached(
+        &self,
+        key: &str,
+        sha256: &str,
+        preload: bool,
+    ) -> Option<super::local::LocalFile> {
+        let dir = self.dir_fd.as_ref()?;
+        let e = self.get(key)?;
+        if !e.ready.load(Ordering::Acquire)
+            || !e.checked.load(Ordering::Acquire)
+            || e.sha256 != sha256
+        {
+            return None;
+        }
+        let name = e.data.file_name()?.to_str()?;
+        let lf = super::local::try_open_cached(dir, name, preload)?.ok()??;
+        let mtime_ns = lf
+            .mtime
+            .duration_since(std::time::UNIX_EPOCH)
+            .ok()
+            .map(|d| d.as_nanos() as i64)?;
+        let seen = *e.seen.lock().ok()?;
+        (seen == Some((lf.len, mtime_ns, lf.inode))).then_some(lf)
     }
 
     /// A temp path for a fill in progress.

@@ -201,18 +201,31 @@ impl Resolver {
         };
         if let Some(sha) = meta.sha256.clone() {
             if self.cache.may_have(key.as_str(), &sha) {
-                let (c, k) = (self.cache.clone(), key.as_str().to_string());
-                let entry = tokio::task::spawn_blocking(move || c.lookup(&k, &sha))
-                    .await
-                    .ok()
-                    .flatten();
-                if let Some(e) = entry {
-                    crate::telemetry::metrics().cache_hits.inc();
-                    if let Ok(Some(lf)) = open_path(&e.data) {
-                        let ct = crate::sync::upload::content_type(key.as_str());
-                        let r = local::respond(lf, method, headers, &ct, &self.cache_control).await;
-                        return Ok(with_source(r, "cache"));
+                let head = method == Method::HEAD;
+                // Fast path: a checked entry whose file opens from the dentry cache and reads
+                // from the page cache, with no thread hop; else the checks on a blocking thread.
+                let hit = match self.cache.try_hit_cached(key.as_str(), &sha, !head) {
+                    Some(lf) => Some(lf),
+                    None => {
+                        let (c, k) = (self.cache.clone(), key.as_str().to_string());
+                        tokio::task::spawn_blocking(move || {
+                            let e = c.lookup(&k, &sha)?;
+                            let mut lf = open_path(&e.data).ok().flatten()?;
+                            if !head {
+                                lf.preload().ok()?;
+                            }
+                            Some(lf)
+                        })
+                        .await
+                        .ok()
+                        .flatten()
                     }
+                };
+                if let Some(lf) = hit {
+                    crate::telemetry::metrics().cache_hits.inc();
+                    let ct = crate::sync::upload::content_type(key.as_str());
+                    let r = local::respond(lf, method, headers, &ct, &self.cache_control).await;
+                    return Ok(with_source(r, "cache"));
                 }
             }
         }
