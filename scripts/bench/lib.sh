@@ -186,8 +186,19 @@ report_logs() {
   [[ $found == 1 ]] || echo "- none"
 }
 
+# The commit the working tree is on, and whether its sources differ from it.
+ferry_desc() {
+  local rev
+  rev=$(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo unknown)
+  if git -C "$REPO" diff --quiet HEAD -- src Cargo.toml Cargo.lock 2>/dev/null; then
+    echo "$rev"
+  else
+    echo "$rev + uncommitted changes in src/ or Cargo.*"
+  fi
+}
+
 # Tool versions and machine state, so a results file says what it measured.
 context_lines() {
   echo "- date: $(date -u +%Y-%m-%dT%H:%M:%SZ); host: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo); load average at start: $(cut -d' ' -f1-3 /proc/loadavg)"
-  echo "- ferry: $(cd "$REPO" && git rev-parse --short HEAD 2>/dev/null)$(cd "$REPO" && git diff --quiet HEAD -- src Cargo.toml 2>/dev/null || echo ' (+ uncommitted changes in src/)'), binary $FERRY"
+  echo "- ferry: ${FERRY_BUILD_DESC:-$(ferry_desc)}, binary $FERRY"
 }

@@ -101,7 +101,7 @@ def serve(path):
 
     print("Medians over rounds. CPU % is server CPU time ÷ wall time (200% = both cores); "
           "CPU µs/req is server CPU time per completed request; RSS is after the run "
-          "(nginx: master + workers).")
+          "(nginx: master + workers; varnish: manager + child).")
     print()
     print("| case | conns | server | req/s | req/s min–max | p50 ms | p99 ms | CPU % | CPU µs/req | RSS MiB | errors |")
     print("|---|---:|---|---:|---|---:|---:|---:|---:|---:|---:|")
@@ -113,19 +113,22 @@ def serve(path):
             f"{med(k, 'p50_ms'):.2f} | {med(k, 'p99_ms'):.2f} | {med(k, 'cpu_pct'):.0f} | "
             f"{med(k, 'cpu_us_per_req'):.1f} | {med(k, 'rss_kib') / 1024:.1f} | {errs} |"
         )
-    print()
-    print("Ratios of ferry to nginx (Debian defaults, tcp_nopush on) and to the best peer "
-          "(highest median req/s of nginx on/off and lighttpd). req/s above 1 = ferry faster; "
-          "p99, CPU/req and RSS above 1 = ferry worse.")
-    print()
-    print("| case | conns | req/s ÷ nginx | req/s ÷ best | best peer | p99 ÷ nginx | p99 ÷ best | CPU/req ÷ nginx | CPU/req ÷ best | RSS ÷ nginx |")
-    print("|---|---:|---:|---:|---|---:|---:|---:|---:|---:|")
+    head = False
     for case, conns in dict.fromkeys((k[0], k[1]) for k in order):
         f = (case, conns, "ferry")
         ng = (case, conns, "nginx (tcp_nopush on)")
-        peers = [k for k in order if k[:2] == (case, conns) and k[2] != "ferry"]
+        peers = [k for k in order if k[:2] == (case, conns) and k[2] not in ("ferry", "varnish")]
         if f not in groups or not peers:
             continue
+        if not head:
+            head = True
+            print()
+            print("Ratios of ferry to nginx (Debian defaults, tcp_nopush on) and to the best peer "
+                  "(highest median req/s of nginx on/off and lighttpd). req/s above 1 = ferry faster; "
+                  "p99, CPU/req and RSS above 1 = ferry worse.")
+            print()
+            print("| case | conns | req/s ÷ nginx | req/s ÷ best | best peer | p99 ÷ nginx | p99 ÷ best | CPU/req ÷ nginx | CPU/req ÷ best | RSS ÷ nginx |")
+            print("|---|---:|---:|---:|---|---:|---:|---:|---:|---:|")
         best = max(peers, key=lambda k: med(k, "rps"))
         print(
             f"| {case} | {conns} | {x(med(f, 'rps'), med(ng, 'rps')) if ng in groups else '-'} | "
@@ -135,6 +138,42 @@ def serve(path):
             f"{x(med(f, 'cpu_us_per_req'), med(ng, 'cpu_us_per_req')) if ng in groups else '-'} | "
             f"{x(med(f, 'cpu_us_per_req'), med(best, 'cpu_us_per_req'))} | "
             f"{x(med(f, 'rss_kib'), med(ng, 'rss_kib')) if ng in groups else '-'} |"
+        )
+
+    hot = [(c, n) for c, n in dict.fromkeys((k[0], k[1]) for k in order)
+           if (c, n, "ferry") in groups and (c, n, "varnish") in groups]
+    if not hot:
+        return
+
+    def not_cached(k):
+        vals = [r.get("not_cached", "") for r in groups[k]]
+        return str(sum(int(v) for v in vals)) if vals and all(v not in ("", None) for v in vals) else "-"
+
+    def ratio(k1, k2, field):
+        a, b = med(k1, field), med(k2, field)
+        return a / b if b > 0 and a == a and b == b else float("nan")
+
+    def mark(ok):
+        return "-" if ok is None else ("yes" if ok else "**no**")
+
+    print()
+    print("Hot cache: ferry ÷ varnish (medians). Targets: req/s ≥ 1.0×, RSS ≤ 0.25×, p99 ≤ 1.0× "
+          "(no worse). Not from cache = responses during the measured runs (all rounds) that "
+          "were not cache hits: ferry's /metrics (X-Ferry-Source other than cache), varnish's "
+          "client_req − cache_hit.")
+    print()
+    print("| case | conns | req/s ÷ varnish | p50 ÷ varnish | p99 ÷ varnish | CPU/req ÷ varnish | RSS ÷ varnish | req/s target | RSS target | p99 target | not from cache (ferry / varnish) |")
+    print("|---|---:|---:|---:|---:|---:|---:|---|---|---|---|")
+    for case, conns in hot:
+        f, v = (case, conns, "ferry"), (case, conns, "varnish")
+        rps, p99, rss = ratio(f, v, "rps"), ratio(f, v, "p99_ms"), ratio(f, v, "rss_kib")
+        print(
+            f"| {case} | {conns} | {x(med(f, 'rps'), med(v, 'rps'))} | "
+            f"{x(med(f, 'p50_ms'), med(v, 'p50_ms'))} | {x(med(f, 'p99_ms'), med(v, 'p99_ms'))} | "
+            f"{x(med(f, 'cpu_us_per_req'), med(v, 'cpu_us_per_req'))} | "
+            f"{x(med(f, 'rss_kib'), med(v, 'rss_kib'))} | "
+            f"{mark(None if rps != rps else rps >= 1.0)} | {mark(None if rss != rss else rss <= 0.25)} | "
+            f"{mark(None if p99 != p99 else p99 <= 1.0)} | {not_cached(f)} / {not_cached(v)} |"
         )
 
 
