@@ -154,38 +154,25 @@ pub fn try_open_cached(
         return Some(Ok(None));
     }
     let path = CString::new(rel).ok()?;
-    let how = OpenHow {
-        flags: FILE_FLAGS as u64,
-        mode: 0,
-        // SECURITY: the same confinement as openat2_beneath, plus "dentry cache only".
-        resolve: libc::RESOLVE_NO_SYMLINKS | libc::RESOLVE_BENEATH | libc::RESOLVE_CACHED,
+    // SECURITY: the same confinement as openat2_beneath, plus "dentry cache only".
+    let resolve = libc::RESOLVE_NO_SYMLINKS | libc::RESOLVE_BENEATH | libc::RESOLVE_CACHED;
+    let fd = match openat2_once(dir.as_fd(), &path, resolve) {
+        Ok(fd) => fd,
+        Err(err) => {
+            return match err.raw_os_error() {
+                // RESOLVE_CACHED never trusts a negative dentry, so a missing file (every redirect)
+                // lands here. A plain lookup answers "absent" from the dentry cache in a
+                // microsecond; only a directory block not in memory could make it wait, and that
+                // is a metadata read, not file I/O. Anything found goes the careful way.
+                Some(libc::EAGAIN) if absent_by_lookup(dir, &path) => Some(Ok(None)),
+                // Not cached, a rename race, or a kernel without openat2/RESOLVE_CACHED.
+                Some(libc::EAGAIN | libc::EINTR | libc::ENOSYS | libc::EINVAL) => None,
+                _ if means_absent(&err) => Some(Ok(None)),
+                _ => Some(Err(err)),
+            }
+        }
     };
-    // SAFETY: `path` is NUL-terminated and `how` is a live open_how of the size we pass.
-    let ret = unsafe {
-        libc::syscall(
-            libc::SYS_openat2,
-            dir.as_raw_fd(),
-            path.as_ptr(),
-            &how as *const OpenHow,
-            std::mem::size_of::<OpenHow>(),
-        )
-    };
-    if ret < 0 {
-        let err = io::Error::last_os_error();
-        return match err.raw_os_error() {
-            // RESOLVE_CACHED never trusts a negative dentry, so a missing file (every redirect)
-            // lands here. A plain lookup answers "absent" from the dentry cache in a
-            // microsecond; only a directory block not in memory could make it wait, and that
-            // is a metadata read, not file I/O. Anything found goes the careful way.
-            Some(libc::EAGAIN) if absent_by_lookup(dir, &path) => Some(Ok(None)),
-            // Not cached, a rename race, or a kernel without openat2/RESOLVE_CACHED.
-            Some(libc::EAGAIN | libc::EINTR | libc::ENOSYS | libc::EINVAL) => None,
-            _ if means_absent(&err) => Some(Ok(None)),
-            _ => Some(Err(err)),
-        };
-    }
-    // SAFETY: a non-negative return is a new descriptor that nothing else owns.
-    let file = File::from(unsafe { OwnedFd::from_raw_fd(ret as libc::c_int) });
+    let file = File::from(fd);
     let meta = match file.metadata() {
         Ok(m) => m,
         Err(e) => return Some(Err(e)),
@@ -260,37 +247,47 @@ fn read_nowait(file: &File, len: usize) -> Option<Bytes> {
     Some(Bytes::from(buf))
 }
 
-fn openat2_beneath(dir: BorrowedFd<'_>, rel: &str) -> io::Result<OwnedFd> {
-    let path = CString::new(rel)?;
+/// One openat2(2) call with FILE_FLAGS and the given RESOLVE_* flags.
+fn openat2_once(dir: BorrowedFd<'_>, path: &CString, resolve: u64) -> io::Result<OwnedFd> {
     let how = OpenHow {
         flags: FILE_FLAGS as u64,
         mode: 0,
-        // SECURITY: the kernel refuses symlinks in every component and any path leaving `dir`.
-        resolve: libc::RESOLVE_NO_SYMLINKS | libc::RESOLVE_BENEATH,
+        resolve,
     };
+    // SAFETY: `path` is NUL-terminated and `how` is a live open_how of the size we pass;
+    // the kernel reads both only during the call.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_openat2,
+            dir.as_raw_fd(),
+            path.as_ptr(),
+            &how as *const OpenHow,
+            std::mem::size_of::<OpenHow>(),
+        )
+    };
+    if ret < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a non-negative return is a new descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(ret as libc::c_int) })
+}
+
+fn openat2_beneath(dir: BorrowedFd<'_>, rel: &str) -> io::Result<OwnedFd> {
+    let path = CString::new(rel)?;
+    // SECURITY: the kernel refuses symlinks in every component and any path leaving `dir`.
+    let resolve = libc::RESOLVE_NO_SYMLINKS | libc::RESOLVE_BENEATH;
     // EAGAIN: RESOLVE_BENEATH may bail out when it races a rename; a retry is the documented answer.
     let mut tries = 0;
     loop {
-        // SAFETY: `path` is NUL-terminated and `how` is a live open_how of the size we pass;
-        // the kernel reads both only during the call.
-        let ret = unsafe {
-            libc::syscall(
-                libc::SYS_openat2,
-                dir.as_raw_fd(),
-                path.as_ptr(),
-                &how as *const OpenHow,
-                std::mem::size_of::<OpenHow>(),
-            )
-        };
-        if ret >= 0 {
-            // SAFETY: a non-negative return is a new descriptor that nothing else owns.
-            return Ok(unsafe { OwnedFd::from_raw_fd(ret as libc::c_int) });
-        }
-        let err = io::Error::last_os_error();
-        tries += 1;
-        match err.raw_os_error() {
-            Some(libc::EINTR | libc::EAGAIN) if tries < 8 => continue,
-            _ => return Err(err),
+        match openat2_once(dir, &path, resolve) {
+            Ok(fd) => return Ok(fd),
+            Err(err) => {
+                tries += 1;
+                match err.raw_os_error() {
+                    Some(libc::EINTR | libc::EAGAIN) if tries < 8 => continue,
+                    _ => return Err(err),
+                }
+            }
         }
     }
 }
