@@ -515,3 +515,41 @@ fn relative_spool_dir_from_the_embedded_defaults_is_watched() {
     wait_archived(&env, 1, Duration::from_secs(15));
     assert_in_s3(&s3, "new.jpg", &bytes);
 }
+
+#[test]
+fn unfinished_multipart_uploads_are_aborted_at_start_up() {
+    let t = tempfile::tempdir().unwrap();
+    let s3 = S3::start(t.path());
+    let env = Env::for_s3(&s3);
+    env.drop_file("m.bin", b"known to the catalog");
+    let (code, _, err) = env.run(&["sync", "--once"]);
+    assert_eq!(code, 0, "{err}");
+    // As if a ferry had been killed after CreateMultipartUpload recorded its upload id.
+    let rt = rt();
+    let store = rt.block_on(s3.store());
+    let meta = ferry::store::PutMeta {
+        content_type: "application/octet-stream".into(),
+        sha256_hex: sha256_hex(b"x"),
+        mtime: "0".into(),
+    };
+    let id = rt.block_on(store.create_multipart("m.bin", &meta)).unwrap();
+    let db = rusqlite::Connection::open(env.dir.path().join("ferry.db")).unwrap();
+    db.execute("UPDATE files SET upload_id = ?1 WHERE key = 'm.bin'", [&id])
+        .unwrap();
+    drop(db);
+    let (code, _, err) = env.run(&["sync", "--once"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        err.contains("aborted an unfinished multipart upload"),
+        "{err}"
+    );
+    // Gone on the server: aborting it again is refused.
+    assert!(rt.block_on(store.abort_multipart("m.bin", &id)).is_err());
+    let db = rusqlite::Connection::open(env.dir.path().join("ferry.db")).unwrap();
+    let left: Option<String> = db
+        .query_row("SELECT upload_id FROM files WHERE key = 'm.bin'", [], |r| {
+            r.get(0)
+        })
+        .unwrap();
+    assert_eq!(left, None, "the catalog forgets it");
+}
