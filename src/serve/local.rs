@@ -169,7 +169,7 @@ pub fn try_open_cached(
                 Some(libc::EAGAIN | libc::EINTR | libc::ENOSYS | libc::EINVAL) => None,
                 _ if means_absent(&err) => Some(Ok(None)),
                 _ => Some(Err(err)),
-            }
+            };
         }
     };
     let file = File::from(fd);
