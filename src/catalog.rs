@@ -361,31 +361,6 @@ pub mod ops {
         Ok(stmt.query_row([], |r| r.get::<_, Option<i64>>(0))?)
     }
 
-    /// Records what was hashed (the stat may have moved on since the row was queued).
-    pub fn set_hashed(
-        c: &Connection,
-        key: &str,
-        gen: i64,
-        stat: FileStat,
-        sha256: &str,
-    ) -> Result<bool> {
-        let n = c.execute(
-            "UPDATE files SET size = ?3, mtime_ns = ?4, ctime_ns = ?5, inode = ?6, sha256 = ?7, \
-             updated_at_ms = ?8 WHERE key = ?1 AND gen = ?2 AND state = 'uploading'",
-            params![
-                key,
-                gen,
-                stat.size as i64,
-                stat.mtime_ns,
-                stat.ctime_ns,
-                stat.inode as i64,
-                sha256,
-                now_ms()
-            ],
-        )?;
-        Ok(n == 1)
-    }
-
     pub fn set_upload_id(c: &Connection, key: &str, gen: i64, id: Option<&str>) -> Result<bool> {
         let n = c.execute(
             "UPDATE files SET upload_id = ?3 WHERE key = ?1 AND gen = ?2",

@@ -510,6 +510,18 @@ fn drop_files(e: &Entry) {
 mod tests {
     use super::*;
 
+    /// A cache in `dir` with a 60 s hot window.
+    fn open_cache(dir: &Path, max: u64, ttl_secs: u64, hot_hits: u32) -> HotCache {
+        HotCache::open(
+            dir,
+            max,
+            Duration::from_secs(ttl_secs),
+            hot_hits,
+            Duration::from_secs(60),
+        )
+        .unwrap()
+    }
+
     fn fill(c: &HotCache, key: &str, bytes: &[u8]) {
         let tmp = c.temp_path();
         fs::write(&tmp, bytes).unwrap();
@@ -520,14 +532,7 @@ mod tests {
     #[test]
     fn hotness_counts_within_window() {
         let t = tempfile::tempdir().unwrap();
-        let c = HotCache::open(
-            t.path(),
-            1 << 20,
-            Duration::from_secs(60),
-            3,
-            Duration::from_secs(60),
-        )
-        .unwrap();
+        let c = open_cache(t.path(), 1 << 20, 60, 3);
         assert_eq!(c.hit("a"), 1);
         assert_eq!(c.hit("a"), 2);
         assert_eq!(c.hit("a"), 3);
@@ -540,14 +545,7 @@ mod tests {
         let t = tempfile::tempdir().unwrap();
         let sha = hex::encode(Sha256::digest(b"hello"));
         {
-            let c = HotCache::open(
-                t.path(),
-                1 << 20,
-                Duration::from_secs(60),
-                3,
-                Duration::from_secs(60),
-            )
-            .unwrap();
+            let c = open_cache(t.path(), 1 << 20, 60, 3);
             fill(&c, "k", b"hello");
             assert!(c.lookup("k", &sha).is_some());
             assert!(
@@ -556,14 +554,7 @@ mod tests {
             );
             fill(&c, "k", b"hello");
         }
-        let c = HotCache::open(
-            t.path(),
-            1 << 20,
-            Duration::from_secs(60),
-            3,
-            Duration::from_secs(60),
-        )
-        .unwrap();
+        let c = open_cache(t.path(), 1 << 20, 60, 3);
         let e = c.lookup("k", &sha).expect("rebuilt from disk");
         assert_eq!(fs::read(&e.data).unwrap(), b"hello");
         // Overwritten behind the cache's back while running: detected, dropped.
@@ -574,14 +565,7 @@ mod tests {
         // Corrupted on disk while stopped (same size): detected at first use after restart.
         drop(c);
         fs::write(&e.data, b"jello").unwrap();
-        let c = HotCache::open(
-            t.path(),
-            1 << 20,
-            Duration::from_secs(60),
-            3,
-            Duration::from_secs(60),
-        )
-        .unwrap();
+        let c = open_cache(t.path(), 1 << 20, 60, 3);
         assert!(c.lookup("k", &sha).is_none());
     }
 
@@ -589,14 +573,7 @@ mod tests {
     fn bounded_and_scan_resistant() {
         let t = tempfile::tempdir().unwrap();
         let max = 100 * 1024u64;
-        let c = HotCache::open(
-            t.path(),
-            max,
-            Duration::from_secs(600),
-            3,
-            Duration::from_secs(60),
-        )
-        .unwrap();
+        let c = open_cache(t.path(), max, 600, 3);
         let blob = vec![7u8; 10 * 1024];
         // A hot set of 5 entries, used often.
         for i in 0..5 {
