@@ -168,16 +168,26 @@ pub async fn run(
         catalog: ctx.catalog.clone(),
         wake: ctx.wake.clone(),
         started,
+        poll_only: false,
     };
     let w = tokio::spawn(watcher.run(shutdown.clone()));
     let u = tokio::spawn(upload::run(ctx.clone(), shutdown.clone()));
     if let Some(retain) = ctx.cfg.archive_retain() {
         tokio::spawn(retention(ctx.clone(), retain, shutdown.clone()));
     }
-    let (wr, ur) = tokio::join!(w, u);
-    // A watcher that fails is fatal: uploads alone would miss new files.
-    wr??;
-    ur??;
+    // Either task failing is fatal (a daemon that only uploads would miss new files, one
+    // that only watches would upload nothing); otherwise both run until shutdown.
+    tokio::pin!(w, u);
+    tokio::select! {
+        r = &mut w => {
+            r??;
+            u.await??;
+        }
+        r = &mut u => {
+            r??;
+            w.await??;
+        }
+    }
     Ok(())
 }
 

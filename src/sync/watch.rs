@@ -37,6 +37,8 @@ pub struct Watcher {
     pub wake: Arc<Notify>,
     /// Told once the watch is set and the first scan done (systemd's READY=1 waits for it).
     pub started: Option<tokio::sync::oneshot::Sender<()>>,
+    /// Never set a watch; only scan (what happens anyway when the kernel refuses one).
+    pub poll_only: bool,
 }
 
 /// What a scan found.
@@ -84,16 +86,48 @@ impl Watcher {
         Some(rel.to_path_buf())
     }
 
+    /// How often the spool is scanned while no watch could be set.
+    fn poll_interval(&self) -> Duration {
+        self.settle
+            .max(Duration::from_secs(1))
+            .min(self.rescan_interval)
+    }
+
+    /// Sets the recursive watch. When the kernel refuses (inotify instances or watches used
+    /// up, a filesystem without inotify), the spool is scanned every `poll_interval` instead
+    /// and the watch is tried again at each rescan: files still go up, a little later.
+    fn start_watch(
+        &self,
+        tx: &mpsc::UnboundedSender<notify::Result<notify::Event>>,
+    ) -> Option<notify::RecommendedWatcher> {
+        if self.poll_only {
+            return None;
+        }
+        let tx = tx.clone();
+        let res = notify::recommended_watcher(move |ev| {
+            let _ = tx.send(ev);
+        })
+        .and_then(|mut w| w.watch(&self.spool, RecursiveMode::Recursive).map(|()| w));
+        match res {
+            Ok(w) => Some(w),
+            Err(e) => {
+                tracing::warn!(
+                    spool = %self.spool.display(),
+                    error = %e,
+                    poll = ?self.poll_interval(),
+                    "cannot watch the spool; scanning it periodically instead \
+                     (raise fs.inotify.max_user_instances / max_user_watches)"
+                );
+                None
+            }
+        }
+    }
+
     pub async fn run(mut self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let (tx, mut rx) = mpsc::unbounded_channel::<notify::Result<notify::Event>>();
         // Start the watch first, then scan: a file that appears in between is seen twice,
         // never missed.
-        let mut watcher = notify::recommended_watcher(move |ev| {
-            let _ = tx.send(ev);
-        })?;
-        watcher
-            .watch(&self.spool, RecursiveMode::Recursive)
-            .map_err(|e| anyhow::anyhow!("cannot watch {}: {e}", self.spool.display()))?;
+        let mut watcher = self.start_watch(&tx);
 
         let mut pending: HashMap<PathBuf, Pending> = HashMap::new();
         let mut warned: HashSet<PathBuf> = HashSet::new();
@@ -108,6 +142,9 @@ impl Watcher {
         let mut rescan = tokio::time::interval(self.rescan_interval);
         rescan.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         rescan.tick().await;
+        let mut poll = tokio::time::interval(self.poll_interval());
+        poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        poll.tick().await;
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => break,
@@ -127,7 +164,18 @@ impl Watcher {
                         self.settle_pass(&mut pending, &mut warned).await;
                     }
                 }
-                _ = rescan.tick() => self.full_scan(&mut pending, &mut warned).await,
+                _ = rescan.tick() => {
+                    if watcher.is_none() && !self.poll_only {
+                        watcher = self.start_watch(&tx);
+                        if watcher.is_some() {
+                            tracing::info!(spool = %self.spool.display(), "watching the spool again");
+                        }
+                    }
+                    self.full_scan(&mut pending, &mut warned).await
+                }
+                _ = poll.tick(), if watcher.is_none() => {
+                    self.full_scan(&mut pending, &mut warned).await
+                }
             }
         }
         drop(watcher);
@@ -404,5 +452,66 @@ impl Watcher {
                 Ok(())
             })
             .await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::catalog::State;
+
+    async fn state_of(catalog: &Catalog, key: &'static str) -> Option<State> {
+        catalog
+            .read(move |c| ops::get(c, key))
+            .await
+            .ok()
+            .flatten()
+            .map(|r| r.state)
+    }
+
+    /// With no watch (what a refused inotify leaves), files are still found, settled and
+    /// queued by the periodic scan, including files that arrive after the start.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn without_a_watch_scans_still_queue_files() {
+        let t = tempfile::tempdir().unwrap();
+        let spool = t.path().join("spool");
+        std::fs::create_dir_all(spool.join("a")).unwrap();
+        std::fs::write(spool.join("a/early.jpg"), b"early").unwrap();
+        let catalog = Catalog::open(&t.path().join("ferry.db")).unwrap();
+        let (started_tx, started_rx) = tokio::sync::oneshot::channel();
+        let w = Watcher {
+            spool: spool.clone(),
+            prefix: String::new(),
+            settle: Duration::from_millis(100),
+            // Far longer than the test: only the poll can find the late file.
+            rescan_interval: Duration::from_secs(3600),
+            ignore: IgnoreSet::new(&[".*".to_string()]).unwrap(),
+            catalog: catalog.clone(),
+            wake: Arc::new(Notify::new()),
+            started: Some(started_tx),
+            poll_only: true,
+        };
+        assert_eq!(w.poll_interval(), Duration::from_secs(1));
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(w.run(stop.clone()));
+        started_rx.await.unwrap();
+        std::fs::write(spool.join("late.jpg"), b"late").unwrap();
+        std::fs::write(spool.join(".hidden.tmp"), b"temp").unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let early = state_of(&catalog, "a/early.jpg").await;
+            let late = state_of(&catalog, "late.jpg").await;
+            if early == Some(State::Queued) && late == Some(State::Queued) {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "not queued by polling: early {early:?}, late {late:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(state_of(&catalog, ".hidden.tmp").await, None);
+        stop.cancel();
+        task.await.unwrap().unwrap();
     }
 }

@@ -341,6 +341,18 @@ impl Drop for Daemon {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        // A failed test shows what ferry said; the panic message alone rarely explains a hang.
+        if std::thread::panicking() {
+            // Let the reader threads take in the last lines.
+            std::thread::sleep(Duration::from_millis(100));
+            let log = self.log();
+            let tail: Vec<&str> = log.lines().rev().take(200).collect();
+            eprintln!("---- ferry's log (last {} lines) ----", tail.len());
+            for l in tail.iter().rev() {
+                eprintln!("{l}");
+            }
+            eprintln!("---- end of ferry's log ----");
+        }
     }
 }
 
