@@ -48,6 +48,25 @@ pub struct S3 {
     pub data: PathBuf,
     pub bucket: String,
     child: Option<Child>,
+    ever_started: bool,
+}
+
+/// True when something on `port` answers an unsigned request the way an S3 server does.
+fn answers_as_s3(port: u16) -> bool {
+    let Ok(mut c) = TcpStream::connect(("127.0.0.1", port)) else {
+        return false;
+    };
+    let _ = c.set_read_timeout(Some(Duration::from_secs(2)));
+    if c
+        .write_all(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        .is_err()
+    {
+        return false;
+    }
+    let mut buf = Vec::new();
+    let _ = c.read_to_end(&mut buf);
+    let text = String::from_utf8_lossy(&buf);
+    text.starts_with("HTTP/1.1 ") && text.contains("<Error>")
 }
 
 impl S3 {
@@ -57,6 +76,7 @@ impl S3 {
             data: root.join("s3data"),
             bucket: "ferry-test".into(),
             child: None,
+            ever_started: false,
         };
         std::fs::create_dir_all(s.data.join(&s.bucket)).unwrap();
         s.up();
@@ -67,21 +87,48 @@ impl S3 {
         format!("http://127.0.0.1:{}", self.port)
     }
 
-    /// Starts (or restarts) the server on its port.
+    /// Starts (or restarts) the server on its port. A port picked by `free_port` can be taken
+    /// by another test's listener before s3s-fs binds it, and a connect alone would then
+    /// succeed against the wrong server: so the server must answer as S3 (an XML error to an
+    /// unsigned request) while our child is alive. On a first start a lost port is replaced.
     pub fn up(&mut self) {
         assert!(self.child.is_none());
-        let child = Command::new(s3s_fs_bin())
-            .args(["--host", "127.0.0.1", "--port", &self.port.to_string()])
-            .args(["--access-key", ACCESS_KEY, "--secret-key", SECRET_KEY])
-            .arg(&self.data)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start s3s-fs");
-        self.child = Some(child);
-        wait_for(Duration::from_secs(20), "s3s-fs to listen", || {
-            TcpStream::connect(("127.0.0.1", self.port)).is_ok()
-        });
+        for attempt in 0..5 {
+            let mut child = Command::new(s3s_fs_bin())
+                .args(["--host", "127.0.0.1", "--port", &self.port.to_string()])
+                .args(["--access-key", ACCESS_KEY, "--secret-key", SECRET_KEY])
+                .arg(&self.data)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("start s3s-fs");
+            let start = Instant::now();
+            let mut exited = false;
+            while start.elapsed() < Duration::from_secs(20) {
+                if child.try_wait().ok().flatten().is_some() {
+                    exited = true;
+                    break;
+                }
+                if answers_as_s3(self.port) && child.try_wait().ok().flatten().is_none() {
+                    self.child = Some(child);
+                    self.ever_started = true;
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+            if !exited {
+                panic!("s3s-fs did not answer on port {} within 20 s", self.port);
+            }
+            // It could not bind: on a restart the port may still be held briefly.
+            if self.ever_started {
+                std::thread::sleep(Duration::from_millis(200 * (attempt + 1)));
+            } else {
+                self.port = free_port();
+            }
+        }
+        panic!("s3s-fs could not listen on 127.0.0.1:{}", self.port);
     }
 
     pub fn down(&mut self) {
