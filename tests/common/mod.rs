@@ -57,8 +57,7 @@ fn answers_as_s3(port: u16) -> bool {
         return false;
     };
     let _ = c.set_read_timeout(Some(Duration::from_secs(2)));
-    if c
-        .write_all(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+    if c.write_all(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
         .is_err()
     {
         return false;
