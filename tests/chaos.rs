@@ -26,9 +26,9 @@ fn env_num(name: &str, default: u64) -> u64 {
 fn chaos(files: usize, secs: u64) {
     let t = tempfile::tempdir().unwrap();
     let s3 = Arc::new(Mutex::new(S3::start(t.path())));
-    let (endpoint, object_root) = {
+    let (endpoint, object_root, backend) = {
         let s = s3.lock().unwrap();
-        (s.endpoint(), s.data.join(&s.bucket))
+        (s.endpoint(), s.data.join(&s.bucket), s.backend)
     };
     let mut env = Env::new(&endpoint, "ferry-test");
     env.set("FERRY_RETRY_MAX_INTERVAL", "1s");
@@ -50,6 +50,22 @@ fn chaos(files: usize, secs: u64) {
             object_root.clone(),
         );
         std::thread::spawn(move || {
+            // s3s-fs's objects are files, readable even while the server is down; Garage's
+            // are read through the API (and a read while it is down is tried again).
+            let rt = rt();
+            let store = match backend {
+                Backend::Garage => Some(rt.block_on(store_for(&endpoint))),
+                Backend::S3sFs => None,
+            };
+            let object = |rel: &std::path::Path| -> Option<Vec<u8>> {
+                match &store {
+                    None => std::fs::read(root.join(rel)).ok(),
+                    Some(st) => rt.block_on(async {
+                        let out = st.get(&rel.to_string_lossy(), None).await.ok()?;
+                        Some(out.body.collect().await.ok()?.into_bytes().to_vec())
+                    }),
+                }
+            };
             let mut checked: HashSet<std::path::PathBuf> = HashSet::new();
             while !stop.load(Ordering::SeqCst) {
                 for p in walk(&env.archive()) {
@@ -60,8 +76,8 @@ fn chaos(files: usize, secs: u64) {
                     let archived = std::fs::read(&p).unwrap_or_default();
                     // S3 may be mid-overwrite with the same bytes: look twice before judging.
                     let mut ok = false;
-                    for _ in 0..5 {
-                        if std::fs::read(root.join(&rel)).ok().as_deref() == Some(&archived[..]) {
+                    for _ in 0..15 {
+                        if object(&rel).as_deref() == Some(&archived[..]) {
                             ok = true;
                             break;
                         }
@@ -139,14 +155,7 @@ fn chaos(files: usize, secs: u64) {
     // Every file: in S3 with its original SHA-256, in the archive with the same bytes.
     let originals = originals.lock().unwrap();
     let rt = rt();
-    let cfg_s3 = s3.lock().unwrap().endpoint();
-    let store = rt.block_on(async {
-        let mut cfg = ferry::config::Config::default();
-        cfg.s3.endpoint = cfg_s3;
-        cfg.s3.bucket = "ferry-test".into();
-        cfg.s3.path_style = true;
-        ferry::store::Store::with_credentials(&cfg, ACCESS_KEY, SECRET_KEY).await
-    });
+    let store = rt.block_on(store_for(&s3.lock().unwrap().endpoint()));
     let mut lost = Vec::new();
     for (key, sha) in originals.iter() {
         let in_s3 = rt.block_on(store.read_back(key)).ok().map(|(_, s)| s);
@@ -187,4 +196,13 @@ fn chaos_long() {
         env_num("CHAOS_FILES", 2000) as usize,
         env_num("CHAOS_SECS", 300),
     );
+}
+
+/// A client for the test bucket at `endpoint` (the server may restart on the same port).
+async fn store_for(endpoint: &str) -> ferry::store::Store {
+    let mut cfg = ferry::config::Config::default();
+    cfg.s3.endpoint = endpoint.to_string();
+    cfg.s3.bucket = "ferry-test".into();
+    cfg.s3.path_style = true;
+    ferry::store::Store::with_credentials(&cfg, ACCESS_KEY, SECRET_KEY).await
 }

@@ -74,7 +74,7 @@ fn hot_threshold_then_cache_and_still_cached_after_restart() {
     assert_eq!(cached.len(), 1);
     assert_eq!(
         std::fs::read(&cached[0]).unwrap(),
-        std::fs::read(s3.object_path("hot.jpg")).unwrap()
+        s3.object_bytes("hot.jpg")
     );
 
     assert_eq!(d.terminate(), Some(0));
@@ -246,10 +246,7 @@ fn delete_answers_410_here_at_once_and_elsewhere_within_ttl() {
     });
     assert!(here <= Duration::from_secs(1));
     // The bytes are gone from S3; the archive copy stays.
-    assert_eq!(
-        std::fs::metadata(s3.object_path("gone.jpg")).unwrap().len(),
-        0
-    );
+    assert_eq!(s3.object_bytes("gone.jpg").len(), 0);
     assert_eq!(std::fs::read(env.archive().join("gone.jpg")).unwrap(), a);
     assert_eq!(get(d.addr(), "/static/never.jpg").status, 404);
 }
@@ -300,7 +297,7 @@ fn verify_finds_and_repairs_missing_and_different_objects() {
     assert_eq!(code, 0, "consistent at first: {out}{err}");
 
     // Lose one object and replace another behind ferry's back; lose c's archive copy too.
-    std::fs::remove_file(s3.object_path("a.jpg")).unwrap();
+    s3.remove_object("a.jpg");
     let rt = rt();
     rt.block_on(async {
         s3.store()
@@ -309,7 +306,7 @@ fn verify_finds_and_repairs_missing_and_different_objects() {
             .await
             .unwrap()
     });
-    std::fs::remove_file(s3.object_path("c.jpg")).unwrap();
+    s3.remove_object("c.jpg");
     std::fs::remove_file(env.archive().join("c.jpg")).unwrap();
 
     let (code, out, _) = env.run(&["verify"]);

@@ -43,7 +43,7 @@ fn many_files_nested_with_spaces_and_unicode_all_verified_and_archived() {
     let t = tempfile::tempdir().unwrap();
     let s3 = S3::start(t.path());
     let env = Env::for_s3(&s3);
-    let _d = env.spawn(&["sync"]);
+    let d = env.spawn(&["sync"]);
     let mut expected = Vec::new();
     for i in 0..200 {
         let key = match i % 4 {
@@ -68,6 +68,10 @@ fn many_files_nested_with_spaces_and_unicode_all_verified_and_archived() {
         env.spool_files()
     );
     assert!(env.spool().exists(), "the spool root stays");
+    // Every single PUT was proved by the object's own SHA-256 checksum (both servers keep it),
+    // not by a fallback.
+    let log = d.log();
+    assert_eq!(log.matches("by=sha256").count(), 200, "{log}");
 }
 
 #[test]
@@ -80,6 +84,13 @@ fn large_file_goes_up_in_parts_and_is_verified() {
     let (code, _, err) = env.run(&["sync", "--once"]);
     assert_eq!(code, 0, "{err}");
     assert_in_s3(&s3, "big.bin", &bytes);
+    // Garage gives the composite SHA-256 of the parts, as AWS does; s3s-fs gives no checksum
+    // for a multipart object, so its multipart ETag (MD5 of the parts' MD5s) is the proof.
+    let by = match s3.backend {
+        Backend::Garage => "by=composite-sha256",
+        Backend::S3sFs => "by=etag-md5",
+    };
+    assert!(err.contains(by), "verified {by}: {err}");
     // Multipart: the ETag has the "-N" parts suffix (100 MiB / 16 MiB = 7 parts).
     let rt = rt();
     let head = rt.block_on(async { s3.store().await.head("big.bin").await.unwrap() });
@@ -270,7 +281,7 @@ fn corrupted_put_is_never_archived_with_wrong_bytes() {
     );
     // s3s-fs stored the rejected bodies; what is there at the end must be right.
     assert_in_s3(&s3, "c.jpg", &a);
-    assert_eq!(std::fs::read(s3.object_path("c.jpg")).unwrap(), a);
+    assert_eq!(s3.object_bytes("c.jpg"), a);
     assert_eq!(std::fs::read(env.archive().join("c.jpg")).unwrap(), a);
 }
 

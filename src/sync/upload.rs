@@ -212,15 +212,39 @@ pub enum VerifyError {
     Hash(#[from] HashError),
 }
 
+/// Which evidence proved that S3 holds our bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VerifiedBy {
+    /// The object's full SHA-256 checksum (single PUT).
+    Sha256,
+    /// The composite SHA-256 of the parts' digests (multipart, as AWS and Garage give it).
+    CompositeSha256,
+    /// An ETag that is the MD5 (or multipart MD5-of-MD5s) we computed.
+    EtagMd5,
+    /// The object read back and hashed.
+    ReadBack,
+}
+
+impl std::fmt::Display for VerifiedBy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            VerifiedBy::Sha256 => "sha256",
+            VerifiedBy::CompositeSha256 => "composite-sha256",
+            VerifiedBy::EtagMd5 => "etag-md5",
+            VerifiedBy::ReadBack => "read-back",
+        })
+    }
+}
+
 /// Checks that S3 holds exactly the hashed bytes (DESIGN.md "Verification").
-/// Returns the object's ETag.
+/// Returns the object's ETag and what proved it.
 pub async fn verify(
     store: &Store,
     object_key: &str,
     path: &Path,
     h: &Hashed,
     read_back: bool,
-) -> Result<Option<String>, VerifyError> {
+) -> Result<(Option<String>, VerifiedBy), VerifyError> {
     let head = store.head(object_key).await?;
     if head.size != h.stat.size {
         return Err(VerifyError::Mismatch(format!(
@@ -245,7 +269,12 @@ pub async fn verify(
                 // Some servers omit the "-N" on a composite value.
                 let got_matches = c == want || (multipart && want.split('-').next() == Some(c));
                 if got_matches {
-                    return Ok(etag);
+                    let by = if multipart {
+                        VerifiedBy::CompositeSha256
+                    } else {
+                        VerifiedBy::Sha256
+                    };
+                    return Ok((etag, by));
                 }
                 return Err(VerifyError::Mismatch(format!(
                     "S3's SHA-256 {c} is not ours {want}"
@@ -273,7 +302,7 @@ pub async fn verify(
                     single
                 };
                 if tag == want {
-                    return Ok(etag);
+                    return Ok((etag, VerifiedBy::EtagMd5));
                 }
                 // An ETag that is not an MD5 (SSE-KMS, some servers) proves nothing: read back.
             }
@@ -281,7 +310,7 @@ pub async fn verify(
     }
     let (n, sha) = store.read_back(object_key).await?;
     if n == h.stat.size && sha == h.sha256_hex() {
-        Ok(etag)
+        Ok((etag, VerifiedBy::ReadBack))
     } else {
         Err(VerifyError::Mismatch(format!(
             "S3 holds {n} bytes with SHA-256 {sha}, expected {} bytes with {}",
@@ -488,8 +517,8 @@ impl Ctx {
         // 3. Verify. Any earlier failed attempt means the object may hold a body that a
         //    server rejected but kept, so later attempts read back.
         let read_back = self.cfg.s3.verify == VerifyMode::ReadBack || row.attempts > 1;
-        let etag = match verify(&self.store, &object_key, &path, &h, read_back).await {
-            Ok(etag) => etag,
+        let (etag, by) = match verify(&self.store, &object_key, &path, &h, read_back).await {
+            Ok(v) => v,
             Err(VerifyError::Mismatch(m)) => {
                 return Attempt::Retry {
                     class: Class::Transient,
@@ -533,7 +562,7 @@ impl Ctx {
                 Err(e) => return catalog_retry(e),
             }
         }
-        tracing::info!(key = %key, size = h.stat.size, sha256 = %sha_hex, "uploaded and verified");
+        tracing::info!(key = %key, size = h.stat.size, sha256 = %sha_hex, by = %by, "uploaded and verified");
 
         // 5. Archive.
         self.archive_verified(&key, gen, h.stat, sha_hex).await

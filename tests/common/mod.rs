@@ -13,8 +13,26 @@ use std::time::{Duration, Instant};
 
 use sha2::Digest;
 
-pub const ACCESS_KEY: &str = "ferry-test";
-pub const SECRET_KEY: &str = "ferry-test-secret";
+// In Garage's key format (GK + 24 hex digits, 64 hex digits), which s3s-fs accepts too.
+pub const ACCESS_KEY: &str = "GK0123456789abcdef01234567";
+pub const SECRET_KEY: &str = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+
+/// The S3 server the integration tests run against: `FERRY_TEST_S3=s3s-fs` (the default,
+/// quick to install) or `garage` (a second implementation: composite multipart checksums,
+/// nothing stored on a rejected PUT, no streaming checksum trailer over plain HTTP).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    S3sFs,
+    Garage,
+}
+
+pub fn backend() -> Backend {
+    match std::env::var("FERRY_TEST_S3").as_deref() {
+        Err(_) | Ok("") | Ok("s3s-fs") => Backend::S3sFs,
+        Ok("garage") => Backend::Garage,
+        Ok(other) => panic!("FERRY_TEST_S3={other}: expected s3s-fs or garage"),
+    }
+}
 
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -42,11 +60,33 @@ fn s3s_fs_bin() -> PathBuf {
     p
 }
 
-/// One s3s-fs server with one bucket; stopped on drop.
+fn garage_bin() -> PathBuf {
+    if let Ok(p) = std::env::var("GARAGE") {
+        return PathBuf::from(p);
+    }
+    for dir in std::env::var("PATH").unwrap_or_default().split(':') {
+        let p = Path::new(dir).join("garage");
+        if p.exists() {
+            return p;
+        }
+    }
+    let home = std::env::var("HOME").unwrap_or_default();
+    let p = Path::new(&home).join(".cargo/bin/garage");
+    assert!(
+        p.exists(),
+        "garage is not installed: run scripts/local-s3.sh install-garage"
+    );
+    p
+}
+
+/// One S3 server (s3s-fs or Garage, see `backend`) with one bucket; stopped on drop.
 pub struct S3 {
     pub port: u16,
     pub data: PathBuf,
     pub bucket: String,
+    pub backend: Backend,
+    /// Garage's cluster RPC port.
+    rpc_port: u16,
     child: Option<Child>,
     ever_started: bool,
 }
@@ -74,12 +114,128 @@ impl S3 {
             port: free_port(),
             data: root.join("s3data"),
             bucket: "ferry-test".into(),
+            backend: backend(),
+            rpc_port: free_port(),
             child: None,
             ever_started: false,
         };
-        std::fs::create_dir_all(s.data.join(&s.bucket)).unwrap();
+        match s.backend {
+            Backend::S3sFs => std::fs::create_dir_all(s.data.join(&s.bucket)).unwrap(),
+            Backend::Garage => std::fs::create_dir_all(&s.data).unwrap(),
+        }
         s.up();
         s
+    }
+
+    fn garage_config(&self) -> PathBuf {
+        self.data.join("garage.toml")
+    }
+
+    fn spawn_server(&self) -> Child {
+        let mut c = match self.backend {
+            Backend::S3sFs => {
+                let mut c = Command::new(s3s_fs_bin());
+                c.args(["--host", "127.0.0.1", "--port", &self.port.to_string()])
+                    .args(["--access-key", ACCESS_KEY, "--secret-key", SECRET_KEY])
+                    .arg(&self.data);
+                c
+            }
+            Backend::Garage => {
+                let d = self.data.display();
+                let config = format!(
+                    "metadata_dir = \"{d}/meta\"\n\
+                     data_dir = \"{d}/data\"\n\
+                     db_engine = \"sqlite\"\n\
+                     replication_factor = 1\n\
+                     rpc_bind_addr = \"127.0.0.1:{rpc}\"\n\
+                     rpc_public_addr = \"127.0.0.1:{rpc}\"\n\
+                     rpc_secret = \"{SECRET_KEY}\"\n\
+                     [s3_api]\n\
+                     s3_region = \"us-east-1\"\n\
+                     api_bind_addr = \"127.0.0.1:{port}\"\n\
+                     root_domain = \".s3.garage.localhost\"\n",
+                    rpc = self.rpc_port,
+                    port = self.port,
+                );
+                std::fs::write(self.garage_config(), config).unwrap();
+                let mut c = Command::new(garage_bin());
+                c.arg("-c").arg(self.garage_config()).arg("server");
+                c.env("RUST_LOG", "warn");
+                c
+            }
+        };
+        c.stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start the S3 server")
+    }
+
+    /// Runs a `garage` admin command against this node; Err(output) when it fails.
+    fn garage(&self, args: &[&str]) -> Result<String, String> {
+        let out = Command::new(garage_bin())
+            .arg("-c")
+            .arg(self.garage_config())
+            .args(args)
+            .env("RUST_LOG", "warn")
+            .output()
+            .expect("run garage");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        if out.status.success() {
+            Ok(text)
+        } else {
+            Err(format!(
+                "garage {args:?}: {text}{}",
+                String::from_utf8_lossy(&out.stderr)
+            ))
+        }
+    }
+
+    /// A new Garage node: one-node layout, the test key, the bucket.
+    fn garage_setup(&self) {
+        let mut id = String::new();
+        wait_for(Duration::from_secs(30), "garage RPC", || {
+            match self.garage(&["node", "id", "-q"]) {
+                Ok(out) => {
+                    id = out.trim().split('@').next().unwrap_or_default().to_string();
+                    !id.is_empty()
+                }
+                Err(_) => false,
+            }
+        });
+        let steps: [&[&str]; 5] = [
+            &["layout", "assign", "-z", "dc1", "-c", "10G", &id],
+            &["layout", "apply", "--version", "1"],
+            &[
+                "key",
+                "import",
+                "--yes",
+                "-n",
+                "ferry-test",
+                ACCESS_KEY,
+                SECRET_KEY,
+            ],
+            &["bucket", "create", &self.bucket],
+            &[
+                "bucket",
+                "allow",
+                "--read",
+                "--write",
+                "--owner",
+                &self.bucket,
+                "--key",
+                ACCESS_KEY,
+            ],
+        ];
+        for step in steps {
+            if let Err(e) = self.garage(step) {
+                panic!("{e}");
+            }
+        }
+        // The bucket answers once the layout has reached the S3 front.
+        let store = rt().block_on(self.store());
+        wait_for(Duration::from_secs(30), "garage bucket", || {
+            rt().block_on(store.head_bucket()).is_ok()
+        });
     }
 
     pub fn endpoint(&self) -> String {
@@ -93,14 +249,7 @@ impl S3 {
     pub fn up(&mut self) {
         assert!(self.child.is_none());
         for attempt in 0..5 {
-            let mut child = Command::new(s3s_fs_bin())
-                .args(["--host", "127.0.0.1", "--port", &self.port.to_string()])
-                .args(["--access-key", ACCESS_KEY, "--secret-key", SECRET_KEY])
-                .arg(&self.data)
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("start s3s-fs");
+            let mut child = self.spawn_server();
             let start = Instant::now();
             let mut exited = false;
             while start.elapsed() < Duration::from_secs(20) {
@@ -110,6 +259,9 @@ impl S3 {
                 }
                 if answers_as_s3(self.port) && child.try_wait().ok().flatten().is_none() {
                     self.child = Some(child);
+                    if self.backend == Backend::Garage && !self.ever_started {
+                        self.garage_setup();
+                    }
                     self.ever_started = true;
                     return;
                 }
@@ -118,16 +270,23 @@ impl S3 {
             let _ = child.kill();
             let _ = child.wait();
             if !exited {
-                panic!("s3s-fs did not answer on port {} within 20 s", self.port);
+                panic!(
+                    "{:?} did not answer on port {} within 20 s",
+                    self.backend, self.port
+                );
             }
             // It could not bind: on a restart the port may still be held briefly.
             if self.ever_started {
                 std::thread::sleep(Duration::from_millis(200 * (attempt + 1)));
             } else {
                 self.port = free_port();
+                self.rpc_port = free_port();
             }
         }
-        panic!("s3s-fs could not listen on 127.0.0.1:{}", self.port);
+        panic!(
+            "{:?} could not listen on 127.0.0.1:{}",
+            self.backend, self.port
+        );
     }
 
     pub fn down(&mut self) {
@@ -137,9 +296,28 @@ impl S3 {
         }
     }
 
-    /// The object's bytes as stored (s3s-fs keeps one file per object).
-    pub fn object_path(&self, object_key: &str) -> PathBuf {
-        self.data.join(&self.bucket).join(object_key)
+    /// The object's bytes, read through the S3 API.
+    pub fn object_bytes(&self, object_key: &str) -> Vec<u8> {
+        rt().block_on(async {
+            let out = self
+                .store()
+                .await
+                .get(object_key, None)
+                .await
+                .unwrap_or_else(|e| panic!("GET {object_key}: {e}"));
+            out.body
+                .collect()
+                .await
+                .unwrap_or_else(|e| panic!("GET {object_key} body: {e}"))
+                .into_bytes()
+                .to_vec()
+        })
+    }
+
+    /// Deletes an object behind ferry's back.
+    pub fn remove_object(&self, object_key: &str) {
+        rt().block_on(async { self.store().await.delete(object_key).await })
+            .unwrap_or_else(|e| panic!("DELETE {object_key}: {e}"));
     }
 
     /// A real S3 client for checks.
