@@ -687,9 +687,8 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         .map_err(|_| RouteError::ListenAddr {
             addr: cfg.router.listen.clone(),
         })?;
-    let listener = TcpListener::bind(addr)
-        .await
-        .map_err(|source| RouteError::Bind { addr, source })?;
+    let listener =
+        crate::serve::listen(addr).map_err(|source| RouteError::Bind { addr, source })?;
     let local = listener.local_addr()?;
     tracing::info!(
         %local,

@@ -262,4 +262,18 @@ fn a_client_that_never_finishes_its_headers_is_cut_off() {
     );
     // Others are served meanwhile.
     assert_eq!(get(d.addr(), "/healthz", &[]).status, 200);
+
+    // A client that connects and never sends a byte is cut off on the same deadline.
+    let mut silent = std::net::TcpStream::connect(d.addr()).unwrap();
+    silent
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let start = std::time::Instant::now();
+    let mut buf = Vec::new();
+    let n = silent.read_to_end(&mut buf).unwrap_or(0);
+    assert_eq!(n, 0, "nothing is sent to a client that asked nothing");
+    assert!(
+        start.elapsed() < Duration::from_secs(5),
+        "a silent connection is closed by the server"
+    );
 }

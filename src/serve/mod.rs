@@ -144,14 +144,21 @@ pub async fn serve(
             },
         };
         let _ = stream.set_nodelay(true);
-        let io = hyper_util::rt::TokioIo::new(stream);
-        let conn = http.serve_connection(
-            io,
-            hyper_util::service::TowerToHyperService::new(svc.clone()),
-        );
-        let conn = graceful.watch(conn);
+        let svc = svc.clone();
+        let http = http.clone();
+        let watcher = graceful.watcher();
         tokio::spawn(async move {
-            if let Err(e) = conn.await {
+            // hyper gives every connection its read buffer (8 KiB) as soon as it polls it:
+            // waiting for the first byte first keeps a connection that sends nothing down to
+            // its socket and this task. It gets the same deadline hyper gives a request head.
+            match tokio::time::timeout(header_timeout, stream.readable()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) | Err(_) => return,
+            }
+            let io = hyper_util::rt::TokioIo::new(stream);
+            let conn =
+                http.serve_connection(io, hyper_util::service::TowerToHyperService::new(svc));
+            if let Err(e) = watcher.watch(conn).await {
                 tracing::debug!(error = %e, "connection ended with an error");
             }
         });
@@ -165,6 +172,9 @@ pub async fn serve(
     }
     Ok(())
 }
+
+/// Accept-queue length asked of the kernel (capped by `net.core.somaxconn`).
+const LISTEN_BACKLOG: u32 = 4096;
 
 /// How long shutdown waits for responses in flight.
 const DRAIN_DEADLINE: std::time::Duration = std::time::Duration::from_secs(10);
@@ -190,11 +200,23 @@ pub fn raise_fd_limit() {
 /// Binds `http.listen` (port 0 picks a free port) and returns the listener and address.
 pub async fn bind(cfg: &Config) -> anyhow::Result<(tokio::net::TcpListener, SocketAddr)> {
     let addr: SocketAddr = cfg.http.listen.parse()?;
-    let l = tokio::net::TcpListener::bind(addr)
-        .await
-        .map_err(|e| anyhow::anyhow!("http.listen {addr}: {e}"))?;
+    let l = listen(addr).map_err(|e| anyhow::anyhow!("http.listen {addr}: {e}"))?;
     let local = l.local_addr()?;
     Ok((l, local))
+}
+
+/// A listening socket with a deep accept queue: a burst of connections (a page with many
+/// images, many clients at once) waits in the kernel instead of being dropped, up to
+/// `net.core.somaxconn`.
+pub fn listen(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let sock = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    sock.set_reuseaddr(true)?;
+    sock.bind(addr)?;
+    sock.listen(LISTEN_BACKLOG)
 }
 
 /// Builds the resolver from config and the opened catalog and store.
