@@ -151,14 +151,20 @@ pub async fn serve(
             // hyper gives every connection its read buffer (8 KiB) as soon as it polls it:
             // waiting for the first byte first keeps a connection that sends nothing down to
             // its socket and this task. It gets the same deadline hyper gives a request head.
-            match tokio::time::timeout(header_timeout, stream.readable()).await {
-                Ok(Ok(())) => {}
-                Ok(Err(_)) | Err(_) => return,
+            // (A peek, not `readable()`: a fresh socket can report stale readiness, and the
+            // peek's EAGAIN clears it.)
+            let mut first = [0u8; 1];
+            match tokio::time::timeout(header_timeout, stream.peek(&mut first)).await {
+                Ok(Ok(n)) if n > 0 => {}
+                // Closed before a byte, an error, or nothing within the deadline.
+                Ok(_) | Err(_) => return,
             }
             let io = hyper_util::rt::TokioIo::new(stream);
             let conn =
                 http.serve_connection(io, hyper_util::service::TowerToHyperService::new(svc));
-            if let Err(e) = watcher.watch(conn).await {
+            // Boxed: the connection's state machine is several KiB, and inline it would size
+            // every task, the idle ones too.
+            if let Err(e) = Box::pin(watcher.watch(conn)).await {
                 tracing::debug!(error = %e, "connection ended with an error");
             }
         });
