@@ -85,8 +85,13 @@ impl MetaCache {
     }
 
     pub async fn get(&self, key: &str) -> Result<Meta, Arc<MetaError>> {
+        // A hit builds no loader: the loader's future (an S3 HEAD inside) is large, and only
+        // a miss needs it, boxed so it does not size every request's future.
+        if let Some(m) = self.cache.get(key).await {
+            return Ok(m);
+        }
         self.cache
-            .try_get_with_by_ref(key, self.load(key.to_string()))
+            .try_get_with_by_ref(key, Box::pin(self.load(key.to_string())))
             .await
     }
 

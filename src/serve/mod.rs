@@ -101,7 +101,9 @@ pub async fn serve(
             move |method: Method, path: warp::path::FullPath, headers: HeaderMap| {
                 let state = state.clone();
                 let node = node.clone();
-                async move {
+                // Boxed: hyper moves the service's future into place on every request, and
+                // inline this state machine is kilobytes of memcpy per request.
+                Box::pin(async move {
                     let started = std::time::Instant::now();
                     let mut resp = match state.handle(&method, path.as_str(), &headers).await {
                         Ok(r) => r,
@@ -119,7 +121,7 @@ pub async fn serve(
                         m.http_seconds.observe(started.elapsed().as_secs_f64());
                     }
                     resp
-                }
+                })
             },
         );
     // Our own accept loop (warp's `serve` has no header-read timeout): a client that never

@@ -131,8 +131,10 @@ impl Resolver {
         let Some(raw) = path.strip_prefix(mount) else {
             return match path {
                 "/healthz" => Ok("ok\n".into_response()),
-                "/readyz" => self.readyz().await,
-                "/metrics" => self.metrics().await,
+                // Boxed, like every rare path below: an inline S3 call would make every
+                // request's future kilobytes larger (and hyper moves it into place).
+                "/readyz" => Box::pin(self.readyz()).await,
+                "/metrics" => Box::pin(self.metrics()).await,
                 _ => Err(ServeError::NotFound),
             };
         };
@@ -189,7 +191,7 @@ impl Resolver {
             Where::Unknown => return Err(ServeError::NotFound),
             // The catalog knows it but S3 does not hold it, and the spool has no copy (the
             // app removed it): the archive may still.
-            Where::NotInS3 => return self.serve_archive(&key, method, headers).await,
+            Where::NotInS3 => return Box::pin(self.serve_archive(&key, method, headers)).await,
             Where::InS3 => {}
         }
 
@@ -242,7 +244,7 @@ impl Resolver {
             return Ok(self.s3_head_response(&key, meta.size, meta.sha256.as_deref()));
         }
         if !hot && headers.contains_key(http::header::RANGE) {
-            return self.proxy_range(&key, method, headers).await;
+            return Box::pin(self.proxy_range(&key, method, headers)).await;
         }
         let reader = self
             .fetcher
@@ -269,7 +271,7 @@ impl Resolver {
             }
             Started::Failed { error, timed_out } => {
                 tracing::warn!(key = %key, error = %error, "S3 fetch failed; trying the archive");
-                match self.serve_archive(&key, method, headers).await {
+                match Box::pin(self.serve_archive(&key, method, headers)).await {
                     Ok(r) => Ok(r),
                     Err(_) if timed_out => Err(ServeError::Timeout),
                     Err(_) => Err(ServeError::BadGateway),
@@ -414,7 +416,7 @@ impl Resolver {
 
     async fn redirect(&self, key: &Key) -> Result<Response, ServeError> {
         let location = if self.cfg.http.presign {
-            self.presigned_location(key).await?
+            Box::pin(self.presigned_location(key)).await?
         } else {
             self.public_location(key)
         };
