@@ -283,26 +283,29 @@ pub mod ops {
     /// A ready file in the spool: queue it unless the catalog already has this version.
     pub fn note_ready(c: &Connection, key: &Key, stat: FileStat) -> Result<Noted> {
         let now = now_ms();
-        let existing = get(c, key.as_str())?;
+        // A new key (the common case, and all of a full spool at start-up) is one insert;
+        // only a known key is read back and compared.
+        let inserted = exec(
+            c,
+            "INSERT INTO files (key, state, size, mtime_ns, ctime_ns, inode, \
+             next_attempt_ms, updated_at_ms, queued_at_ms, gen) \
+             VALUES (?1, 'queued', ?2, ?3, ?4, ?5, 0, ?6, ?6, 1) \
+             ON CONFLICT(key) DO NOTHING",
+            params![
+                key.as_str(),
+                stat.size as i64,
+                stat.mtime_ns,
+                stat.ctime_ns,
+                stat.inode as i64,
+                now
+            ],
+        )?;
+        if inserted == 1 {
+            return Ok(Noted::Queued);
+        }
         let same = |r: &Row| r.stat == stat;
-        match existing {
-            None => {
-                exec(
-                    c,
-                    "INSERT INTO files (key, state, size, mtime_ns, ctime_ns, inode, \
-                     next_attempt_ms, updated_at_ms, queued_at_ms, gen) \
-                     VALUES (?1, 'queued', ?2, ?3, ?4, ?5, 0, ?6, ?6, 1)",
-                    params![
-                        key.as_str(),
-                        stat.size as i64,
-                        stat.mtime_ns,
-                        stat.ctime_ns,
-                        stat.inode as i64,
-                        now
-                    ],
-                )?;
-                Ok(Noted::Queued)
-            }
+        match get(c, key.as_str())? {
+            None => Ok(Noted::Unchanged),
             Some(r) => {
                 let unchanged = match r.state {
                     State::Queued | State::Uploading | State::Failed | State::Verified => same(&r),

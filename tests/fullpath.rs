@@ -168,23 +168,27 @@ fn s3_down_serves_the_archive_copy_locally_and_from_fallback_url() {
     drop(d);
 
     // The archive on another box: a plain HTTP file server over the archive dir.
-    let port = free_port();
+    // Port 0, and the port read from its banner: no window for another test to take it.
     let mut server = Command::new("python3")
-        .args([
-            "-m",
-            "http.server",
-            "--bind",
-            "127.0.0.1",
-            &port.to_string(),
-        ])
+        .args(["-u", "-m", "http.server", "--bind", "127.0.0.1", "0"])
         .current_dir(env.archive())
-        .stdout(Stdio::null())
+        .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
         .expect("python3 -m http.server");
-    wait_for(Duration::from_secs(10), "file server", || {
-        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
-    });
+    let mut banner = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(server.stdout.take().unwrap()),
+        &mut banner,
+    )
+    .unwrap();
+    // "Serving HTTP on 127.0.0.1 port 40123 (http://127.0.0.1:40123/) ..."
+    let port: u16 = banner
+        .split(" port ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no port in http.server's banner: {banner:?}"));
     let mut env2 = Env::for_s3(&s3);
     env2.set("FERRY_HTTP_MODE", "proxy");
     env2.set(
