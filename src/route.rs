@@ -545,6 +545,14 @@ impl Router {
             let builder = builder.clone();
             let stop = shutdown.clone();
             tracker.spawn(async move {
+                // A silent client holds no hyper buffers, and does not hold up shutdown.
+                let spoke = tokio::select! {
+                    ok = crate::serve::first_byte(&stream, HEADER_READ_TIMEOUT) => ok,
+                    _ = stop.cancelled() => false,
+                };
+                if !spoke {
+                    return;
+                }
                 let ip = peer.ip().to_canonical();
                 let svc = hyper::service::service_fn(move |req| {
                     let router = router.clone();

@@ -150,16 +150,8 @@ pub async fn serve(
         let http = http.clone();
         let watcher = graceful.watcher();
         tokio::spawn(async move {
-            // hyper gives every connection its read buffer (8 KiB) as soon as it polls it:
-            // waiting for the first byte first keeps a connection that sends nothing down to
-            // its socket and this task. It gets the same deadline hyper gives a request head.
-            // (A peek, not `readable()`: a fresh socket can report stale readiness, and the
-            // peek's EAGAIN clears it.)
-            let mut first = [0u8; 1];
-            match tokio::time::timeout(header_timeout, stream.peek(&mut first)).await {
-                Ok(Ok(n)) if n > 0 => {}
-                // Closed before a byte, an error, or nothing within the deadline.
-                Ok(_) | Err(_) => return,
+            if !first_byte(&stream, header_timeout).await {
+                return;
             }
             let io = hyper_util::rt::TokioIo::new(stream);
             let conn =
@@ -179,6 +171,19 @@ pub async fn serve(
         tracing::warn!("HTTP connections still open after the drain deadline; closing them");
     }
     Ok(())
+}
+
+/// Waits until the client sends its first byte, within `deadline`; false if it closed,
+/// failed or stayed silent. hyper gives every connection its buffers as soon as it polls
+/// it: waiting here first keeps a connection that sends nothing down to its socket and a
+/// small task (about 1.3 KiB instead of 14). A peek, not `readable()`: a fresh socket can
+/// report stale readiness, and the peek's EAGAIN clears it.
+pub async fn first_byte(stream: &tokio::net::TcpStream, deadline: std::time::Duration) -> bool {
+    let mut first = [0u8; 1];
+    matches!(
+        tokio::time::timeout(deadline, stream.peek(&mut first)).await,
+        Ok(Ok(n)) if n > 0
+    )
 }
 
 /// Accept-queue length asked of the kernel (capped by `net.core.somaxconn`).
