@@ -308,10 +308,17 @@ pub mod ops {
             None => Ok(Noted::Unchanged),
             Some(r) => {
                 let unchanged = match r.state {
-                    State::Queued | State::Uploading | State::Failed | State::Verified => same(&r),
-                    // A file in the spool under an archived, vanished or deleted key is a
-                    // new version of it.
-                    State::Archived | State::Vanished | State::Deleted => false,
+                    // Archived too: a stat taken in the spool just before the archiver moved
+                    // the file is the verified file itself, not a new version (requeueing it
+                    // would mark a row vanished whose bytes S3 and the archive hold). A new
+                    // file under the key has another inode or ctime.
+                    State::Queued
+                    | State::Uploading
+                    | State::Failed
+                    | State::Verified
+                    | State::Archived => same(&r),
+                    // A file in the spool under a vanished or deleted key is a new version.
+                    State::Vanished | State::Deleted => false,
                 };
                 if unchanged {
                     return Ok(Noted::Unchanged);

@@ -149,8 +149,14 @@ pub async fn serve(
         let svc = svc.clone();
         let http = http.clone();
         let watcher = graceful.watcher();
+        let stop = shutdown.clone();
         tokio::spawn(async move {
-            if !first_byte(&stream, header_timeout).await {
+            // A silent client holds no hyper buffers, and does not hold up shutdown.
+            let spoke = tokio::select! {
+                ok = first_byte(&stream, header_timeout) => ok,
+                _ = stop.cancelled() => false,
+            };
+            if !spoke {
                 return;
             }
             let io = hyper_util::rt::TokioIo::new(stream);

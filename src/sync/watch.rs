@@ -50,31 +50,102 @@ pub struct ScanResult {
 }
 
 /// Walks the spool, skipping ignored names, symlinks and special files. Blocking.
+///
+/// Directories are shared out among a few threads (one per core, at most 4): a spool of
+/// 100,000 files is 100,000 `statx` calls, and on start-up they stand between ferry and its
+/// first upload.
 pub fn scan(spool: &Path, ignore: &IgnoreSet) -> ScanResult {
+    let threads = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+        .clamp(1, 4);
+    // Directories still to read, and how many are being read (the walk ends when both are
+    // zero).
+    let work = std::sync::Mutex::new((vec![spool.to_path_buf()], 0usize));
+    let more = std::sync::Condvar::new();
+    let results: Vec<ScanResult> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..threads)
+            .map(|_| scope.spawn(|| scan_worker(spool, ignore, &work, &more)))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or_default())
+            .collect()
+    });
     let mut out = ScanResult::default();
-    let mut stack = vec![spool.to_path_buf()];
-    while let Some(dir) = stack.pop() {
-        let Ok(rd) = std::fs::read_dir(&dir) else {
-            continue;
-        };
-        for entry in rd.flatten() {
-            if ignore.matches_name(&entry.file_name()) {
-                continue;
-            }
-            let path = entry.path();
-            let Ok(md) = entry.metadata() else { continue };
-            let rel = path.strip_prefix(spool).unwrap_or(&path).to_path_buf();
-            let ft = md.file_type();
-            if ft.is_dir() {
-                stack.push(path);
-            } else if ft.is_file() {
-                out.files.push((rel, FileStat::of(&md)));
-            } else {
-                out.skipped.push(rel);
-            }
-        }
+    for r in results {
+        out.files.extend(r.files);
+        out.skipped.extend(r.skipped);
     }
     out
+}
+
+fn scan_worker(
+    spool: &Path,
+    ignore: &IgnoreSet,
+    work: &std::sync::Mutex<(Vec<PathBuf>, usize)>,
+    more: &std::sync::Condvar,
+) -> ScanResult {
+    let mut out = ScanResult::default();
+    loop {
+        let dir = {
+            let Ok(mut w) = work.lock() else { return out };
+            loop {
+                if let Some(d) = w.0.pop() {
+                    w.1 += 1;
+                    break d;
+                }
+                if w.1 == 0 {
+                    more.notify_all();
+                    return out;
+                }
+                w = match more.wait(w) {
+                    Ok(w) => w,
+                    Err(_) => return out,
+                };
+            }
+        };
+        // Counts this directory done even if reading it panics, so the others never wait
+        // for it forever.
+        let _done = Done(work, more);
+        let mut subdirs = Vec::new();
+        if let Ok(rd) = std::fs::read_dir(&dir) {
+            for entry in rd.flatten() {
+                if ignore.matches_name(&entry.file_name()) {
+                    continue;
+                }
+                let path = entry.path();
+                let Ok(md) = entry.metadata() else { continue };
+                let rel = path.strip_prefix(spool).unwrap_or(&path).to_path_buf();
+                let ft = md.file_type();
+                if ft.is_dir() {
+                    subdirs.push(path);
+                } else if ft.is_file() {
+                    out.files.push((rel, FileStat::of(&md)));
+                } else {
+                    out.skipped.push(rel);
+                }
+            }
+        }
+        let Ok(mut w) = work.lock() else { return out };
+        w.0.extend(subdirs);
+    }
+}
+
+struct Done<'a>(
+    &'a std::sync::Mutex<(Vec<PathBuf>, usize)>,
+    &'a std::sync::Condvar,
+);
+
+impl Drop for Done<'_> {
+    fn drop(&mut self) {
+        let mut w = match self.0.lock() {
+            Ok(w) => w,
+            Err(p) => p.into_inner(),
+        };
+        w.1 -= 1;
+        self.1.notify_all();
+    }
 }
 
 impl Watcher {
@@ -131,7 +202,8 @@ impl Watcher {
 
         let mut pending: HashMap<PathBuf, Pending> = HashMap::new();
         let mut warned: HashSet<PathBuf> = HashSet::new();
-        self.full_scan(&mut pending, &mut warned).await;
+        self.full_scan(&mut pending, &mut warned, watcher.is_some())
+            .await;
         if let Some(tx) = self.started.take() {
             let _ = tx.send(());
         }
@@ -156,7 +228,7 @@ impl Watcher {
                         need_scan |= self.on_event(ev, &mut pending);
                     }
                     if need_scan {
-                        self.full_scan(&mut pending, &mut warned).await;
+                        self.full_scan(&mut pending, &mut warned, watcher.is_some()).await;
                     }
                 }
                 _ = ticker.tick() => {
@@ -171,10 +243,10 @@ impl Watcher {
                             tracing::info!(spool = %self.spool.display(), "watching the spool again");
                         }
                     }
-                    self.full_scan(&mut pending, &mut warned).await
+                    self.full_scan(&mut pending, &mut warned, watcher.is_some()).await
                 }
                 _ = poll.tick(), if watcher.is_none() => {
-                    self.full_scan(&mut pending, &mut warned).await
+                    self.full_scan(&mut pending, &mut warned, watcher.is_some()).await
                 }
             }
         }
@@ -333,18 +405,38 @@ impl Watcher {
         }
         let spool = self.spool.clone();
         let stats = tokio::task::spawn_blocking(move || {
-            paths
-                .into_iter()
-                .map(|rel| {
-                    let md = std::fs::symlink_metadata(spool.join(&rel));
-                    let st = match md {
-                        Ok(m) if m.file_type().is_file() => Some(Ok(FileStat::of(&m))),
-                        Ok(_) => Some(Err(())),
-                        Err(_) => None,
-                    };
-                    (rel, st)
-                })
-                .collect::<Vec<_>>()
+            let stat_all = |chunk: &[PathBuf]| {
+                chunk
+                    .iter()
+                    .map(|rel| {
+                        let st = match std::fs::symlink_metadata(spool.join(rel)) {
+                            Ok(m) if m.file_type().is_file() => Some(Ok(FileStat::of(&m))),
+                            Ok(_) => Some(Err(())),
+                            Err(_) => None,
+                        };
+                        (rel.clone(), st)
+                    })
+                    .collect::<Vec<_>>()
+            };
+            // Thousands of stats (a full spool at start-up) are shared among the cores.
+            if paths.len() < 4096 {
+                return stat_all(&paths);
+            }
+            let threads = std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
+                .clamp(1, 4);
+            let chunk = paths.len().div_ceil(threads);
+            std::thread::scope(|scope| {
+                let handles: Vec<_> = paths
+                    .chunks(chunk)
+                    .map(|c| scope.spawn(|| stat_all(c)))
+                    .collect();
+                handles
+                    .into_iter()
+                    .flat_map(|h| h.join().unwrap_or_default())
+                    .collect::<Vec<_>>()
+            })
         })
         .await
         .unwrap_or_default();
@@ -425,10 +517,15 @@ impl Watcher {
         }
     }
 
+    /// `watching`: the inotify watch is set. Then a file a scan finds with no events arrived
+    /// whole and is ready after `spool.settle`. Without the watch no close is ever seen, so
+    /// a writer that pauses longer than `settle` would look finished: such files must stay
+    /// quiet for `max(rescan_interval, settle)`, the rule for a close that never came.
     async fn full_scan(
         &self,
         pending: &mut HashMap<PathBuf, Pending>,
         warned: &mut HashSet<PathBuf>,
+        watching: bool,
     ) {
         let spool = self.spool.clone();
         let ignore = self.ignore.clone();
@@ -448,7 +545,7 @@ impl Watcher {
             pending.entry(rel).or_insert(Pending {
                 stat: Some(st),
                 since: now,
-                eligible: true,
+                eligible: watching,
             });
         }
         // Refused names that left the spool are forgotten.
@@ -495,8 +592,8 @@ mod tests {
             spool: spool.clone(),
             prefix: String::new(),
             settle: Duration::from_millis(100),
-            // Far longer than the test: only the poll can find the late file.
-            rescan_interval: Duration::from_secs(3600),
+            // Without a watch, files must be quiet this long (no close is ever seen).
+            rescan_interval: Duration::from_secs(2),
             ignore: IgnoreSet::new(&[".*".to_string()]).unwrap(),
             catalog: catalog.clone(),
             wake: Arc::new(Notify::new()),
@@ -508,6 +605,10 @@ mod tests {
         let task = tokio::spawn(w.run(stop.clone()));
         started_rx.await.unwrap();
         std::fs::write(spool.join("late.jpg"), b"late").unwrap();
+        // With no watch, settle alone is not enough: a writer's pause would look like a
+        // finished file. Half a second in, nothing may be queued yet (the rule is 2 s here).
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(state_of(&catalog, "a/early.jpg").await, None);
         std::fs::write(spool.join(".hidden.tmp"), b"temp").unwrap();
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {

@@ -91,6 +91,33 @@ pub struct S3 {
     ever_started: bool,
 }
 
+/// True when process `pid` holds the socket listening on loopback `port` (so the S3 server
+/// that answered is our child, not another test's that took the port first).
+fn listens(pid: u32, port: u16) -> bool {
+    let want = format!(":{port:04X}");
+    let mut inodes = Vec::new();
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let Ok(text) = std::fs::read_to_string(table) else {
+            continue;
+        };
+        for line in text.lines().skip(1) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            // local_address is field 1, st (0A = LISTEN) field 3, inode field 9.
+            if f.len() > 9 && f[1].ends_with(&want) && f[3] == "0A" {
+                inodes.push(format!("socket:[{}]", f[9]));
+            }
+        }
+    }
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return false;
+    };
+    fds.flatten().any(|fd| {
+        std::fs::read_link(fd.path())
+            .map(|l| inodes.iter().any(|i| l.as_os_str() == i.as_str()))
+            .unwrap_or(false)
+    })
+}
+
 /// True when something on `port` answers an unsigned request the way an S3 server does.
 fn answers_as_s3(port: u16) -> bool {
     let Ok(mut c) = TcpStream::connect(("127.0.0.1", port)) else {
@@ -257,7 +284,10 @@ impl S3 {
                     exited = true;
                     break;
                 }
-                if answers_as_s3(self.port) && child.try_wait().ok().flatten().is_none() {
+                if answers_as_s3(self.port)
+                    && child.try_wait().ok().flatten().is_none()
+                    && listens(child.id(), self.port)
+                {
                     self.child = Some(child);
                     if self.backend == Backend::Garage && !self.ever_started {
                         self.garage_setup();
