@@ -911,4 +911,34 @@ mod tests {
         assert_eq!(claimed[..3], want[..3]);
         assert_eq!(claimed, want);
     }
+
+    /// A rescan's stat, taken in the spool just before the archiver moved the file, names
+    /// the archived version itself: it must not requeue the row (the uploader would then find
+    /// no file and mark verified bytes vanished). A new file under the key must.
+    #[test]
+    fn stale_stat_of_the_archived_file_is_not_a_new_version() {
+        let t = tempfile::tempdir().unwrap();
+        let cat = Catalog::open(&t.path().join("c.db")).unwrap();
+        let key = Key::new("a.jpg", "").unwrap();
+        let (stale, fresh) = cat
+            .write_blocking(move |c| {
+                assert_eq!(ops::note_ready(c, &key, stat(7))?, Noted::Queued);
+                let row = ops::claim_due(c, now_ms(), 1, &Default::default())?.remove(0);
+                assert!(ops::mark_verified(
+                    c,
+                    "a.jpg",
+                    row.gen,
+                    stat(7),
+                    &"0".repeat(64),
+                    None
+                )?);
+                assert!(ops::mark_archived(c, "a.jpg", row.gen)?);
+                let stale = ops::note_ready(c, &key, stat(7))?;
+                let fresh = ops::note_ready(c, &key, stat(8))?;
+                Ok((stale, fresh))
+            })
+            .unwrap();
+        assert_eq!(stale, Noted::Unchanged);
+        assert_eq!(fresh, Noted::Queued);
+    }
 }
