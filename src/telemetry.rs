@@ -61,6 +61,7 @@ pub struct Metrics {
     pub cache_bytes: Gauge,
     pub cache_evictions: Counter,
     pub backend_up: Family<BackendLabel, Gauge>,
+    pub spool_watched: Gauge,
     registry: Registry,
 }
 
@@ -80,6 +81,7 @@ impl Metrics {
             cache_bytes: Gauge::default(),
             cache_evictions: Counter::default(),
             backend_up: Family::default(),
+            spool_watched: Gauge::default(),
             registry: Registry::with_prefix("ferry"),
         };
         let r = &mut m.registry;
@@ -114,6 +116,11 @@ impl Metrics {
             "http_request_seconds",
             "HTTP request handling time until the response head, in seconds",
             m.http_seconds.clone(),
+        );
+        r.register(
+            "spool_watched",
+            "1 while the spool has its inotify watch, 0 while it is only polled",
+            m.spool_watched.clone(),
         );
         r.register("cache_hits", "Hot-cache hits", m.cache_hits.clone());
         r.register("cache_misses", "Hot-cache misses", m.cache_misses.clone());

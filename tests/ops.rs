@@ -147,6 +147,8 @@ fn metrics_parse_and_move_with_uploads_and_requests() {
     );
     assert!(value(&after, "ferry_upload_seconds_count") >= 1.0);
     assert!(value(&after, "ferry_http_request_seconds_count") >= 2.0);
+    // `ferry run` watches its spool with inotify (1), not the polling fallback (0).
+    assert_eq!(value(&after, "ferry_spool_watched"), 1.0, "{text}");
 }
 
 #[test]

@@ -172,6 +172,7 @@ impl Watcher {
         tx: &mpsc::UnboundedSender<notify::Result<notify::Event>>,
     ) -> Option<notify::RecommendedWatcher> {
         if self.poll_only {
+            crate::telemetry::metrics().spool_watched.set(0);
             return None;
         }
         let tx = tx.clone();
@@ -179,6 +180,9 @@ impl Watcher {
             let _ = tx.send(ev);
         })
         .and_then(|mut w| w.watch(&self.spool, RecursiveMode::Recursive).map(|()| w));
+        crate::telemetry::metrics()
+            .spool_watched
+            .set(i64::from(res.is_ok()));
         match res {
             Ok(w) => Some(w),
             Err(e) => {
