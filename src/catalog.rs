@@ -214,8 +214,15 @@ fn open_conn(path: &Path) -> Result<Connection> {
 }
 
 fn migrate(conn: &mut Connection) -> Result<()> {
-    // IMMEDIATE takes the write lock before reading the version, so two processes starting
-    // at once (a daemon and `ferry status`) cannot both apply the same migration.
+    // Up to date (every open but the first): no write lock at all. `ferry status`, polled
+    // while the daemon writes, must not queue for the writer's lock and give up with
+    // "database is locked" when the daemon is busy.
+    let current: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+    if current as usize >= MIGRATIONS.len() {
+        return Ok(());
+    }
+    // IMMEDIATE takes the write lock before reading the version again, so two processes
+    // starting at once (a daemon and `ferry status`) cannot both apply the same migration.
     let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
     let version: i64 = tx.pragma_query_value(None, "user_version", |r| r.get(0))?;
     for (i, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
