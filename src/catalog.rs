@@ -919,6 +919,24 @@ mod tests {
         assert_eq!(claimed, want);
     }
 
+    /// Opening an up-to-date catalog (what `ferry status` does beside a running daemon) must
+    /// not need the write lock: here another connection holds it for the whole open, and the
+    /// open and a read still succeed.
+    #[test]
+    fn opening_a_current_catalog_does_not_wait_for_the_writer() {
+        let t = tempfile::tempdir().unwrap();
+        let path = t.path().join("c.db");
+        drop(Catalog::open(&path).unwrap());
+        let busy = open_conn(&path).unwrap();
+        busy.execute_batch("BEGIN IMMEDIATE").unwrap();
+        let cat = Catalog::open(&path).expect("open while another process writes");
+        let st = cat
+            .read_blocking(ops::status)
+            .expect("read while another process writes");
+        assert!(st.counts.iter().all(|(_, n)| *n == 0));
+        busy.execute_batch("ROLLBACK").unwrap();
+    }
+
     /// A rescan's stat, taken in the spool just before the archiver moved the file, names
     /// the archived version itself: it must not requeue the row (the uploader would then find
     /// no file and mark verified bytes vanished). A new file under the key must.
