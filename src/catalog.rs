@@ -43,6 +43,18 @@ pub enum CatalogError {
 }
 
 impl CatalogError {
+    /// SQLITE_BUSY / SQLITE_LOCKED: another connection holds a lock this one needed.
+    pub fn is_busy(&self) -> bool {
+        let e = match self {
+            CatalogError::Sql(e) | CatalogError::Open { source: e, .. } => e,
+            CatalogError::Closed => return false,
+        };
+        matches!(
+            e.sqlite_error_code(),
+            Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked)
+        )
+    }
+
     /// SQLITE_FULL: the disk holding the catalog is full.
     pub fn is_full(&self) -> bool {
         let e = match self {
@@ -686,6 +698,39 @@ pub struct Catalog {
 }
 
 const READERS: usize = 4;
+
+type Conns = (Connection, Vec<Mutex<Connection>>, Arc<Mutex<Connection>>);
+
+/// Opens the writer (migrated) and reader connections. Two processes opening a new catalog
+/// at once (the daemon starting while `ferry status` is polled) can get SQLITE_BUSY straight
+/// away, without the busy handler: switching a new file to WAL needs it to themselves. That
+/// is a moment's contention, not an error: try again for up to the busy timeout.
+fn open_all_retrying(path: &Path) -> Result<Conns> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let mut pause = std::time::Duration::from_millis(5);
+    loop {
+        match open_all(path) {
+            Err(e) if e.is_busy() && std::time::Instant::now() < deadline => {
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(std::time::Duration::from_millis(200));
+            }
+            r => return r,
+        }
+    }
+}
+
+fn open_all(path: &Path) -> Result<Conns> {
+    let mut conn = open_conn(path)?;
+    migrate(&mut conn)?;
+    let mut readers = Vec::with_capacity(READERS);
+    for _ in 0..READERS {
+        let r = open_conn(path)?;
+        r.pragma_update(None, "query_only", true)?;
+        readers.push(Mutex::new(r));
+    }
+    let version_conn = Arc::new(Mutex::new(open_conn(path)?));
+    Ok((conn, readers, version_conn))
+}
 /// Most jobs committed together; bounds the latency one commit adds to the first job.
 const BATCH: usize = 256;
 
@@ -700,15 +745,7 @@ impl Catalog {
                 })?;
             }
         }
-        let mut conn = open_conn(path)?;
-        migrate(&mut conn)?;
-        let mut readers = Vec::with_capacity(READERS);
-        for _ in 0..READERS {
-            let r = open_conn(path)?;
-            r.pragma_update(None, "query_only", true)?;
-            readers.push(Mutex::new(r));
-        }
-        let version_conn = Arc::new(Mutex::new(open_conn(path)?));
+        let (conn, readers, version_conn) = open_all_retrying(path)?;
         let (tx, rx) = mpsc::channel::<Job>();
         std::thread::Builder::new()
             .name("ferry-catalog".into())
@@ -935,6 +972,31 @@ mod tests {
             .expect("read while another process writes");
         assert!(st.counts.iter().all(|(_, n)| *n == 0));
         busy.execute_batch("ROLLBACK").unwrap();
+    }
+
+    /// Several openers of a brand-new catalog at once (a daemon starting while `ferry status`
+    /// is polled) all succeed: the moment's lock contention of the switch to WAL is waited out.
+    #[test]
+    fn simultaneous_first_opens_all_succeed() {
+        for round in 0..5 {
+            let t = tempfile::tempdir().unwrap();
+            let path = t.path().join("c.db");
+            let gate = std::sync::Barrier::new(8);
+            std::thread::scope(|s| {
+                let handles: Vec<_> = (0..8)
+                    .map(|_| {
+                        s.spawn(|| {
+                            gate.wait();
+                            Catalog::open(&path).map(|_| ())
+                        })
+                    })
+                    .collect();
+                for h in handles {
+                    let r = h.join().unwrap();
+                    assert!(r.is_ok(), "round {round}: {r:?}");
+                }
+            });
+        }
     }
 
     /// A rescan's stat, taken in the spool just before the archiver moved the file, names
