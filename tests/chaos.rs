@@ -30,6 +30,8 @@ fn chaos(files: usize, secs: u64) {
         let s = s3.lock().unwrap();
         (s.endpoint(), s.data.join(&s.bucket), s.backend)
     };
+    // A client for the test bucket; it outlives server restarts (same port).
+    let store = rt().block_on(s3.lock().unwrap().store());
     let mut env = Env::new(&endpoint, "ferry-test");
     env.set("FERRY_RETRY_MAX_INTERVAL", "1s");
     env.set("FERRY_SPOOL_SETTLE", "200ms");
@@ -43,18 +45,19 @@ fn chaos(files: usize, secs: u64) {
     // Watches the archive the whole time: a copy there must equal S3's object on disk.
     let violations: Arc<Mutex<Vec<String>>> = Arc::default();
     let monitor = {
-        let (env, stop, violations, root) = (
+        let (env, stop, violations, root, api) = (
             env.clone(),
             stop.clone(),
             violations.clone(),
             object_root.clone(),
+            store.clone(),
         );
         std::thread::spawn(move || {
             // s3s-fs's objects are files, readable even while the server is down; Garage's
             // are read through the API (and a read while it is down is tried again).
             let rt = rt();
             let store = match backend {
-                Backend::Garage => Some(rt.block_on(store_for(&endpoint))),
+                Backend::Garage => Some(api),
                 Backend::S3sFs => None,
             };
             let object = |rel: &std::path::Path| -> Option<Vec<u8>> {
@@ -155,7 +158,7 @@ fn chaos(files: usize, secs: u64) {
     // Every file: in S3 with its original SHA-256, in the archive with the same bytes.
     let originals = originals.lock().unwrap();
     let rt = rt();
-    let store = rt.block_on(store_for(&s3.lock().unwrap().endpoint()));
+
     let mut lost = Vec::new();
     for (key, sha) in originals.iter() {
         let in_s3 = rt.block_on(store.read_back(key)).ok().map(|(_, s)| s);
@@ -196,13 +199,4 @@ fn chaos_long() {
         env_num("CHAOS_FILES", 2000) as usize,
         env_num("CHAOS_SECS", 300),
     );
-}
-
-/// A client for the test bucket at `endpoint` (the server may restart on the same port).
-async fn store_for(endpoint: &str) -> ferry::store::Store {
-    let mut cfg = ferry::config::Config::default();
-    cfg.s3.endpoint = endpoint.to_string();
-    cfg.s3.bucket = "ferry-test".into();
-    cfg.s3.path_style = true;
-    ferry::store::Store::with_credentials(&cfg, ACCESS_KEY, SECRET_KEY).await
 }

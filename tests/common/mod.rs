@@ -41,42 +41,34 @@ pub fn free_port() -> u16 {
         .expect("a free loopback port")
 }
 
-fn s3s_fs_bin() -> PathBuf {
-    if let Ok(p) = std::env::var("S3S_FS") {
+/// A server binary: `$ENV_VAR`, else on PATH, else in ~/.cargo/bin; `hint` says how to
+/// install it.
+fn server_bin(env_var: &str, name: &str, hint: &str) -> PathBuf {
+    if let Ok(p) = std::env::var(env_var) {
         return PathBuf::from(p);
     }
     for dir in std::env::var("PATH").unwrap_or_default().split(':') {
-        let p = Path::new(dir).join("s3s-fs");
+        let p = Path::new(dir).join(name);
         if p.exists() {
             return p;
         }
     }
     let home = std::env::var("HOME").unwrap_or_default();
-    let p = Path::new(&home).join(".cargo/bin/s3s-fs");
-    assert!(
-        p.exists(),
-        "s3s-fs is not installed: run scripts/local-s3.sh install (or cargo install s3s-fs --version 0.14.1 --features binary --locked)"
-    );
+    let p = Path::new(&home).join(".cargo/bin").join(name);
+    assert!(p.exists(), "{name} is not installed: {hint}");
     p
 }
 
+fn s3s_fs_bin() -> PathBuf {
+    server_bin(
+        "S3S_FS",
+        "s3s-fs",
+        "run scripts/local-s3.sh install (or cargo install s3s-fs --version 0.14.1 --features binary --locked)",
+    )
+}
+
 fn garage_bin() -> PathBuf {
-    if let Ok(p) = std::env::var("GARAGE") {
-        return PathBuf::from(p);
-    }
-    for dir in std::env::var("PATH").unwrap_or_default().split(':') {
-        let p = Path::new(dir).join("garage");
-        if p.exists() {
-            return p;
-        }
-    }
-    let home = std::env::var("HOME").unwrap_or_default();
-    let p = Path::new(&home).join(".cargo/bin/garage");
-    assert!(
-        p.exists(),
-        "garage is not installed: run scripts/local-s3.sh install-garage"
-    );
-    p
+    server_bin("GARAGE", "garage", "run scripts/local-s3.sh install-garage")
 }
 
 /// One S3 server (s3s-fs or Garage, see `backend`) with one bucket; stopped on drop.
