@@ -199,7 +199,7 @@ pub fn render_status(st: &Status) -> String {
     let mut s = String::new();
     let _ = writeln!(s, "files by state:");
     for (state, n) in &st.counts {
-        let _ = writeln!(s, "  {state:<10} {n}");
+        let _ = writeln!(s, "  {state:<14} {n}");
     }
     let _ = writeln!(
         s,
@@ -238,6 +238,12 @@ pub fn render_status(st: &Status) -> String {
         let _ = writeln!(s, "refused (left in the spool; rename them to upload):");
         for r in &st.refused {
             let _ = writeln!(s, "  {:?}: {}", r.name, r.reason);
+        }
+    }
+    if !st.notices.is_empty() {
+        let _ = writeln!(s, "notices:");
+        for n in &st.notices {
+            let _ = writeln!(s, "  {} ({} ago): {}", n.topic, ago(n.at_ms), n.message);
         }
     }
     s
@@ -312,17 +318,35 @@ pub async fn check_config(cfg: Config, write_probe: bool) -> anyhow::Result<bool
 }
 
 /// `ferry verify [--repair]`: prints findings; returns whether everything is consistent.
-pub async fn verify(cfg: Config, repair: bool, json: bool) -> anyhow::Result<bool> {
+pub async fn verify(
+    cfg: Config,
+    repair: bool,
+    json: bool,
+    archive: Option<sync::reconcile::ArchiveCheck>,
+) -> anyhow::Result<bool> {
     let cfg = Arc::new(cfg);
+    // A repair uploads and writes rows: never beside a running sync, which owns them.
+    let _lock = if repair {
+        Some(lock_sync(&cfg.catalog.path).context(
+            "ferry verify --repair needs the sync lock; stop the daemon first \
+             (systemctl stop ferry)",
+        )?)
+    } else {
+        None
+    };
     let (catalog, store) = open(&cfg).await?;
     let ctx = sync::context(cfg.clone(), catalog, store)?;
-    let report = sync::reconcile::run(ctx, repair).await?;
+    let mut report = sync::reconcile::run(ctx.clone(), repair).await?;
+    if let Some(a) = archive {
+        sync::reconcile::check_archive(&ctx, a, &mut report).await?;
+    }
     if json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         println!(
-            "checked {} uploaded file(s); {} finding(s); {} object(s) under the prefix unknown to this catalog",
+            "checked {} uploaded file(s) and {} archive cop(y/ies); {} finding(s); {} object(s) under the prefix unknown to this catalog",
             report.checked,
+            report.archive_checked,
             report.findings.len(),
             report.unknown_objects
         );

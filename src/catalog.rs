@@ -77,6 +77,9 @@ pub enum State {
     Failed,
     Vanished,
     Deleted,
+    /// Verified in S3, but the move to the archive failed; only the move is retried.
+    #[serde(rename = "archive_failed")]
+    ArchiveFailed,
 }
 
 impl State {
@@ -89,6 +92,7 @@ impl State {
             State::Failed => "failed",
             State::Vanished => "vanished",
             State::Deleted => "deleted",
+            State::ArchiveFailed => "archive_failed",
         }
     }
     pub fn parse(s: &str) -> Option<State> {
@@ -100,14 +104,18 @@ impl State {
             "failed" => State::Failed,
             "vanished" => State::Vanished,
             "deleted" => State::Deleted,
+            "archive_failed" => State::ArchiveFailed,
             _ => return None,
         })
     }
     /// S3 holds this key's current bytes.
     pub fn in_s3(self) -> bool {
-        matches!(self, State::Verified | State::Archived)
+        matches!(
+            self,
+            State::Verified | State::Archived | State::ArchiveFailed
+        )
     }
-    pub const ALL: [State; 7] = [
+    pub const ALL: [State; 8] = [
         State::Queued,
         State::Uploading,
         State::Verified,
@@ -115,6 +123,7 @@ impl State {
         State::Failed,
         State::Vanished,
         State::Deleted,
+        State::ArchiveFailed,
     ];
 }
 
@@ -202,6 +211,18 @@ const MIGRATIONS: &[&str] = &[
     //    sort every waiting row on every claim).
     "CREATE INDEX files_due_order ON files(next_attempt_ms, queued_at_ms) \
      WHERE state IN ('queued', 'failed');",
+    // 4: rows whose archive move failed are claimed again (for the move only), so the queue
+    //    index holds them too; notices are conditions `ferry status` shows that belong to no
+    //    row (files read without a lease, unreadable spool folders, unverified bytes put
+    //    aside).
+    "DROP INDEX files_due_order;
+     CREATE INDEX files_due_order ON files(next_attempt_ms, queued_at_ms) \
+     WHERE state IN ('queued', 'failed', 'archive_failed');
+     CREATE TABLE notices (
+        topic TEXT PRIMARY KEY NOT NULL,
+        message TEXT NOT NULL,
+        at_ms INTEGER NOT NULL
+     );",
 ];
 
 fn open_conn(path: &Path) -> Result<Connection> {
@@ -335,6 +356,7 @@ pub mod ops {
                     | State::Uploading
                     | State::Failed
                     | State::Verified
+                    | State::ArchiveFailed
                     | State::Archived => same(&r),
                     // A file in the spool under a vanished or deleted key is a new version.
                     State::Vanished | State::Deleted => false,
@@ -372,7 +394,7 @@ pub mod ops {
     ) -> Result<Vec<Row>> {
         let mut stmt = c.prepare_cached(&format!(
             "SELECT {ROW_COLS} FROM files INDEXED BY files_due_order \
-             WHERE state IN ('queued', 'failed') \
+             WHERE state IN ('queued', 'failed', 'archive_failed') \
              AND next_attempt_ms <= ?1 ORDER BY next_attempt_ms, queued_at_ms LIMIT ?2"
         ))?;
         let rows: Vec<Row> = stmt
@@ -386,13 +408,20 @@ pub mod ops {
             if in_flight.contains(&r.key) {
                 continue;
             }
+            // A row whose move to the archive failed is verified: it goes back to
+            // `verified` and only the move is tried again, never the upload.
+            let next = if r.state == State::ArchiveFailed {
+                State::Verified
+            } else {
+                State::Uploading
+            };
             exec(
                 c,
-                "UPDATE files SET state = 'uploading', attempts = attempts + 1, \
+                "UPDATE files SET state = ?3, attempts = attempts + 1, \
                  updated_at_ms = ?2 WHERE key = ?1",
-                params![r.key, now],
+                params![r.key, now, next.as_str()],
             )?;
-            r.state = State::Uploading;
+            r.state = next;
             r.attempts += 1;
             out.push(r);
         }
@@ -403,7 +432,7 @@ pub mod ops {
     pub fn next_due(c: &Connection) -> Result<Option<i64>> {
         let mut stmt = c.prepare_cached(
             "SELECT MIN(next_attempt_ms) FROM files INDEXED BY files_due_order \
-             WHERE state IN ('queued', 'failed')",
+             WHERE state IN ('queued', 'failed', 'archive_failed')",
         )?;
         Ok(stmt.query_row([], |r| r.get::<_, Option<i64>>(0))?)
     }
@@ -456,6 +485,72 @@ pub mod ops {
             params![key, gen, now],
         )?;
         Ok(n == 1)
+    }
+
+    /// The move to the archive failed after the upload was verified: the row keeps its
+    /// verified upload, and only the move is retried at `next_attempt_ms`.
+    pub fn mark_archive_failed(
+        c: &Connection,
+        key: &str,
+        gen: i64,
+        next_attempt_ms: i64,
+        error: &str,
+    ) -> Result<bool> {
+        let n = exec(
+            c,
+            "UPDATE files SET state = 'archive_failed', next_attempt_ms = ?3, last_error = ?4, \
+             updated_at_ms = ?5 WHERE key = ?1 AND gen = ?2 AND state = 'verified'",
+            params![key, gen, next_attempt_ms, error, now_ms()],
+        )?;
+        Ok(n == 1)
+    }
+
+    /// Records (or replaces) a condition `ferry status` shows under `topic`.
+    pub fn set_notice(c: &Connection, topic: &str, message: &str) -> Result<()> {
+        exec(
+            c,
+            "INSERT INTO notices (topic, message, at_ms) VALUES (?1, ?2, ?3) \
+             ON CONFLICT(topic) DO UPDATE SET message = ?2, at_ms = ?3",
+            params![topic, message, now_ms()],
+        )?;
+        Ok(())
+    }
+
+    /// Drops every notice whose topic starts with `prefix` and is not in `keep`.
+    pub fn clear_notices(
+        c: &Connection,
+        prefix: &str,
+        keep: &std::collections::HashSet<String>,
+    ) -> Result<()> {
+        let topics: Vec<String> = {
+            let mut stmt =
+                c.prepare_cached("SELECT topic FROM notices WHERE topic >= ?1 AND topic < ?2")?;
+            let end = format!("{prefix}\u{10FFFF}");
+            let v = stmt
+                .query_map(params![prefix, end], |r| r.get(0))?
+                .collect::<rusqlite::Result<Vec<String>>>()?;
+            v
+        };
+        for t in topics {
+            if !keep.contains(&t) {
+                exec(c, "DELETE FROM notices WHERE topic = ?1", [&t])?;
+            }
+        }
+        Ok(())
+    }
+
+    pub fn notices(c: &Connection) -> Result<Vec<Notice>> {
+        let mut stmt = c.prepare("SELECT topic, message, at_ms FROM notices ORDER BY topic")?;
+        let v = stmt
+            .query_map([], |r| {
+                Ok(Notice {
+                    topic: r.get(0)?,
+                    message: r.get(1)?,
+                    at_ms: r.get(2)?,
+                })
+            })?
+            .collect::<rusqlite::Result<_>>()?;
+        Ok(v)
     }
 
     /// Back to the queue: the file changed, or a transient error; `error` is shown in status.
@@ -565,6 +660,23 @@ pub mod ops {
         Ok(())
     }
 
+    /// Archived rows whose copy is still kept, archived at or after `since_ms`; with
+    /// `sample`, that many chosen at random.
+    pub fn archived_rows(c: &Connection, since_ms: i64, sample: Option<usize>) -> Result<Vec<Row>> {
+        let tail = match sample {
+            Some(n) => format!("ORDER BY random() LIMIT {n}"),
+            None => "ORDER BY key".to_string(),
+        };
+        let mut stmt = c.prepare(&format!(
+            "SELECT {ROW_COLS} FROM files WHERE state = 'archived' AND archived_at_ms >= ?1 \
+             AND archive_pruned_at_ms IS NULL {tail}"
+        ))?;
+        let v = stmt
+            .query_map(params![since_ms], row_from)?
+            .collect::<rusqlite::Result<_>>()?;
+        Ok(v)
+    }
+
     /// Archived rows whose archive copy is older than `before_ms` and still kept.
     pub fn prunable(c: &Connection, before_ms: i64, limit: usize) -> Result<Vec<Row>> {
         let mut stmt = c.prepare(&format!(
@@ -616,13 +728,14 @@ pub mod ops {
         }
         let (oldest, queued_bytes): (Option<i64>, Option<i64>) = c.query_row(
             "SELECT MIN(queued_at_ms), SUM(size) FROM files \
-             WHERE state IN ('queued', 'uploading', 'failed', 'verified')",
+             WHERE state IN ('queued', 'uploading', 'failed', 'verified', 'archive_failed')",
             [],
             |r| Ok((r.get(0)?, r.get(1)?)),
         )?;
         let mut stmt = c.prepare(&format!(
             "SELECT {ROW_COLS} FROM files WHERE last_error IS NOT NULL \
-             AND state IN ('queued', 'uploading', 'failed') ORDER BY updated_at_ms DESC LIMIT 20"
+             AND state IN ('queued', 'uploading', 'failed', 'verified', 'archive_failed') \
+             ORDER BY updated_at_ms DESC LIMIT 20"
         ))?;
         let errors = stmt
             .query_map([], row_from)?
@@ -640,11 +753,19 @@ pub mod ops {
             .into_iter()
             .map(|(name, reason)| RefusedLine { name, reason })
             .collect();
-        let queue_depth = ["queued", "uploading", "failed", "verified"]
-            .iter()
-            .map(|s| counts.get(*s).copied().unwrap_or(0))
-            .sum();
+        let queue_depth = [
+            "queued",
+            "uploading",
+            "failed",
+            "verified",
+            "archive_failed",
+        ]
+        .iter()
+        .map(|s| counts.get(*s).copied().unwrap_or(0))
+        .sum();
+        let notices = notices(c)?;
         Ok(Status {
+            notices,
             counts,
             queue_depth,
             queued_bytes: queued_bytes.unwrap_or(0) as u64,
@@ -674,12 +795,22 @@ pub struct RefusedLine {
 #[derive(Debug, Clone, Serialize)]
 pub struct Status {
     pub counts: BTreeMap<String, u64>,
-    /// Files not yet archived (queued + uploading + failed + verified).
+    /// Files not yet archived (queued + uploading + failed + verified + archive_failed).
     pub queue_depth: u64,
     pub queued_bytes: u64,
     pub oldest_queued_ms: Option<i64>,
     pub errors: Vec<ErrorLine>,
     pub refused: Vec<RefusedLine>,
+    /// Conditions that belong to no row: no leases, unreadable spool entries, bytes put
+    /// aside as unverified.
+    pub notices: Vec<Notice>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Notice {
+    pub topic: String,
+    pub message: String,
+    pub at_ms: i64,
 }
 
 /// Runs inside the batch transaction and returns what to do once the commit is known, so no
@@ -939,7 +1070,8 @@ mod tests {
                 let plan: Vec<String> = c
                     .prepare(
                         "EXPLAIN QUERY PLAN SELECT key FROM files INDEXED BY files_due_order \
-                         WHERE state IN ('queued', 'failed') AND next_attempt_ms <= 1 \
+                         WHERE state IN ('queued', 'failed', 'archive_failed') \
+                         AND next_attempt_ms <= 1 \
                          ORDER BY next_attempt_ms, queued_at_ms LIMIT 8",
                     )?
                     .query_map([], |r| r.get::<_, String>(3))?

@@ -1,6 +1,7 @@
 //! ferry: moves uploads from a spool directory to S3, verified, and serves them meanwhile.
 //!
 //! - `app`       wiring: open catalog, build store, run subsystems, ordered shutdown
+//! - `crashpoint` debug-build crash points at each durable step (tests)
 //! - `config`    the Config tree, defaults, env overrides, validation
 //! - `key`       Key: the only way a spool name or URL becomes a path or S3 key
 //! - `catalog`   SQLite catalog: schema, migrations, the per-key state machine
@@ -14,6 +15,7 @@
 pub mod app;
 pub mod catalog;
 pub mod config;
+pub mod crashpoint;
 pub mod key;
 pub mod retry;
 pub mod route;

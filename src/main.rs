@@ -53,6 +53,16 @@ enum Cmd {
         repair: bool,
         #[arg(long)]
         json: bool,
+        /// Also hash archive copies and report any that differ from the catalog's SHA-256
+        /// (left untouched).
+        #[arg(long)]
+        archive: bool,
+        /// With --archive: only rows archived within this long (e.g. "7d").
+        #[arg(long, requires = "archive")]
+        since: Option<Dur>,
+        /// With --archive: only this many rows, chosen at random.
+        #[arg(long, requires = "archive")]
+        sample: Option<usize>,
     },
     /// Tombstone a key: served as 410; the archive copy stays.
     Delete { key: String },
@@ -61,6 +71,9 @@ enum Cmd {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     ferry::telemetry::init();
+    // Before any thread starts and before the first lease: a lease break's SIGIO must never
+    // end the process (see sync::lease).
+    ferry::sync::lease::init();
     let cfg = match Config::load(cli.config.as_deref()) {
         Ok(c) => c,
         Err(e) => {
@@ -79,27 +92,38 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let res: anyhow::Result<u8> =
-        rt.block_on(async move {
-            match cli.cmd {
-                Cmd::Run => ferry::app::run(cfg, true, true).await.map(|_| 0),
-                Cmd::Sync { once: false, .. } => ferry::app::run(cfg, true, false).await.map(|_| 0),
-                Cmd::Sync {
-                    once: true,
-                    timeout,
-                } => ferry::app::sync_once(cfg, timeout.0).await.map(|c| c as u8),
-                Cmd::Serve => ferry::app::run(cfg, false, true).await.map(|_| 0),
-                Cmd::Route => ferry::app::route(cfg).await.map(|_| 0),
-                Cmd::Status { json } => ferry::app::status(cfg, json).await.map(|_| 0),
-                Cmd::CheckConfig { write_probe } => ferry::app::check_config(cfg, write_probe)
+    let res: anyhow::Result<u8> = rt.block_on(async move {
+        match cli.cmd {
+            Cmd::Run => ferry::app::run(cfg, true, true).await.map(|_| 0),
+            Cmd::Sync { once: false, .. } => ferry::app::run(cfg, true, false).await.map(|_| 0),
+            Cmd::Sync {
+                once: true,
+                timeout,
+            } => ferry::app::sync_once(cfg, timeout.0).await.map(|c| c as u8),
+            Cmd::Serve => ferry::app::run(cfg, false, true).await.map(|_| 0),
+            Cmd::Route => ferry::app::route(cfg).await.map(|_| 0),
+            Cmd::Status { json } => ferry::app::status(cfg, json).await.map(|_| 0),
+            Cmd::CheckConfig { write_probe } => ferry::app::check_config(cfg, write_probe)
+                .await
+                .map(|ok| if ok { 0 } else { 1 }),
+            Cmd::Verify {
+                repair,
+                json,
+                archive,
+                since,
+                sample,
+            } => {
+                let archive = archive.then(|| ferry::sync::reconcile::ArchiveCheck {
+                    since: since.map(|d| d.0),
+                    sample,
+                });
+                ferry::app::verify(cfg, repair, json, archive)
                     .await
-                    .map(|ok| if ok { 0 } else { 1 }),
-                Cmd::Verify { repair, json } => ferry::app::verify(cfg, repair, json)
-                    .await
-                    .map(|ok| if ok { 0 } else { 1 }),
-                Cmd::Delete { key } => ferry::app::delete(cfg, &key).await.map(|_| 0),
+                    .map(|ok| if ok { 0 } else { 1 })
             }
-        });
+            Cmd::Delete { key } => ferry::app::delete(cfg, &key).await.map(|_| 0),
+        }
+    });
     match res {
         Ok(code) => ExitCode::from(code),
         Err(e) => {

@@ -62,6 +62,10 @@ pub struct Metrics {
     pub cache_evictions: Counter,
     pub backend_up: Family<BackendLabel, Gauge>,
     pub spool_watched: Gauge,
+    pub lease_fallbacks: Counter,
+    pub lease_busy: Counter,
+    pub archive_failures: Family<ClassLabel, Counter>,
+    pub spool_unreadable: Gauge,
     registry: Registry,
 }
 
@@ -82,9 +86,34 @@ impl Metrics {
             cache_evictions: Counter::default(),
             backend_up: Family::default(),
             spool_watched: Gauge::default(),
+            lease_fallbacks: Counter::default(),
+            lease_busy: Counter::default(),
+            archive_failures: Family::default(),
+            spool_unreadable: Gauge::default(),
             registry: Registry::with_prefix("ferry"),
         };
         let r = &mut m.registry;
+        r.register(
+            "lease_fallbacks",
+            "Spool files that could not be read-leased (another owner without CAP_LEASE, or a \
+             filesystem without leases) and waited for the long quiet time instead",
+            m.lease_fallbacks.clone(),
+        );
+        r.register(
+            "lease_busy",
+            "Times a spool file was found open for writing (lease refused or broken) and put back",
+            m.lease_busy.clone(),
+        );
+        r.register(
+            "archive_failures",
+            "Failed moves to the archive by class (transient, permanent); the upload stays verified",
+            m.archive_failures.clone(),
+        );
+        r.register(
+            "spool_unreadable",
+            "Spool folders or files the last scan could not read or stat",
+            m.spool_unreadable.clone(),
+        );
         r.register("files", "Files in the catalog by state", m.files.clone());
         r.register("uploads", "Files uploaded and verified", m.uploads.clone());
         r.register(

@@ -105,7 +105,7 @@ impl MetaCache {
         let row = self.catalog.read(move |c| ops::get(c, &k)).await?;
         if let Some(r) = row {
             let at = match r.state {
-                State::Verified | State::Archived => Where::InS3,
+                State::Verified | State::Archived | State::ArchiveFailed => Where::InS3,
                 State::Deleted => Where::Deleted,
                 State::Queued | State::Uploading | State::Failed | State::Vanished => {
                     Where::NotInS3

@@ -2,6 +2,7 @@
 //! and `sync --once`.
 
 pub mod archive;
+pub mod lease;
 pub mod reconcile;
 pub mod upload;
 pub mod watch;
@@ -50,28 +51,28 @@ pub async fn recover(ctx: &Ctx) -> anyhow::Result<()> {
     if n > 0 {
         tracing::info!(rows = n, "uploads interrupted by a stop are queued again");
     }
-    // Verified but not archived: archive only if the spool file is still the verified one.
+    // Verified but not archived: archive only if the spool file is still the verified one
+    // (the archive step checks; a changed file is queued again, a failed move becomes
+    // `archive_failed`). Never requeued for a failed catalog write: a file already moved
+    // would then look vanished.
     let verified = ctx
         .catalog
         .read(|c| ops::rows_in(c, &[State::Verified]))
         .await?;
     for row in verified {
-        let Ok(key) = Key::new(&row.key, &ctx.cfg.s3.prefix) else {
+        if Key::new(&row.key, &ctx.cfg.s3.prefix).is_err() || row.sha256.is_none() {
             continue;
-        };
-        let Some(sha) = row.sha256.clone() else {
-            continue;
-        };
-        match ctx.archive_verified(&key, row.gen, row.stat, sha).await {
-            upload::Attempt::Done | upload::Attempt::Superseded => {}
-            _ => {
-                let (k, gen) = (row.key.clone(), row.gen);
-                ctx.catalog
-                    .write(move |c| ops::requeue(c, &k, gen, 0, None))
-                    .await?;
-            }
         }
+        ctx.process(row).await;
     }
+    // Temp copies a crash left on the archive side.
+    let archive = ctx.archive.clone();
+    tokio::task::spawn_blocking(move || {
+        let n = archive::remove_stale_temps(&archive);
+        if n > 0 {
+            tracing::info!(removed = n, archive = %archive.display(), "removed temp copies left by a crash");
+        }
+    });
     // Queued or failed rows whose file is gone have nothing left to do.
     let waiting = ctx
         .catalog
@@ -231,7 +232,10 @@ pub async fn run_once(
     recover(&ctx).await?;
     let ignore = IgnoreSet::new(&ctx.cfg.spool.ignore)?;
     let (spool, settle) = (ctx.spool.clone(), ctx.cfg.spool.settle.0);
-    let found = tokio::task::spawn_blocking(move || stable_files(&spool, &ignore, settle)).await?;
+    let long_quiet = ctx.cfg.spool.rescan_interval.0.max(settle);
+    let found =
+        tokio::task::spawn_blocking(move || stable_files(&spool, &ignore, settle, long_quiet))
+            .await?;
     let prefix = ctx.cfg.s3.prefix.clone();
     let keys: Vec<String> = ctx
         .catalog
@@ -334,46 +338,69 @@ pub async fn run_once(
     Ok(report)
 }
 
-/// The spool's files now, each once unchanged for `settle` (files still being written are
-/// waited for, up to a minute).
+/// The spool's files now, each once nobody writes it (a read lease can be had) and it has
+/// been unchanged for `settle` (the long quiet time where no lease can be had). Files still
+/// being written are waited for, up to a minute; after that they are queued anyway and the
+/// uploader's own lease keeps an open file from going up.
 fn stable_files(
     spool: &Path,
     ignore: &IgnoreSet,
     settle: Duration,
+    long_quiet: Duration,
 ) -> Vec<(std::path::PathBuf, FileStat)> {
     let first = watch::scan(spool, ignore);
     let deadline = Instant::now() + Duration::from_secs(60);
     let mut out = Vec::with_capacity(first.files.len());
-    let mut unsure = Vec::new();
-    let now = std::time::SystemTime::now();
-    for (rel, st) in first.files {
-        let age = now
-            .duration_since(std::time::UNIX_EPOCH + Duration::from_nanos(st.mtime_ns.max(0) as u64))
-            .unwrap_or_default();
-        if age >= settle {
-            out.push((rel, st));
-        } else {
-            unsure.push((rel, st));
-        }
-    }
-    while !unsure.is_empty() && Instant::now() < deadline {
-        std::thread::sleep(settle.max(Duration::from_millis(50)));
+    // (path, stat, no lease to be had)
+    let mut unsure: Vec<_> = first
+        .files
+        .into_iter()
+        .map(|(r, s)| (r, s, false))
+        .collect();
+    loop {
+        let now = std::time::SystemTime::now();
         let mut still = Vec::new();
-        for (rel, st) in unsure {
-            match std::fs::symlink_metadata(spool.join(&rel)) {
-                Ok(m) if m.is_file() => {
-                    let now = FileStat::of(&m);
-                    if now == st {
-                        out.push((rel, now));
+        for (rel, st, no_lease) in unsure {
+            let path = spool.join(&rel);
+            let cur = match std::fs::symlink_metadata(&path) {
+                Ok(m) if m.is_file() => FileStat::of(&m),
+                _ => continue,
+            };
+            if cur != st {
+                still.push((rel, cur, no_lease));
+                continue;
+            }
+            let age = now
+                .duration_since(
+                    std::time::UNIX_EPOCH + Duration::from_nanos(cur.mtime_ns.max(0) as u64),
+                )
+                .unwrap_or_default();
+            let need = if no_lease { long_quiet } else { settle };
+            if age < need {
+                still.push((rel, cur, no_lease));
+                continue;
+            }
+            match lease::probe_path(&path) {
+                Ok(lease::ProbeResult::Free) => out.push((rel, cur)),
+                Ok(lease::ProbeResult::Unavailable(u)) => {
+                    if lease::warn_once(u.errno) {
+                        tracing::warn!(path = %rel.display(), reason = %u.reason, "no read lease on a spool file; waiting for the long quiet time instead");
+                    }
+                    if age >= long_quiet {
+                        out.push((rel, cur));
                     } else {
-                        still.push((rel, now));
+                        still.push((rel, cur, true));
                     }
                 }
-                _ => {}
+                Ok(lease::ProbeResult::Busy) | Err(_) => still.push((rel, cur, no_lease)),
             }
         }
         unsure = still;
+        if unsure.is_empty() || Instant::now() >= deadline {
+            break;
+        }
+        std::thread::sleep(settle.clamp(Duration::from_millis(50), Duration::from_secs(1)));
     }
-    out.extend(unsure);
+    out.extend(unsure.into_iter().map(|(r, s, _)| (r, s)));
     out
 }

@@ -30,6 +30,61 @@ pub struct Report {
     pub unknown_objects: usize,
     /// Findings still unresolved (after repair, if asked).
     pub unresolved: usize,
+    /// Archive copies hashed (`--archive`).
+    pub archive_checked: usize,
+}
+
+/// Which archive copies `ferry verify --archive` hashes.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ArchiveCheck {
+    /// Only rows archived within this long.
+    pub since: Option<std::time::Duration>,
+    /// Only this many, at random.
+    pub sample: Option<usize>,
+}
+
+/// Hashes archive copies and reports every one that differs from the catalog's SHA-256 or
+/// is missing. Nothing is changed: the copy may be the only evidence of what happened.
+pub async fn check_archive(
+    ctx: &Ctx,
+    what: ArchiveCheck,
+    report: &mut Report,
+) -> anyhow::Result<()> {
+    let since_ms = what
+        .since
+        .map(|d| crate::catalog::now_ms() - d.as_millis() as i64)
+        .unwrap_or(i64::MIN);
+    let sample = what.sample;
+    let rows = ctx
+        .catalog
+        .read(move |c| ops::archived_rows(c, since_ms, sample))
+        .await?;
+    for row in rows {
+        let (Some(sha), Ok(key)) = (row.sha256.clone(), Key::new(&row.key, &ctx.cfg.s3.prefix))
+        else {
+            continue;
+        };
+        report.archive_checked += 1;
+        let path = key.path_in(&ctx.archive);
+        let p = path.clone();
+        let got =
+            tokio::task::spawn_blocking(move || crate::sync::archive::sha256_file(&p)).await?;
+        let problem = match got {
+            Ok(h) if h == sha => continue,
+            Ok(h) => format!(
+                "archive copy {} has SHA-256 {h}, the catalog (and S3) {sha}; left untouched",
+                path.display()
+            ),
+            Err(e) => format!("archive copy {}: {e}", path.display()),
+        };
+        report.findings.push(Finding {
+            key: row.key.clone(),
+            problem,
+            repair: None,
+        });
+        report.unresolved += 1;
+    }
+    Ok(())
 }
 
 /// Why S3's copy of `row` is not the catalog's, if it is not.
@@ -67,6 +122,36 @@ async fn s3_problem(ctx: &Ctx, key: &str, size: u64, sha: &str) -> Option<String
                 },
             }
         }
+    }
+}
+
+/// Like [`s3_problem`], but only S3's own evidence counts: a full-object SHA-256 checksum,
+/// else the object read back and hashed. Our `sha256` user metadata is what we said, not
+/// what S3 holds, so it never licenses deleting a copy.
+async fn s3_strict_problem(ctx: &Ctx, key: &str, size: u64, sha: &str) -> Option<String> {
+    let obj = format!("{}{}", ctx.cfg.s3.prefix, key);
+    match ctx.store.head(&obj).await {
+        Err(e) if e.is_not_found() => return Some("missing in S3".into()),
+        Err(e) => return Some(format!("cannot HEAD: {}", e.message)),
+        Ok(h) => {
+            if h.metadata.contains_key("ferry-deleted") {
+                return Some("S3 holds a deletion marker".into());
+            }
+            if h.size != size {
+                return Some(format!("S3 has {} bytes, catalog {}", h.size, size));
+            }
+            let b64 = hex::decode(sha)
+                .map(|b| base64::engine::general_purpose::STANDARD.encode(b))
+                .unwrap_or_default();
+            if let Some(c) = h.checksum_sha256.as_deref().filter(|c| !c.contains('-')) {
+                return (c != b64).then(|| format!("S3's SHA-256 {c} is not the catalog's {b64}"));
+            }
+        }
+    }
+    match ctx.store.read_back(&obj).await {
+        Ok((n, s)) if n == size && s == sha => None,
+        Ok((_, s)) => Some(format!("S3 holds SHA-256 {s}, catalog {sha}")),
+        Err(e) => Some(format!("cannot read back: {}", e.message)),
     }
 }
 
@@ -157,7 +242,22 @@ pub async fn prune_archive(ctx: &Ctx, retain: std::time::Duration) -> anyhow::Re
         };
         let path = key.path_in(&ctx.archive);
         if path.symlink_metadata().is_ok() {
-            if let Some(problem) = s3_problem(ctx, &row.key, row.stat.size, &sha).await {
+            // The copy's own bytes first: deleting a copy that is not what S3 holds would
+            // lose the only one of its kind.
+            let p = path.clone();
+            match tokio::task::spawn_blocking(move || crate::sync::archive::sha256_file(&p)).await?
+            {
+                Ok(h) if h == sha => {}
+                Ok(h) => {
+                    tracing::warn!(key = %row.key, path = %path.display(), sha256 = %h, catalog = %sha, "archive copy kept past archive.retain: its bytes are not the verified ones");
+                    continue;
+                }
+                Err(e) => {
+                    tracing::warn!(key = %row.key, error = %e, "archive copy kept past archive.retain: cannot hash it");
+                    continue;
+                }
+            }
+            if let Some(problem) = s3_strict_problem(ctx, &row.key, row.stat.size, &sha).await {
                 tracing::warn!(key = %row.key, problem, "archive copy kept past archive.retain: S3 does not confirm it");
                 continue;
             }

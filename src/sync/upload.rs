@@ -23,6 +23,7 @@ use crate::key::Key;
 use crate::retry::{Class, Policy};
 use crate::store::{PartSpec, PutMeta, Store, StoreError};
 use crate::sync::archive::{self, Outcome};
+use crate::sync::lease;
 
 /// S3's limit on the number of parts.
 const MAX_PARTS: u64 = 10_000;
@@ -48,6 +49,8 @@ pub struct Hashed {
     pub sha256: [u8; 32],
     /// Per-part SHA-256 when the file goes up in parts: (offset, len, digest).
     pub parts: Vec<(u64, u64, [u8; 32])>,
+    /// Why the file was read without a lease, if it was.
+    pub no_lease: Option<lease::Unavailable>,
 }
 
 impl Hashed {
@@ -75,6 +78,8 @@ pub enum HashError {
     NotRegular,
     #[error("file changed while it was read")]
     Changed,
+    #[error("file is open for writing")]
+    Busy,
     #[error("reading {path}: {source}")]
     Io { path: PathBuf, source: io::Error },
 }
@@ -102,19 +107,28 @@ pub fn read_buffer(size: u64) -> Vec<u8> {
     vec![0u8; (size as usize).saturating_add(1).clamp(4096, 1 << 20)]
 }
 
-/// Reads the file once: full SHA-256 and, when `part_size` is given, each part's SHA-256.
-/// Fails with `Changed` if the file's identity moved while it was read.
+/// Reads the file once, under a read lease: full SHA-256 and, when `part_size` is given,
+/// each part's SHA-256; then fsyncs it through the same descriptor, so the bytes that go up
+/// are the bytes a power loss leaves on disk.
+///
+/// Fails with `Busy` if someone has the file open for writing (lease refused, or broken
+/// while we read), and with `Changed` if the file's identity moved while it was read.
 pub fn hash_file(path: &Path, part_size: Option<u64>) -> Result<Hashed, HashError> {
     let io_err = |source| HashError::Io {
         path: path.to_path_buf(),
         source,
     };
-    let mut f = open_nofollow(path)?;
+    let f = open_nofollow(path)?;
     let md = f.metadata().map_err(io_err)?;
     if !md.file_type().is_file() {
         return Err(HashError::NotRegular);
     }
     let before = FileStat::of(&md);
+    let (lease, no_lease) = match lease::take(&f) {
+        lease::Probe::Held(l) => (Some(l), None),
+        lease::Probe::Busy => return Err(HashError::Busy),
+        lease::Probe::Unavailable(u) => (None, Some(u)),
+    };
     let mut full = Sha256::new();
     let mut buf = read_buffer(before.size);
     let mut parts = Vec::new();
@@ -122,12 +136,17 @@ pub fn hash_file(path: &Path, part_size: Option<u64>) -> Result<Hashed, HashErro
     let mut part_start = 0u64;
     let mut part_len = 0u64;
     let mut total = 0u64;
+    let mut reader = &f;
     loop {
+        // A writer's open waits for us while we hold the lease: let go at once.
+        if lease.as_ref().is_some_and(|l| l.broken()) {
+            return Err(HashError::Busy);
+        }
         let want = match part_size {
             Some(ps) => ((ps - part_len) as usize).min(buf.len()),
             None => buf.len(),
         };
-        let n = f.read(&mut buf[..want]).map_err(io_err)?;
+        let n = reader.read(&mut buf[..want]).map_err(io_err)?;
         if n == 0 {
             break;
         }
@@ -146,6 +165,11 @@ pub fn hash_file(path: &Path, part_size: Option<u64>) -> Result<Hashed, HashErro
     if part_size.is_some() && (part_len > 0 || parts.is_empty()) {
         parts.push((part_start, part_len, part.finalize().into()));
     }
+    let broken = lease.as_ref().is_some_and(|l| l.broken());
+    drop(lease);
+    if broken {
+        return Err(HashError::Busy);
+    }
     let after = FileStat::of(&f.metadata().map_err(io_err)?);
     let on_path = std::fs::symlink_metadata(path)
         .map(|m| FileStat::of(&m))
@@ -153,10 +177,17 @@ pub fn hash_file(path: &Path, part_size: Option<u64>) -> Result<Hashed, HashErro
     if after != before || total != before.size || on_path != Some(before) {
         return Err(HashError::Changed);
     }
+    crate::crashpoint::hit("hashed");
+    // The application may never have fsynced what it wrote. Without this, a power loss
+    // after `verified` could leave a short file that start-up recovery uploads over the
+    // good object.
+    f.sync_all().map_err(io_err)?;
+    crate::crashpoint::hit("fsync-spool");
     Ok(Hashed {
         stat: before,
         sha256: full.finalize().into(),
         parts,
+        no_lease,
     })
 }
 
@@ -352,6 +383,12 @@ pub enum Attempt {
     },
     /// Not an error: the file changed; look again after it settles.
     Changed(&'static str),
+    /// Verified, but the move to the archive failed: only the move is retried (soon for a
+    /// transient error, at `retry.max_interval` for a permanent one), never the upload.
+    ArchiveFailed {
+        permanent: bool,
+        error: String,
+    },
 }
 
 impl Ctx {
@@ -368,6 +405,8 @@ impl Ctx {
         let outcome = self.attempt(&row).await;
         let m = crate::telemetry::metrics();
         match &outcome {
+            // A row claimed for its archive move only was counted when it went up.
+            Attempt::Done if row.state == crate::catalog::State::Verified => {}
             Attempt::Done => {
                 m.uploads.inc();
                 m.upload_bytes.inc_by(row.stat.size);
@@ -391,16 +430,39 @@ impl Ctx {
             _ => {}
         }
         let settle_ms = self.cfg.spool.settle.0.as_millis() as i64;
-        let res = match outcome {
-            Attempt::Done | Attempt::Superseded => Ok(()),
+        let k = key_str.clone();
+        match outcome {
+            Attempt::Done | Attempt::Superseded => {}
             Attempt::Changed(why) => {
                 tracing::debug!(key = %key_str, why, "file changed; will look again");
-                let k = key_str.clone();
-                self.catalog
-                    .write(move |c| {
-                        ops::requeue(c, &k, gen, now_ms() + settle_ms, None).map(|_| ())
+                let next = now_ms() + settle_ms;
+                self.write_until_done("requeue", &key_str, move |c| {
+                    ops::requeue(c, &k, gen, next, None).map(|_| ())
+                })
+                .await;
+            }
+            Attempt::ArchiveFailed { permanent, error } => {
+                let class = if permanent {
+                    Class::Permanent
+                } else {
+                    Class::Transient
+                };
+                m.archive_failures
+                    .get_or_create(&crate::telemetry::ClassLabel {
+                        class: if permanent { "permanent" } else { "transient" }.into(),
                     })
-                    .await
+                    .inc();
+                let delay = self.policy.delay(attempts, class, None);
+                let next = now_ms() + delay.as_millis() as i64;
+                if permanent {
+                    tracing::error!(key = %key_str, error = %error, retry_in = ?delay, "cannot archive (the upload is verified; the file stays in the spool and is served from there)");
+                } else {
+                    tracing::warn!(key = %key_str, error = %error, retry_in = ?delay, "cannot archive yet (the upload is verified; only the move is retried)");
+                }
+                self.write_until_done("archive_failed", &key_str, move |c| {
+                    ops::mark_archive_failed(c, &k, gen, next, &error).map(|_| ())
+                })
+                .await;
             }
             Attempt::Retry {
                 class,
@@ -409,28 +471,23 @@ impl Ctx {
             } => {
                 let delay = self.policy.delay(attempts, class, retry_after);
                 let next = now_ms() + delay.as_millis() as i64;
-                let k = key_str.clone();
                 match class {
                     Class::Permanent => {
                         tracing::error!(key = %key_str, attempts, error = %error, retry_in = ?delay, "upload failed (permanent)");
-                        self.catalog
-                            .write(move |c| ops::mark_failed(c, &k, gen, next, &error).map(|_| ()))
-                            .await
+                        self.write_until_done("failed", &key_str, move |c| {
+                            ops::mark_failed(c, &k, gen, next, &error).map(|_| ())
+                        })
+                        .await;
                     }
                     Class::Transient | Class::LocalFull => {
                         tracing::warn!(key = %key_str, attempts, error = %error, retry_in = ?delay, "upload will be retried");
-                        self.catalog
-                            .write(move |c| {
-                                ops::requeue(c, &k, gen, next, Some(&error)).map(|_| ())
-                            })
-                            .await
+                        self.write_until_done("requeue", &key_str, move |c| {
+                            ops::requeue(c, &k, gen, next, Some(&error)).map(|_| ())
+                        })
+                        .await;
                     }
                 }
             }
-        };
-        if let Err(e) = res {
-            // The row stays `uploading`; start-up recovery or the next claim repairs it.
-            tracing::error!(key = %key_str, error = %e, "cannot record upload outcome");
         }
         self.wake.notify_one();
     }
@@ -446,6 +503,13 @@ impl Ctx {
                 }
             }
         };
+        // Claimed again after a failed move to the archive: S3 already holds these bytes.
+        if row.state == crate::catalog::State::Verified {
+            let Some(sha) = row.sha256.clone() else {
+                return Attempt::Changed("verified row without a hash");
+            };
+            return self.archive_verified(&key, row.gen, row.stat, sha).await;
+        }
         let path = key.path_in(&self.spool);
         let gen = row.gen;
         let threshold = self.cfg.s3.multipart_threshold.0;
@@ -470,6 +534,10 @@ impl Ctx {
                 return Attempt::Superseded;
             }
             Ok(Err(HashError::Changed)) => return Attempt::Changed("changed while hashing"),
+            Ok(Err(HashError::Busy)) => {
+                crate::telemetry::metrics().lease_busy.inc();
+                return Attempt::Changed("open for writing");
+            }
             Ok(Err(HashError::Io { path, source })) => {
                 return Attempt::Retry {
                     class: crate::retry::classify_io(&source),
@@ -513,6 +581,7 @@ impl Ctx {
             // next attempt reads back whatever it verifies.
             return store_retry(e);
         }
+        crate::crashpoint::hit("put");
 
         // 3. Verify. Any earlier failed attempt means the object may hold a body that a
         //    server rejected but kept, so later attempts read back.
@@ -523,6 +592,15 @@ impl Ctx {
                 return Attempt::Retry {
                     class: Class::Transient,
                     error: format!("verification failed: {m}"),
+                    retry_after: None,
+                }
+            }
+            // Not found right after a PUT that succeeded: a store that is not yet
+            // read-after-write consistent (or a proxy's stale view). Transient, and soon.
+            Err(VerifyError::Store(e)) if e.is_not_found() => {
+                return Attempt::Retry {
+                    class: Class::Transient,
+                    error: format!("verification failed: S3 does not show the object yet: {e}"),
                     retry_after: None,
                 }
             }
@@ -538,6 +616,8 @@ impl Ctx {
                 }
             }
         };
+
+        crate::crashpoint::hit("verified-check");
 
         // 4. Still the same file? Only then does the catalog say S3 holds it.
         let now = std::fs::symlink_metadata(&path)
@@ -562,6 +642,7 @@ impl Ctx {
                 Err(e) => return catalog_retry(e),
             }
         }
+        crate::crashpoint::hit("verified-commit");
         tracing::info!(key = %key, size = h.stat.size, sha256 = %sha_hex, by = %by, "uploaded and verified");
 
         // 5. Archive.
@@ -586,33 +667,87 @@ impl Ctx {
             archive::archive(&spool, &arch, &k, stat, &sha_hex, settle)
         })
         .await;
+        let err = |e: String, permanent: bool| Attempt::ArchiveFailed {
+            permanent,
+            error: e,
+        };
         match res {
-            Ok(Ok(Outcome::Archived)) | Ok(Ok(Outcome::Missing)) => {
-                let k = key.as_str().to_string();
-                match self
-                    .catalog
-                    .write(move |c| ops::mark_archived(c, &k, gen))
-                    .await
-                {
-                    Ok(_) => {
-                        tracing::info!(key = %key, "archived");
-                        Attempt::Done
-                    }
-                    // The file is in the archive and S3; start-up recovery records it.
-                    Err(e) => catalog_retry(e),
+            Ok(Ok(out @ (Outcome::Archived | Outcome::Missing))) => {
+                if out == Outcome::Missing {
+                    tracing::warn!(key = %key, "the spool file left before it was archived; S3 holds the verified bytes");
                 }
+                let k = key.as_str().to_string();
+                // The file has left the spool: only `archived` describes it now. A failed
+                // write is retried here, never turned into a requeue (which would find the
+                // file gone and call verified bytes vanished).
+                self.write_until_done("archived", key.as_str(), move |c| {
+                    ops::mark_archived(c, &k, gen).map(|_| ())
+                })
+                .await;
+                crate::crashpoint::hit("archived-commit");
+                tracing::info!(key = %key, "archived");
+                Attempt::Done
             }
             Ok(Ok(Outcome::Changed)) => Attempt::Changed("changed before archiving"),
-            Ok(Err(e)) => Attempt::Retry {
-                class: crate::retry::classify_io(&e),
-                error: format!("archiving to {}: {e}", self.archive.display()),
-                retry_after: None,
-            },
-            Err(e) => Attempt::Retry {
-                class: Class::Transient,
-                error: format!("archive task: {e}"),
-                retry_after: None,
-            },
+            Ok(Ok(Outcome::Busy)) => {
+                crate::telemetry::metrics().lease_busy.inc();
+                Attempt::Changed("opened for writing while it was archived")
+            }
+            Ok(Ok(Outcome::PutAside(p))) => {
+                let (topic, msg) = (
+                    format!("unverified:{}", key.as_str()),
+                    format!(
+                        "bytes that changed while being archived were put aside at {} (a new \
+                         file had taken the spool name); they are not in S3",
+                        p.display()
+                    ),
+                );
+                let _ = self
+                    .catalog
+                    .write(move |c| ops::set_notice(c, &topic, &msg))
+                    .await;
+                Attempt::Changed("changed while it was archived")
+            }
+            Ok(Err(e)) => {
+                let permanent = matches!(
+                    e.raw_os_error(),
+                    Some(libc::EACCES | libc::EPERM | libc::EROFS | libc::ENAMETOOLONG)
+                );
+                err(
+                    format!(
+                        "archiving {} to {}: {e}",
+                        key.path_in(&self.spool).display(),
+                        key.path_in(&self.archive).display()
+                    ),
+                    permanent,
+                )
+            }
+            Err(e) => err(format!("archive task: {e}"), false),
+        }
+    }
+
+    /// Runs a catalog write until it commits: an outcome that is not recorded would leave
+    /// the row where no one picks it up until a restart. Backs off up to 30 s between tries.
+    async fn write_until_done<F>(&self, what: &'static str, key: &str, f: F)
+    where
+        F: Fn(&rusqlite::Connection) -> crate::catalog::Result<()> + Send + Sync + 'static,
+    {
+        let f = Arc::new(f);
+        let mut attempt = 0u32;
+        loop {
+            let g = f.clone();
+            match self.catalog.write(move |c| g(c)).await {
+                Ok(()) => return,
+                Err(e) => {
+                    attempt += 1;
+                    let delay = self
+                        .policy
+                        .delay(attempt, Class::Transient, None)
+                        .min(Duration::from_secs(30));
+                    tracing::error!(key, what, error = %e, retry_in = ?delay, "cannot record an upload outcome; retrying");
+                    tokio::time::sleep(delay).await;
+                }
+            }
         }
     }
 
@@ -824,7 +959,15 @@ pub async fn run(ctx: Arc<Ctx>, shutdown: CancellationToken) -> anyhow::Result<(
         }
         // Sleep until something is due, a file arrives, an upload finishes, or shutdown.
         let next = ctx.catalog.read(ops::next_due).await.ok().flatten();
-        let wait_ms = next.map(|t| (t - now_ms()).clamp(10, 1000)).unwrap_or(1000) as u64;
+        let now = now_ms();
+        let wait_ms = match next {
+            Some(t) if t > now => (t - now).clamp(10, 1000),
+            // Due now but nothing was claimed: the row's key is in flight (a re-drop) or
+            // every permit is taken. A finishing upload wakes us; no need to spin.
+            Some(_) if claimed == 0 => 1000,
+            Some(_) => 10,
+            None => 1000,
+        } as u64;
         tokio::select! {
             _ = shutdown.cancelled() => break,
             _ = ctx.wake.notified() => {}

@@ -18,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::catalog::{ops, Catalog, FileStat, Noted};
 use crate::key::{IgnoreSet, Key};
+use crate::sync::lease;
 
 #[derive(Debug)]
 struct Pending {
@@ -25,6 +26,23 @@ struct Pending {
     /// When the stat last changed (or the file was first seen).
     since: Instant,
     eligible: bool,
+    /// Arrived whole (renamed or hard-linked in): ready as soon as nobody writes it, with no
+    /// settle time.
+    whole: bool,
+    /// No lease can be had on it: it needs the long quiet time.
+    no_lease: bool,
+}
+
+impl Pending {
+    fn new(stat: Option<FileStat>, since: Instant, eligible: bool, whole: bool) -> Pending {
+        Pending {
+            stat,
+            since,
+            eligible,
+            whole,
+            no_lease: false,
+        }
+    }
 }
 
 pub struct Watcher {
@@ -47,6 +65,8 @@ pub struct ScanResult {
     pub files: Vec<(PathBuf, FileStat)>,
     /// Symlinks and special files (relative paths), skipped.
     pub skipped: Vec<PathBuf>,
+    /// Folders and files that could not be read or stat'ed, with the error.
+    pub unreadable: Vec<(PathBuf, String)>,
 }
 
 /// Walks the spool, skipping ignored names, symlinks and special files. Blocking.
@@ -76,6 +96,7 @@ pub fn scan(spool: &Path, ignore: &IgnoreSet) -> ScanResult {
     for r in results {
         out.files.extend(r.files);
         out.skipped.extend(r.skipped);
+        out.unreadable.extend(r.unreadable);
     }
     out
 }
@@ -109,21 +130,40 @@ fn scan_worker(
         // for it forever.
         let _done = Done(work, more);
         let mut subdirs = Vec::new();
-        if let Ok(rd) = std::fs::read_dir(&dir) {
-            for entry in rd.flatten() {
-                if ignore.matches_name(&entry.file_name()) {
-                    continue;
-                }
-                let path = entry.path();
-                let Ok(md) = entry.metadata() else { continue };
-                let rel = path.strip_prefix(spool).unwrap_or(&path).to_path_buf();
-                let ft = md.file_type();
-                if ft.is_dir() {
-                    subdirs.push(path);
-                } else if ft.is_file() {
-                    out.files.push((rel, FileStat::of(&md)));
-                } else {
-                    out.skipped.push(rel);
+        let rel_of = |p: &Path| p.strip_prefix(spool).unwrap_or(p).to_path_buf();
+        match std::fs::read_dir(&dir) {
+            Err(e) => out.unreadable.push((rel_of(&dir), e.to_string())),
+            Ok(rd) => {
+                for entry in rd {
+                    let entry = match entry {
+                        Ok(e) => e,
+                        Err(e) => {
+                            out.unreadable.push((rel_of(&dir), e.to_string()));
+                            continue;
+                        }
+                    };
+                    if ignore.matches_name(&entry.file_name()) {
+                        continue;
+                    }
+                    let path = entry.path();
+                    let md = match entry.metadata() {
+                        Ok(md) => md,
+                        // Gone between the listing and the stat: nothing to report.
+                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                        Err(e) => {
+                            out.unreadable.push((rel_of(&path), e.to_string()));
+                            continue;
+                        }
+                    };
+                    let rel = rel_of(&path);
+                    let ft = md.file_type();
+                    if ft.is_dir() {
+                        subdirs.push(path);
+                    } else if ft.is_file() {
+                        out.files.push((rel, FileStat::of(&md)));
+                    } else {
+                        out.skipped.push(rel);
+                    }
                 }
             }
         }
@@ -206,8 +246,7 @@ impl Watcher {
 
         let mut pending: HashMap<PathBuf, Pending> = HashMap::new();
         let mut warned: HashSet<PathBuf> = HashSet::new();
-        self.full_scan(&mut pending, &mut warned, watcher.is_some())
-            .await;
+        self.full_scan(&mut pending, &mut warned).await;
         if let Some(tx) = self.started.take() {
             let _ = tx.send(());
         }
@@ -226,13 +265,19 @@ impl Watcher {
                 _ = shutdown.cancelled() => break,
                 ev = rx.recv() => {
                     let Some(ev) = ev else { break };
-                    let mut need_scan = self.on_event(ev, &mut pending);
+                    let mut whole = false;
+                    let mut need_scan = self.on_event(ev, &mut pending, &mut whole);
                     // Drain what else has queued, so a burst is one pass.
                     while let Ok(ev) = rx.try_recv() {
-                        need_scan |= self.on_event(ev, &mut pending);
+                        need_scan |= self.on_event(ev, &mut pending, &mut whole);
                     }
                     if need_scan {
-                        self.full_scan(&mut pending, &mut warned, watcher.is_some()).await;
+                        self.full_scan(&mut pending, &mut warned).await;
+                    }
+                    // A file renamed in is ready once nobody writes it: no need to wait
+                    // for the next tick.
+                    if whole {
+                        self.settle_pass(&mut pending, &mut warned).await;
                     }
                 }
                 _ = ticker.tick() => {
@@ -247,10 +292,10 @@ impl Watcher {
                             tracing::info!(spool = %self.spool.display(), "watching the spool again");
                         }
                     }
-                    self.full_scan(&mut pending, &mut warned, watcher.is_some()).await
+                    self.full_scan(&mut pending, &mut warned).await
                 }
                 _ = poll.tick(), if watcher.is_none() => {
-                    self.full_scan(&mut pending, &mut warned, watcher.is_some()).await
+                    self.full_scan(&mut pending, &mut warned).await
                 }
             }
         }
@@ -263,6 +308,7 @@ impl Watcher {
         &self,
         ev: notify::Result<notify::Event>,
         pending: &mut HashMap<PathBuf, Pending>,
+        whole: &mut bool,
     ) -> bool {
         let ev = match ev {
             Ok(ev) => ev,
@@ -279,14 +325,14 @@ impl Watcher {
         let mut rescan = false;
         let touch = |pending: &mut HashMap<PathBuf, Pending>, p: &Path, eligible: Option<bool>| {
             let Some(rel) = self.rel(p) else { return };
-            let e = pending.entry(rel).or_insert(Pending {
-                stat: None,
-                since: now,
-                eligible: false,
-            });
+            let e = pending
+                .entry(rel)
+                .or_insert(Pending::new(None, now, false, false));
             e.since = now;
             if let Some(el) = eligible {
                 e.eligible = el;
+                // Written to (or closed after writing): no longer a whole arrival.
+                e.whole = false;
             }
         };
         match ev.kind {
@@ -305,12 +351,19 @@ impl Watcher {
                     }
                     // A hard link (sftp's link-then-unlink) arrives complete, with no close
                     // event; an O_CREAT file is empty at first and waits for its close. Any
-                    // write events queued behind this one make it ineligible again.
-                    let whole = md.is_ok_and(|m| {
+                    // write events queued behind this one make it ineligible again. Either
+                    // way the lease is the word on whether someone still writes it.
+                    let linked = md.as_ref().is_ok_and(|m| {
                         use std::os::unix::fs::MetadataExt;
-                        m.is_file() && (m.nlink() > 1 || m.len() > 0)
+                        m.is_file() && m.nlink() > 1
                     });
-                    touch(pending, p, Some(whole));
+                    let nonempty = md.is_ok_and(|m| m.is_file() && m.len() > 0);
+                    touch(pending, p, Some(linked || nonempty));
+                    if linked {
+                        if let Some(e) = self.rel(p).and_then(|r| pending.get_mut(&r)) {
+                            e.whole = true;
+                        }
+                    }
                 }
             }
             EventKind::Modify(ModifyKind::Name(mode)) => match mode {
@@ -325,12 +378,12 @@ impl Watcher {
                     if let Some(rel) = self.rel(&ev.paths[0]) {
                         pending.remove(&rel);
                     }
-                    self.arrived(&ev.paths[1], pending, now, &mut rescan);
+                    *whole |= self.arrived(&ev.paths[1], pending, now, &mut rescan);
                 }
                 _ => {
                     for p in &ev.paths {
                         if p.exists() {
-                            self.arrived(p, pending, now, &mut rescan);
+                            *whole |= self.arrived(p, pending, now, &mut rescan);
                         } else if let Some(rel) = self.rel(p) {
                             pending.remove(&rel);
                         }
@@ -364,27 +417,24 @@ impl Watcher {
         rescan
     }
 
-    /// A path renamed into the spool: a whole file, or a folder of them.
+    /// A path renamed into the spool: a whole file (true), or a folder of them.
     fn arrived(
         &self,
         p: &Path,
         pending: &mut HashMap<PathBuf, Pending>,
         now: Instant,
         rescan: &mut bool,
-    ) {
+    ) -> bool {
         if std::fs::symlink_metadata(p).is_ok_and(|m| m.is_dir()) {
             *rescan = true;
-            return;
+            return false;
         }
-        if let Some(rel) = self.rel(p) {
-            pending.insert(
-                rel,
-                Pending {
-                    stat: None,
-                    since: now,
-                    eligible: true,
-                },
-            );
+        match self.rel(p) {
+            Some(rel) => {
+                pending.insert(rel, Pending::new(None, now, true, true));
+                true
+            }
+            None => false,
         }
     }
 
@@ -401,7 +451,9 @@ impl Watcher {
         let now = Instant::now();
         let paths: Vec<PathBuf> = pending
             .iter()
-            .filter(|(_, p)| p.stat.is_none() || now.duration_since(p.since) >= self.settle)
+            .filter(|(_, p)| {
+                p.stat.is_none() || p.whole || now.duration_since(p.since) >= self.settle
+            })
             .map(|(k, _)| k.clone())
             .collect();
         if paths.is_empty() {
@@ -445,7 +497,8 @@ impl Watcher {
         .await
         .unwrap_or_default();
         let now = Instant::now();
-        let mut ready = Vec::new();
+        let long_quiet = self.rescan_interval.max(self.settle);
+        let mut candidates = Vec::new();
         for (rel, st) in stats {
             match st {
                 None => {
@@ -462,26 +515,116 @@ impl Watcher {
                         continue;
                     };
                     if p.stat != Some(st) {
+                        // A whole arrival seen for the first time is as it will stay; any
+                        // other change restarts the quiet time.
+                        let first_whole = p.whole && p.stat.is_none();
                         p.stat = Some(st);
-                        p.since = now;
-                        continue;
+                        if !first_whole {
+                            p.whole = false;
+                            p.since = now;
+                            continue;
+                        }
                     }
                     let quiet = now.duration_since(p.since);
                     // A close-write that never came (missed events) is not waited for forever.
-                    if !p.eligible && quiet >= self.rescan_interval.max(self.settle) {
+                    if !p.eligible && quiet >= long_quiet {
                         tracing::debug!(path = %rel.display(), "no close seen; ready by quiet time");
                         p.eligible = true;
                     }
-                    if p.eligible && quiet >= self.settle {
+                    let needed = if p.no_lease {
+                        long_quiet
+                    } else if p.whole {
+                        Duration::ZERO
+                    } else {
+                        self.settle
+                    };
+                    if p.eligible && quiet >= needed {
+                        candidates.push((rel.clone(), st));
+                    }
+                }
+            }
+        }
+        if candidates.is_empty() {
+            return;
+        }
+        // Finished by its writer; now, does anyone still write it? The kernel knows.
+        let spool = self.spool.clone();
+        let probed = tokio::task::spawn_blocking(move || {
+            candidates
+                .into_iter()
+                .map(|(rel, st)| {
+                    let r = lease::probe_path(&spool.join(&rel));
+                    (rel, st, r)
+                })
+                .collect::<Vec<_>>()
+        })
+        .await
+        .unwrap_or_default();
+        let mut ready = Vec::new();
+        let now = Instant::now();
+        for (rel, st, r) in probed {
+            let Some(p) = pending.get_mut(&rel) else {
+                continue;
+            };
+            match r {
+                Ok(lease::ProbeResult::Free) => {
+                    ready.push((rel.clone(), st));
+                    pending.remove(&rel);
+                }
+                Ok(lease::ProbeResult::Busy) => {
+                    // A writer holds it open: its close brings an event; without one, look
+                    // again after another settle period.
+                    crate::telemetry::metrics().lease_busy.inc();
+                    tracing::debug!(path = %rel.display(), "still open for writing");
+                    p.since = now;
+                    p.whole = false;
+                }
+                Ok(lease::ProbeResult::Unavailable(u)) => {
+                    if !p.no_lease {
+                        p.no_lease = true;
+                        crate::telemetry::metrics().lease_fallbacks.inc();
+                        self.note_no_lease(&rel, &u, long_quiet).await;
+                    }
+                    if now.duration_since(p.since) >= long_quiet {
                         ready.push((rel.clone(), st));
                         pending.remove(&rel);
                     }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    pending.remove(&rel);
+                }
+                Err(e) => {
+                    // EWOULDBLOCK: someone holds a write lease; anything else, look again.
+                    tracing::debug!(path = %rel.display(), error = %e, "cannot open for a lease; will look again");
+                    p.since = now;
                 }
             }
         }
         if !ready.is_empty() {
             self.submit(ready).await;
         }
+    }
+
+    /// Says once per process (log) and once per reason (`ferry status`, as a notice) that
+    /// files are read without a lease and wait the long quiet time instead.
+    async fn note_no_lease(&self, rel: &Path, u: &lease::Unavailable, quiet: Duration) {
+        let msg = format!(
+            "{} (first seen on {}): such files are ready only after {} of quiet \
+             (max(spool.rescan_interval, spool.settle)); a writer that pauses longer \
+             would be uploaded early. Grant CAP_LEASE (systemd/ferry.service does) or use \
+             a filesystem with leases (ext4, xfs, tmpfs)",
+            u.reason,
+            rel.display(),
+            humantime::format_duration(quiet)
+        );
+        if lease::warn_once(u.errno) {
+            tracing::warn!(path = %rel.display(), reason = %u.reason, quiet = ?quiet, "no read lease on a spool file; falling back to the long quiet time");
+        }
+        let topic = format!("lease:{}", u.errno);
+        let _ = self
+            .catalog
+            .write(move |c| ops::set_notice(c, &topic, &msg))
+            .await;
     }
 
     /// Queues ready files in the catalog (one transaction) and records refused names.
@@ -521,15 +664,13 @@ impl Watcher {
         }
     }
 
-    /// `watching`: the inotify watch is set. Then a file a scan finds with no events arrived
-    /// whole and is ready after `spool.settle`. Without the watch no close is ever seen, so
-    /// a writer that pauses longer than `settle` would look finished: such files must stay
-    /// quiet for `max(rescan_interval, settle)`, the rule for a close that never came.
+    /// A scan: files it finds with no events are judged by the lease (a writer that pauses
+    /// still holds the file open), then `spool.settle` from now; without a lease, by the
+    /// long quiet time. Unreadable folders and files become notices in `ferry status`.
     async fn full_scan(
         &self,
         pending: &mut HashMap<PathBuf, Pending>,
         warned: &mut HashSet<PathBuf>,
-        watching: bool,
     ) {
         let spool = self.spool.clone();
         let ignore = self.ignore.clone();
@@ -542,15 +683,41 @@ impl Watcher {
                 tracing::warn!(path = %rel.display(), "not a regular file (symlink or special); skipped");
             }
         }
+        let unreadable: Vec<(String, String)> = found
+            .unreadable
+            .iter()
+            .map(|(p, e)| (format!("unreadable:{}", p.display()), e.clone()))
+            .collect();
+        crate::telemetry::metrics()
+            .spool_unreadable
+            .set(unreadable.len() as i64);
+        for (topic, e) in &unreadable {
+            if warned.insert(PathBuf::from(topic)) {
+                tracing::warn!(path = %topic.trim_start_matches("unreadable:"), error = %e, "cannot read a spool entry; its files are not uploaded until it can be read");
+            }
+        }
+        let _ = self
+            .catalog
+            .write(move |c| {
+                let keep: HashSet<String> = unreadable.iter().map(|(t, _)| t.clone()).collect();
+                for (topic, e) in &unreadable {
+                    ops::set_notice(
+                        c,
+                        topic,
+                        &format!("cannot read or stat this spool entry: {e}"),
+                    )?;
+                }
+                ops::clear_notices(c, "unreadable:", &keep)
+            })
+            .await;
         let mut names: Vec<String> = Vec::new();
         for (rel, st) in found.files {
             names.push(rel.to_string_lossy().into_owned());
-            // Files already watched keep their state; new ones arrived with no events.
-            pending.entry(rel).or_insert(Pending {
-                stat: Some(st),
-                since: now,
-                eligible: watching,
-            });
+            // Files already watched keep their state; new ones are judged by the lease,
+            // then `spool.settle` from now (DESIGN.md "Ready file", found by a scan).
+            pending
+                .entry(rel)
+                .or_insert(Pending::new(Some(st), now, true, false));
         }
         // Refused names that left the spool are forgotten.
         let _ = self
@@ -583,20 +750,24 @@ mod tests {
     }
 
     /// With no watch (what a refused inotify leaves), files are still found, settled and
-    /// queued by the periodic scan, including files that arrive after the start.
+    /// queued by the periodic scan, including files that arrive after the start; a file a
+    /// writer still holds open is never queued, however long it stays quiet (no close is
+    /// ever seen in polling mode: the lease is what tells).
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn without_a_watch_scans_still_queue_files() {
+        use std::io::Write;
         let t = tempfile::tempdir().unwrap();
         let spool = t.path().join("spool");
         std::fs::create_dir_all(spool.join("a")).unwrap();
         std::fs::write(spool.join("a/early.jpg"), b"early").unwrap();
+        let mut held = std::fs::File::create(spool.join("a/held.jpg")).unwrap();
+        held.write_all(b"first half").unwrap();
         let catalog = Catalog::open(&t.path().join("ferry.db")).unwrap();
         let (started_tx, started_rx) = tokio::sync::oneshot::channel();
         let w = Watcher {
             spool: spool.clone(),
             prefix: String::new(),
             settle: Duration::from_millis(100),
-            // Without a watch, files must be quiet this long (no close is ever seen).
             rescan_interval: Duration::from_secs(2),
             ignore: IgnoreSet::new(&[".*".to_string()]).unwrap(),
             catalog: catalog.clone(),
@@ -609,10 +780,6 @@ mod tests {
         let task = tokio::spawn(w.run(stop.clone()));
         started_rx.await.unwrap();
         std::fs::write(spool.join("late.jpg"), b"late").unwrap();
-        // With no watch, settle alone is not enough: a writer's pause would look like a
-        // finished file. Half a second in, nothing may be queued yet (the rule is 2 s here).
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        assert_eq!(state_of(&catalog, "a/early.jpg").await, None);
         std::fs::write(spool.join(".hidden.tmp"), b"temp").unwrap();
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
@@ -627,6 +794,25 @@ mod tests {
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+        // Past both the settle time and max(rescan_interval, settle): still held, so not
+        // ready.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        assert_eq!(state_of(&catalog, "a/held.jpg").await, None);
+        held.write_all(b", second half").unwrap();
+        drop(held);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while state_of(&catalog, "a/held.jpg").await != Some(State::Queued) {
+            assert!(Instant::now() < deadline, "a closed file was not queued");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let size = catalog
+            .read(|c| ops::get(c, "a/held.jpg"))
+            .await
+            .unwrap()
+            .unwrap()
+            .stat
+            .size;
+        assert_eq!(size, b"first half, second half".len() as u64);
         assert_eq!(state_of(&catalog, ".hidden.tmp").await, None);
         stop.cancel();
         task.await.unwrap().unwrap();
