@@ -29,3 +29,42 @@ pub fn hit(step: &'static str) {
     #[cfg(not(debug_assertions))]
     let _ = step;
 }
+
+/// True while a catalog write at `step` should fail as if the disk were full: in a debug
+/// build, when `FERRY_DEBUG_FAIL_WRITE=step:N`, the first N writes at that step fail. Shows
+/// that a failed outcome write is retried in place and never turns into another state.
+pub fn fail_write(step: &'static str) -> bool {
+    #[cfg(debug_assertions)]
+    {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        static FAILED: AtomicU32 = AtomicU32::new(0);
+        let Ok(v) = std::env::var("FERRY_DEBUG_FAIL_WRITE") else {
+            return false;
+        };
+        let Some((name, n)) = v.split_once(':') else {
+            return false;
+        };
+        if name != step {
+            return false;
+        }
+        let n: u32 = n.parse().unwrap_or(0);
+        if FAILED.fetch_add(1, Ordering::SeqCst) < n {
+            eprintln!("ferry: FERRY_DEBUG_FAIL_WRITE={step}: failing this write");
+            return true;
+        }
+        false
+    }
+    #[cfg(not(debug_assertions))]
+    {
+        let _ = step;
+        false
+    }
+}
+
+/// The error a full disk gives SQLite, for [`fail_write`].
+pub fn disk_full() -> crate::catalog::CatalogError {
+    crate::catalog::CatalogError::Sql(rusqlite::Error::SqliteFailure(
+        rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_FULL),
+        Some("database or disk is full (FERRY_DEBUG_FAIL_WRITE)".into()),
+    ))
+}

@@ -469,3 +469,257 @@ fn verify_archive_finds_a_changed_copy_and_repair_needs_the_lock() {
         "verify changed the copy"
     );
 }
+
+const NOBODY: u32 = 65534;
+
+fn status_as(env: &Env, uid: u32) -> serde_json::Value {
+    use std::os::unix::process::CommandExt;
+    let out = env
+        .command(&["status", "--json"])
+        .uid(uid)
+        .gid(uid)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn chmod(p: &Path, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap();
+}
+
+/// Where no lease can be had (here: the files belong to root, ferry runs as `nobody` with
+/// no CAP_LEASE), ferry falls back to the long quiet time and says so in the log, in
+/// `ferry status` and in a metric; a writer pausing longer than `spool.settle` but shorter
+/// than that quiet time still goes up whole. A spool folder ferry cannot read is listed in
+/// `ferry status`, not skipped in silence.
+#[test]
+fn without_a_lease_the_long_quiet_time_applies_and_is_said() {
+    let t = tempfile::tempdir().unwrap();
+    let s3 = S3::start(t.path());
+    let mut env = Env::for_s3(&s3);
+    env.set("FERRY_SPOOL_RESCAN_INTERVAL", "4s");
+    chmod(env.dir.path(), 0o777);
+    chmod(&env.spool(), 0o777);
+    let d = env.spawn_as(NOBODY, NOBODY, &["run"]);
+    let addr = d.addr();
+    let key = "theirs.jpg";
+    let bytes = content(key, 80_000);
+    // Root's file, 0644: readable and movable (the folder is 0777) but not leasable.
+    slow_write(
+        &env.spool().join(key),
+        &bytes,
+        20_000,
+        Duration::from_millis(1500),
+    );
+    let locked = env.spool().join("locked");
+    std::fs::create_dir_all(&locked).unwrap();
+    std::fs::write(locked.join("x.jpg"), b"hidden").unwrap();
+    chmod(&locked, 0o700);
+    wait_for(Duration::from_secs(40), "archived", || {
+        status_as(&env, NOBODY)["counts"]["archived"] == 1
+    });
+    assert_in_s3(&s3, key, &bytes);
+    let st = status_as(&env, NOBODY);
+    let notices = st["notices"].as_array().unwrap();
+    let lease = notices
+        .iter()
+        .find(|n| n["topic"].as_str().is_some_and(|t| t.starts_with("lease:")))
+        .unwrap_or_else(|| panic!("no lease notice in status: {st}"));
+    assert!(
+        lease["message"].as_str().unwrap().contains("CAP_LEASE"),
+        "{lease}"
+    );
+    wait_for(Duration::from_secs(20), "unreadable notice", || {
+        status_as(&env, NOBODY)["notices"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|n| n["topic"] == "unreadable:locked")
+    });
+    let log = d.log();
+    assert_eq!(
+        log.matches("no read lease on a spool file").count(),
+        1,
+        "said once in the log:\n{log}"
+    );
+    let m = raw_request(addr, "GET", b"/metrics", &[]);
+    let body = String::from_utf8_lossy(&m.body).into_owned();
+    let fallbacks = body
+        .lines()
+        .find(|l| l.starts_with("ferry_lease_fallbacks_total "))
+        .unwrap_or_else(|| panic!("no ferry_lease_fallbacks_total in /metrics"));
+    assert_ne!(fallbacks, "ferry_lease_fallbacks_total 0", "{fallbacks}");
+    chmod(&locked, 0o755);
+}
+
+/// `archive.retain` deletes an expired copy only if the copy's own bytes hash to what was
+/// verified and S3 confirms it: a copy that changed on disk is kept.
+#[test]
+fn retention_keeps_a_copy_whose_bytes_changed() {
+    let t = tempfile::tempdir().unwrap();
+    let s3 = S3::start(t.path());
+    let env = Env::for_s3(&s3);
+    let d = env.spawn(&["sync"]);
+    for k in ["r/good.jpg", "r/rotten.jpg"] {
+        env.drop_file(k, &content(k, 3000));
+    }
+    wait_archived(&env, &d, 2, Duration::from_secs(30));
+    drop(d);
+    std::fs::write(env.archive().join("r/rotten.jpg"), b"bit rot").unwrap();
+    let mut env = env;
+    env.set("FERRY_ARCHIVE_RETAIN", "1s");
+    let d = env.spawn(&["sync"]);
+    wait_for(Duration::from_secs(30), "expired good copy removed", || {
+        !env.archive().join("r/good.jpg").exists()
+    });
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(
+        std::fs::read(env.archive().join("r/rotten.jpg")).unwrap(),
+        b"bit rot",
+        "a copy that is not the verified bytes was deleted\n{}",
+        d.log()
+    );
+    assert!(
+        d.log().contains("its bytes are not the verified ones"),
+        "{}",
+        d.log()
+    );
+}
+
+/// A full archive disk (ENOSPC, a small tmpfs) is transient: the row is `archive_failed`
+/// with the error in `ferry status`, only the move is retried, and once there is room the
+/// file is archived without a second upload.
+#[test]
+fn a_full_archive_disk_retries_only_the_move() {
+    let t = tempfile::tempdir().unwrap();
+    let s3 = S3::start(t.path());
+    let proxy = FaultProxy::start(s3.port);
+    let env = Env::new(&proxy.endpoint(), &s3.bucket);
+    std::fs::create_dir_all(env.archive()).unwrap();
+    let ok = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=256k", "tmpfs"])
+        .arg(env.archive())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        eprintln!("SKIPPED: cannot mount a small tmpfs (needs root)");
+        return;
+    }
+    let _m = BindMount {
+        target: env.archive(),
+    };
+    // Fill it.
+    let filler = env.archive().join("filler");
+    let _ = std::fs::write(&filler, vec![0u8; 256 << 10]);
+    let d = env.spawn(&["sync"]);
+    let key = "full/disk.jpg";
+    let bytes = content(key, 100_000);
+    env.drop_file(key, &bytes);
+    wait_for(Duration::from_secs(30), "archive_failed", || {
+        env.count("archive_failed") == 1
+    });
+    let st = env.status();
+    let line = st["errors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["key"] == key)
+        .cloned()
+        .unwrap_or_else(|| panic!("no error line: {st}"));
+    assert!(
+        line["error"].as_str().unwrap().contains("No space left"),
+        "{line}"
+    );
+    std::fs::remove_file(&filler).unwrap();
+    wait_archived(&env, &d, 1, Duration::from_secs(30));
+    assert_eq!(std::fs::read(env.archive().join(key)).unwrap(), bytes);
+    assert_eq!(proxy.count("PUT", "disk.jpg"), 1, "uploaded again");
+    assert!(env.spool_files().is_empty());
+}
+
+/// A catalog write that records an outcome and fails (SQLITE_FULL, injected by a debug-only
+/// hook) is retried in place: the row moves on without a restart, and a file already moved
+/// to the archive is recorded `archived`, never `vanished`.
+#[test]
+fn failed_outcome_writes_are_retried_in_place() {
+    let t = tempfile::tempdir().unwrap();
+    let s3 = S3::start(t.path());
+    for step in ["archived-commit", "verified-commit"] {
+        let mut env = Env::for_s3(&s3);
+        env.set("FERRY_DEBUG_FAIL_WRITE", &format!("{step}:3"));
+        let d = env.spawn(&["sync"]);
+        let key = format!("full-catalog/{step}.jpg");
+        let bytes = content(&key, 20_000);
+        env.drop_file(&key, &bytes);
+        wait_archived(&env, &d, 1, Duration::from_secs(60));
+        assert!(
+            d.log().contains(&format!("FERRY_DEBUG_FAIL_WRITE={step}")),
+            "the hook never fired:\n{}",
+            d.log()
+        );
+        assert_eq!(env.count("vanished"), 0, "{step}: {}", env.status());
+        assert_eq!(std::fs::read(env.archive().join(&key)).unwrap(), bytes);
+        assert_in_s3(&s3, &key, &bytes);
+    }
+}
+
+/// The key `a` can be a file in one version and a folder (`a/b`) in another. Dropping `a/b`,
+/// then `a`, then `a/b` again archives every version, and no key's copy is moved aside for
+/// another key's. s3s-fs cannot hold the objects `a` and `a/b` together: Garage only.
+#[test]
+fn a_file_and_a_folder_under_one_key_keep_every_version() {
+    if !matches!(backend(), Backend::Garage) {
+        eprintln!("SKIPPED on s3s-fs (cannot store `a` and `a/b` together); runs with FERRY_TEST_S3=garage");
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let s3 = S3::start(t.path());
+    let env = Env::for_s3(&s3);
+    let d = env.spawn(&["sync"]);
+    let row_is = |key: &'static str, size: usize| {
+        let st = env.status();
+        st["counts"]["queued"] == 0
+            && st["counts"]["uploading"] == 0
+            && st["counts"]["verified"] == 0
+            && env.spool_files().is_empty()
+            && s3_bytes(&s3, key).is_some_and(|(n, _)| n == size as u64)
+    };
+    let ab1 = content("a/b one", 1111);
+    env.drop_file("a/b", &ab1);
+    wait_for(Duration::from_secs(30), "a/b archived", || {
+        row_is("a/b", ab1.len())
+    });
+    wait_for(Duration::from_secs(10), "spool/a folder removed", || {
+        !env.spool().join("a").exists()
+    });
+    let a = content("a", 2222);
+    env.drop_file("a", &a);
+    wait_for(Duration::from_secs(30), "a archived", || {
+        row_is("a", a.len())
+    });
+    let ab2 = content("a/b two", 3333);
+    env.drop_file("a/b", &ab2);
+    wait_for(Duration::from_secs(30), "a/b v2 archived", || {
+        row_is("a/b", ab2.len())
+    });
+    assert_in_s3(&s3, "a", &a);
+    assert_in_s3(&s3, "a/b", &ab2);
+    assert_eq!(std::fs::read(env.archive().join("a/b")).unwrap(), ab2);
+    let mut all: Vec<Vec<u8>> = walk(&env.archive())
+        .iter()
+        .map(|p| std::fs::read(p).unwrap())
+        .collect();
+    all.sort();
+    let mut want = vec![ab1, a, ab2];
+    want.sort();
+    assert_eq!(all, want, "every version is kept exactly once\n{}", d.log());
+    assert_eq!(env.count("archived"), 2);
+    let (code, out, _) = env.run(&["verify", "--archive"]);
+    assert_eq!(code, 0, "{out}");
+}

@@ -131,6 +131,61 @@ fn stamped_path(archive: &Path, dir: &str, key: &Key, at: SystemTime) -> PathBuf
     }
 }
 
+/// Where `key`'s copy goes: `archive/KEY`, unless another key's copies hold part of that
+/// path (a folder where this file should be: the key `a` after `a/b`; or a file where a
+/// folder should be: `a/b` after `a`). Then it goes to a stamped name under
+/// `.ferry-versions/`, so no key's copy is ever moved aside for another key's.
+pub fn archive_path(archive: &Path, key: &Key) -> (PathBuf, bool) {
+    let dst = key.path_in(archive);
+    let mut blocked = dst.symlink_metadata().is_ok_and(|m| m.is_dir());
+    let mut cur = dst.parent();
+    while let Some(p) = cur {
+        if blocked || p == archive || !p.starts_with(archive) {
+            break;
+        }
+        if p.symlink_metadata().is_ok_and(|m| !m.is_dir()) {
+            blocked = true;
+        }
+        cur = p.parent();
+    }
+    if blocked {
+        (
+            stamped_path(archive, VERSIONS_DIR, key, SystemTime::now()),
+            true,
+        )
+    } else {
+        (dst, false)
+    }
+}
+
+/// The archive copy of `key` with `size` bytes: `archive/KEY`, else (the name was taken by
+/// another key's copies, see [`archive_path`]) the newest stamped copy of that size under
+/// `.ferry-versions/`.
+pub fn find_copy(archive: &Path, key: &Key, size: u64) -> Option<PathBuf> {
+    let dst = key.path_in(archive);
+    if dst.symlink_metadata().is_ok_and(|m| m.is_file()) {
+        return Some(dst);
+    }
+    let base = key.path_in(&archive.join(VERSIONS_DIR));
+    let (parent, name) = (base.parent()?, base.file_name()?.as_bytes());
+    let digest = format!("~{}@", hex::encode(&Sha256::digest(name)[..8]));
+    let mut found: Vec<PathBuf> = fs::read_dir(parent)
+        .ok()?
+        .flatten()
+        .filter(|e| {
+            let n = e.file_name();
+            let n = n.as_bytes();
+            (n.starts_with(name) && n.get(name.len()) == Some(&b'@'))
+                || n.windows(digest.len()).any(|w| w == digest.as_bytes())
+        })
+        .filter(|e| e.metadata().is_ok_and(|m| m.is_file() && m.len() == size))
+        .map(|e| e.path())
+        .collect();
+    // Stamps sort in time order.
+    found.sort();
+    found.pop()
+}
+
 /// Moves an existing `archive/KEY` file aside so the new version can take its place;
 /// returns where it went. A folder there (the key was a folder of other keys' copies) is
 /// left alone: it is not this key's earlier version.
@@ -218,7 +273,7 @@ pub fn archive(
     settle: Duration,
 ) -> io::Result<Outcome> {
     let src = key.path_in(spool);
-    let dst = key.path_in(archive);
+    let (dst, displaced) = archive_path(archive, key);
     let md = match src.symlink_metadata() {
         Ok(md) => md,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Outcome::Missing),
@@ -253,7 +308,12 @@ pub fn archive(
     fs::create_dir_all(&dst_parent)?;
     // Already fsynced before the PUT; cheap now, and the archive copy must be durable.
     file.sync_all()?;
-    let earlier = keep_earlier_version(archive, key, &dst)?;
+    let earlier = if displaced {
+        tracing::warn!(key = %key, path = %dst.display(), "archive/KEY is taken by another key's copies (a file and a folder under one name); this copy is kept under .ferry-versions/");
+        None
+    } else {
+        keep_earlier_version(archive, key, &dst)?
+    };
     hook("before-rename");
     match rename_noreplace(&src, &dst) {
         Ok(()) => {}

@@ -65,7 +65,8 @@ pub async fn check_archive(
             continue;
         };
         report.archive_checked += 1;
-        let path = key.path_in(&ctx.archive);
+        let path = crate::sync::archive::find_copy(&ctx.archive, &key, row.stat.size)
+            .unwrap_or_else(|| key.path_in(&ctx.archive));
         let p = path.clone();
         let got =
             tokio::task::spawn_blocking(move || crate::sync::archive::sha256_file(&p)).await?;
@@ -183,8 +184,9 @@ pub async fn run(ctx: Arc<Ctx>, repair: bool) -> anyhow::Result<Report> {
         let Ok(key) = Key::new(&row.key, &ctx.cfg.s3.prefix) else {
             continue;
         };
-        let archive_copy = key.path_in(&ctx.archive);
-        if row.state == State::Archived && archive_copy.symlink_metadata().is_err() {
+        let archive_copy = crate::sync::archive::find_copy(&ctx.archive, &key, row.stat.size)
+            .unwrap_or_else(|| key.path_in(&ctx.archive));
+        if row.state == State::Archived && !archive_copy.is_file() {
             report.findings.push(Finding {
                 key: row.key.clone(),
                 problem: "archive copy missing".into(),

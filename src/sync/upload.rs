@@ -634,7 +634,12 @@ impl Ctx {
             let (st, sh) = (h.stat, sha_hex.clone());
             match self
                 .catalog
-                .write(move |c| ops::mark_verified(c, &k, gen, st, &sh, tag.as_deref()))
+                .write(move |c| {
+                    if crate::crashpoint::fail_write("verified-commit") {
+                        return Err(crate::crashpoint::disk_full());
+                    }
+                    ops::mark_verified(c, &k, gen, st, &sh, tag.as_deref())
+                })
                 .await
             {
                 Ok(true) => {}
@@ -681,6 +686,9 @@ impl Ctx {
                 // write is retried here, never turned into a requeue (which would find the
                 // file gone and call verified bytes vanished).
                 self.write_until_done("archived", key.as_str(), move |c| {
+                    if crate::crashpoint::fail_write("archived-commit") {
+                        return Err(crate::crashpoint::disk_full());
+                    }
                     ops::mark_archived(c, &k, gen).map(|_| ())
                 })
                 .await;

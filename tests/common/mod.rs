@@ -461,8 +461,19 @@ impl Env {
     }
 
     pub fn spawn_with(&self, program: &str, args: &[&str]) -> Daemon {
-        let mut child = self
-            .command_for(program, args)
+        self.spawn_command(self.command_for(program, args))
+    }
+
+    /// Starts ferry as another user (root drops to it, and with it every capability).
+    pub fn spawn_as(&self, uid: u32, gid: u32, args: &[&str]) -> Daemon {
+        use std::os::unix::process::CommandExt;
+        let mut c = self.command(args);
+        c.uid(uid).gid(gid);
+        self.spawn_command(c)
+    }
+
+    pub fn spawn_command(&self, mut cmd: Command) -> Daemon {
+        let mut child = cmd
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
