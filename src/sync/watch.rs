@@ -246,6 +246,12 @@ impl Watcher {
 
         let mut pending: HashMap<PathBuf, Pending> = HashMap::new();
         let mut warned: HashSet<PathBuf> = HashSet::new();
+        // A lease notice describes this process (its capabilities, its mounts): a restart
+        // after the fix starts with none.
+        let _ = self
+            .catalog
+            .write(|c| ops::clear_notices(c, "lease:", &HashSet::new()))
+            .await;
         self.full_scan(&mut pending, &mut warned).await;
         if let Some(tx) = self.started.take() {
             let _ = tx.send(());
@@ -617,9 +623,11 @@ impl Watcher {
             rel.display(),
             humantime::format_duration(quiet)
         );
-        if lease::warn_once(u.errno) {
-            tracing::warn!(path = %rel.display(), reason = %u.reason, quiet = ?quiet, "no read lease on a spool file; falling back to the long quiet time");
+        // Once per reason and process: with 100,000 such files, one line and one notice.
+        if !lease::warn_once(u.errno) {
+            return;
         }
+        tracing::warn!(path = %rel.display(), reason = %u.reason, quiet = ?quiet, "no read lease on a spool file; falling back to the long quiet time");
         let topic = format!("lease:{}", u.errno);
         let _ = self
             .catalog
