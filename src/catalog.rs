@@ -347,17 +347,21 @@ pub mod ops {
         match get(c, key.as_str())? {
             None => Ok(Noted::Unchanged),
             Some(r) => {
+                // Our own renames (a move to the archive undone after an error) set the
+                // ctime of a verified file: for rows whose bytes S3 holds, size, mtime and
+                // inode decide, and the archive step re-reads the bytes when the ctime
+                // moved.
+                let same_file = |r: &Row| {
+                    (r.stat.size, r.stat.mtime_ns, r.stat.inode)
+                        == (stat.size, stat.mtime_ns, stat.inode)
+                };
                 let unchanged = match r.state {
                     // Archived too: a stat taken in the spool just before the archiver moved
                     // the file is the verified file itself, not a new version (requeueing it
                     // would mark a row vanished whose bytes S3 and the archive hold). A new
                     // file under the key has another inode or ctime.
-                    State::Queued
-                    | State::Uploading
-                    | State::Failed
-                    | State::Verified
-                    | State::ArchiveFailed
-                    | State::Archived => same(&r),
+                    State::Queued | State::Uploading | State::Failed => same(&r),
+                    State::Verified | State::ArchiveFailed | State::Archived => same_file(&r),
                     // A file in the spool under a vanished or deleted key is a new version.
                     State::Vanished | State::Deleted => false,
                 };
@@ -653,8 +657,8 @@ pub mod ops {
     pub fn retry_now(c: &Connection, key: &str) -> Result<()> {
         exec(
             c,
-            "UPDATE files SET state = 'queued', next_attempt_ms = 0 \
-             WHERE key = ?1 AND state IN ('queued', 'failed')",
+            "UPDATE files SET state = CASE state WHEN 'failed' THEN 'queued' ELSE state END, \
+             next_attempt_ms = 0 WHERE key = ?1 AND state IN ('queued', 'failed', 'archive_failed')",
             [key],
         )?;
         Ok(())

@@ -1,6 +1,7 @@
 //! Named crash points for the crash-at-every-step test: in a debug build, when
 //! `FERRY_DEBUG_CRASH_AT` names a step, the process aborts there (no destructors, no flush:
 //! as close to kill -9 at that instant as a test can aim). Release builds compile it away.
+//! The pause is blocking on purpose: it holds whatever the step holds (a lease, a name).
 
 /// The durable steps, in pipeline order; the crash test walks this list.
 pub const STEPS: &[&str] = &[
@@ -9,6 +10,7 @@ pub const STEPS: &[&str] = &[
     "put",
     "verified-check",
     "verified-commit",
+    "reserved",
     "archive-copy",
     "archive-fsync-copy",
     "renamed",
@@ -21,6 +23,16 @@ pub const STEPS: &[&str] = &[
 pub fn hit(step: &'static str) {
     #[cfg(debug_assertions)]
     {
+        // `FERRY_DEBUG_PAUSE_AT=step:ms` waits there first, with a line on stderr: a test
+        // can act inside the window (a writer's open, a rename) and then let the crash
+        // come.
+        if let Some(ms) = std::env::var("FERRY_DEBUG_PAUSE_AT").ok().and_then(|v| {
+            let (name, ms) = v.split_once(':')?;
+            (name == step).then(|| ms.parse::<u64>().ok()).flatten()
+        }) {
+            eprintln!("ferry: FERRY_DEBUG_PAUSE_AT={step}: pausing {ms} ms");
+            std::thread::sleep(std::time::Duration::from_millis(ms));
+        }
         if std::env::var("FERRY_DEBUG_CRASH_AT").is_ok_and(|v| v == step) {
             eprintln!("ferry: FERRY_DEBUG_CRASH_AT={step}: aborting");
             std::process::abort();

@@ -238,6 +238,36 @@ pub fn sha256_file(path: &Path) -> io::Result<String> {
     sha256_of(path)
 }
 
+/// Hashes the file at `path` through one descriptor: (SHA-256, inode), so what is removed
+/// later can be checked to be what was hashed.
+pub fn sha256_with_inode(path: &Path) -> io::Result<(String, u64)> {
+    let f = lease::open_for_lease(path)?;
+    let m = f.metadata()?;
+    if !m.is_file() {
+        return Err(io::Error::other("not a regular file"));
+    }
+    let sha = sha256_fd(&f, m.len(), &|| false)?.unwrap_or_default();
+    Ok((sha, m.ino()))
+}
+
+/// Removes `path` only if it is still the inode `ino`: the name goes to a reserved name
+/// first and is checked there (a newer copy archived under the same name meanwhile is put
+/// back, never removed). Returns whether it was removed.
+pub fn remove_if_same(path: &Path, ino: u64) -> io::Result<bool> {
+    let parent = path.parent().unwrap_or(Path::new("/"));
+    let reserved = parent.join(format!(".ferry-prune.{:016x}", rand::random::<u64>()));
+    rename_noreplace(path, &reserved)?;
+    if reserved.symlink_metadata()?.ino() == ino {
+        fs::remove_file(&reserved)?;
+        fsync_dir(parent)?;
+        return Ok(true);
+    }
+    if let Err(e) = rename_noreplace(&reserved, path) {
+        tracing::warn!(path = %reserved.display(), error = %e, "cannot give an archive copy its name back; left under the reserved name");
+    }
+    Ok(false)
+}
+
 #[cfg(test)]
 type Hook = Option<Box<dyn Fn(&str)>>;
 
@@ -262,8 +292,102 @@ fn same_version(a: &FileStat, b: &FileStat) -> bool {
     (a.size, a.mtime_ns, a.inode) == (b.size, b.mtime_ns, b.inode)
 }
 
+/// The reserved spool name a file takes on its way to the archive: in its own folder (no
+/// mount point between), named after its inode, so a restart finds it again.
+pub fn reserved_name(src: &Path, inode: u64) -> PathBuf {
+    src.parent()
+        .unwrap_or(Path::new("/"))
+        .join(format!("{MOVE_PREFIX}{inode}"))
+}
+
+/// Prefix of the reserved spool names of files being archived (see [`reserved_name`]).
+pub const MOVE_PREFIX: &str = ".ferry-move.";
+
+/// Hashes an open file from its start (`pread`, so the offset is not shared), giving up as
+/// soon as `stop` says so.
+fn sha256_fd(file: &File, size: u64, stop: &dyn Fn() -> bool) -> io::Result<Option<String>> {
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; (size as usize).clamp(4096, 1 << 20)];
+    let mut off = 0u64;
+    loop {
+        if stop() {
+            return Ok(None);
+        }
+        let n = std::os::unix::fs::FileExt::read_at(file, &mut buf, off)?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+        off += n as u64;
+    }
+    Ok(Some(hex::encode(h.finalize())))
+}
+
+/// Whether the stat cannot be trusted to show an in-place rewrite: whole-second timestamps
+/// (ext3-style inodes, HFS+, some NFS and FUSE mounts) or a small file (cheap to re-read,
+/// and a rewrite within one clock tick keeps its mtime).
+fn rehash_needed(st: &FileStat) -> bool {
+    const SMALL: u64 = 8 << 20;
+    st.size <= SMALL || (st.mtime_ns % 1_000_000_000 == 0 && st.ctime_ns % 1_000_000_000 == 0)
+}
+
+/// Where the file to archive is now: at its spool name, or (a crash or an earlier attempt
+/// stopped mid-move) at its reserved name; or a finished move found in the archive.
+enum Found {
+    AtName,
+    Reserved,
+    InArchive,
+    Missing,
+    Changed,
+}
+
+fn locate(
+    src: &Path,
+    reserved: &Path,
+    dst: &Path,
+    expect: FileStat,
+    sha256_hex: &str,
+) -> io::Result<Found> {
+    match src.symlink_metadata() {
+        Ok(md) if md.file_type().is_file() && same_version(&FileStat::of(&md), &expect) => {
+            return Ok(Found::AtName)
+        }
+        Ok(md) if md.ino() == expect.inode => return Ok(Found::Changed),
+        Ok(_) | Err(_) => {}
+    }
+    if reserved
+        .symlink_metadata()
+        .is_ok_and(|m| m.is_file() && m.ino() == expect.inode)
+    {
+        return Ok(Found::Reserved);
+    }
+    // A move that finished before a crash: the archive holds our inode (same filesystem)
+    // or a copy; either way only its bytes decide.
+    if let Ok(m) = dst.symlink_metadata() {
+        if m.is_file() && m.len() == expect.size && sha256_of(dst)? == sha256_hex {
+            return Ok(Found::InArchive);
+        }
+        if m.is_file() && m.ino() == expect.inode {
+            // Our inode, written to after the move (a writer whose open waited on our
+            // lease when the process died): its bytes are not the verified ones.
+            return Ok(Found::Changed);
+        }
+    }
+    if src.symlink_metadata().is_ok() {
+        return Ok(Found::Changed);
+    }
+    Ok(Found::Missing)
+}
+
 /// Moves `spool/KEY` to `archive/KEY` if it is still the file whose bytes were verified
 /// (`expect`, `sha256_hex`).
+///
+/// The move is in steps, each safe to die after: (1) the spool name goes to a reserved
+/// name beside it, so nothing but our inode can reach the archive whatever lands on the
+/// spool name meanwhile; (2) there its inode, stat and (where the stat cannot be trusted)
+/// bytes are checked under the lease; (3) it is renamed (or copied, across filesystems)
+/// into the archive. A restart finds the file at the spool name, at the reserved name, or
+/// in the archive, and goes on from there after checking its bytes.
 pub fn archive(
     spool: &Path,
     archive: &Path,
@@ -272,19 +396,56 @@ pub fn archive(
     sha256_hex: &str,
     settle: Duration,
 ) -> io::Result<Outcome> {
+    let started = coarse_now();
     let src = key.path_in(spool);
-    let (dst, displaced) = archive_path(archive, key);
-    let md = match src.symlink_metadata() {
-        Ok(md) => md,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Outcome::Missing),
-        Err(e) => return Err(e),
+    let src_parent = src.parent().unwrap_or(spool).to_path_buf();
+    let reserved = reserved_name(&src, expect.inode);
+    let natural = key.path_in(archive);
+    let at = match locate(&src, &reserved, &natural, expect, sha256_hex)? {
+        Found::Missing => return Ok(Outcome::Missing),
+        Found::Changed => {
+            // A changed file at the reserved name goes back to the spool name.
+            if reserved.symlink_metadata().is_ok() {
+                return put_back(archive, key, &reserved, &src).map(|a| match a {
+                    Some(p) => Outcome::PutAside(p),
+                    None => Outcome::Changed,
+                });
+            }
+            if natural
+                .symlink_metadata()
+                .is_ok_and(|m| m.ino() == expect.inode)
+            {
+                return put_back(archive, key, &natural, &src).map(|a| match a {
+                    Some(p) => Outcome::PutAside(p),
+                    None => Outcome::Changed,
+                });
+            }
+            return Ok(Outcome::Changed);
+        }
+        Found::InArchive => {
+            // Only a reserved leftover (the cross-device path's spool copy) may remain.
+            if reserved.symlink_metadata().is_ok() {
+                let f = lease::open_for_lease(&reserved)?;
+                let lease = match lease::take(&f) {
+                    lease::Probe::Busy => return Ok(Outcome::Busy),
+                    lease::Probe::Held(l) => Some(l),
+                    lease::Probe::Unavailable(_) => None,
+                };
+                if f.metadata()?.ino() == expect.inode {
+                    fs::remove_file(&reserved)?;
+                }
+                drop(lease);
+                fsync_dir(&src_parent)?;
+            }
+            remove_empty_parents(spool, &src_parent, settle, started);
+            return Ok(Outcome::Archived);
+        }
+        Found::AtName => src.clone(),
+        Found::Reserved => reserved.clone(),
     };
-    if !md.file_type().is_file() || FileStat::of(&md) != expect {
-        return Ok(Outcome::Changed);
-    }
-    let file = match lease::open_for_lease(&src) {
+    let file = match lease::open_for_lease(&at) {
         Ok(f) => f,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Outcome::Missing),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Outcome::Changed),
         Err(e) if e.raw_os_error() == Some(libc::ELOOP) => return Ok(Outcome::Changed),
         Err(e) if e.raw_os_error() == Some(libc::EWOULDBLOCK) => return Ok(Outcome::Busy),
         Err(e) => return Err(e),
@@ -295,42 +456,83 @@ pub fn archive(
         // The watcher already made such a file wait the long quiet time.
         lease::Probe::Unavailable(_) => None,
     };
-    let broken = |l: &Option<lease::Lease<'_>>| l.as_ref().is_some_and(|l| l.broken());
-    // The final stat, under the lease: the descriptor and the name are still the verified
-    // file.
-    if file.metadata().map(|m| FileStat::of(&m)).ok() != Some(expect)
-        || src.symlink_metadata().map(|m| FileStat::of(&m)).ok() != Some(expect)
-    {
+    let broken = || lease.as_ref().is_some_and(|l| l.broken());
+    // The final stat, under the lease: the descriptor is the verified inode.
+    let fd_stat = FileStat::of(&file.metadata()?);
+    if !same_version(&fd_stat, &expect) {
         return Ok(Outcome::Changed);
     }
+    // A moved ctime (our own undone move, or a rewrite that put the mtime back) leaves
+    // only the bytes to decide.
+    let must_hash = rehash_needed(&expect) || fd_stat.ctime_ns != expect.ctime_ns;
+    // Room in the archive first: an archive that refuses (read-only, no permission) fails
+    // here, before the spool name is touched.
+    let (dst, displaced) = archive_path(archive, key);
     let dst_parent = dst.parent().unwrap_or(archive).to_path_buf();
-    let src_parent = src.parent().unwrap_or(spool).to_path_buf();
     fs::create_dir_all(&dst_parent)?;
+    // (1) Take the name: from here only this inode can travel to the archive.
+    if at == src {
+        hook("before-reserve");
+        rename_noreplace(&src, &reserved)?;
+        crashpoint::hit("reserved");
+    }
+    let undo = |why: Outcome| -> io::Result<Outcome> {
+        match put_back(archive, key, &reserved, &src)? {
+            Some(p) => Ok(Outcome::PutAside(p)),
+            None => Ok(why),
+        }
+    };
+    // (2) What we took is ours and unchanged (a file renamed onto the spool name after
+    //     our stat is someone else's; a rewrite with the same stat shows in the bytes).
+    let there = reserved.symlink_metadata().map(|m| FileStat::of(&m)).ok();
+    if broken() || there.is_none_or(|t| !same_version(&t, &expect)) {
+        return undo(Outcome::Changed);
+    }
+    if must_hash && sha256_fd(&file, expect.size, &broken)?.as_deref() != Some(sha256_hex) {
+        return undo(Outcome::Changed);
+    }
+    // (3) Into the archive.
     // Already fsynced before the PUT; cheap now, and the archive copy must be durable.
     file.sync_all()?;
     let earlier = if displaced {
         tracing::warn!(key = %key, path = %dst.display(), "archive/KEY is taken by another key's copies (a file and a folder under one name); this copy is kept under .ferry-versions/");
         None
     } else {
-        keep_earlier_version(archive, key, &dst)?
+        match keep_earlier_version(archive, key, &dst) {
+            Ok(e) => e,
+            Err(e) => {
+                undo(Outcome::Changed)?;
+                return Err(e);
+            }
+        }
     };
     hook("before-rename");
-    match rename_noreplace(&src, &dst) {
+    match rename_noreplace(&reserved, &dst) {
         Ok(()) => {}
         // Bind mounts (Docker volumes, `mount --bind`, systemd's ReadWritePaths=) refuse
         // a rename across mount points even on one device: copy instead.
         Err(e) if e.raw_os_error() == Some(libc::EXDEV) => {
-            let out = cross_device(&file, &lease, &src, &dst, &dst_parent, expect, sha256_hex);
+            let out = cross_device(
+                &file,
+                lease,
+                &reserved,
+                &dst,
+                &dst_parent,
+                expect,
+                sha256_hex,
+            );
             return match out {
                 Ok(Outcome::Archived) => {
-                    drop(lease);
                     fsync_dir(&src_parent)?;
-                    remove_empty_parents(spool, &src_parent, settle);
+                    remove_empty_parents(spool, &src_parent, settle, started);
                     Ok(Outcome::Archived)
                 }
                 other => {
                     if !dst.exists() {
                         restore_earlier_version(earlier, &dst);
+                    }
+                    if reserved.symlink_metadata().is_ok() {
+                        undo(Outcome::Changed)?;
                     }
                     other
                 }
@@ -338,6 +540,7 @@ pub fn archive(
         }
         Err(e) => {
             restore_earlier_version(earlier, &dst);
+            undo(Outcome::Changed)?;
             return Err(e);
         }
     }
@@ -346,7 +549,7 @@ pub fn archive(
     // or written through a descriptor older than the lease (unleased fallback): either
     // way the bytes go back to the spool and the file is queued again.
     let after = dst.symlink_metadata().map(|m| FileStat::of(&m)).ok();
-    if broken(&lease) || after.is_none_or(|a| !same_version(&a, &expect)) {
+    if broken() || after.is_none_or(|a| !same_version(&a, &expect)) {
         let back = put_back(archive, key, &dst, &src);
         restore_earlier_version(earlier, &dst);
         drop(lease);
@@ -358,25 +561,45 @@ pub fn archive(
         };
     }
     drop(lease);
+    // An open whose path lookup beat our rename but whose lease break came after our
+    // check has its descriptor now: a fresh lease on the archived file is refused then.
+    if let Ok(f) = lease::open_for_lease(&dst) {
+        if matches!(lease::take(&f), lease::Probe::Busy) {
+            drop(f);
+            let back = put_back(archive, key, &dst, &src)?;
+            restore_earlier_version(earlier, &dst);
+            return Ok(back.map_or(Outcome::Busy, Outcome::PutAside));
+        }
+    }
     fsync_dir(&dst_parent)?;
     fsync_dir(&src_parent)?;
     crashpoint::hit("archive-fsync-dirs");
-    remove_empty_parents(spool, &src_parent, settle);
+    remove_empty_parents(spool, &src_parent, settle, started);
     Ok(Outcome::Archived)
 }
 
-/// Moves `dst` back to `src` without replacing a file that took the name meanwhile; if one
-/// did, the bytes go to `archive/.ferry-unverified/` instead (returned).
-fn put_back(archive: &Path, key: &Key, dst: &Path, src: &Path) -> io::Result<Option<PathBuf>> {
+/// Moves `from` back to the spool name `src` without replacing a file that took the name
+/// meanwhile; if one did, the bytes go to `archive/.ferry-unverified/` instead (returned).
+fn put_back(archive: &Path, key: &Key, from: &Path, src: &Path) -> io::Result<Option<PathBuf>> {
     hook("before-put-back");
-    match rename_noreplace(dst, src) {
+    match rename_noreplace(from, src) {
         Ok(()) => Ok(None),
         Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {
             let aside = stamped_path(archive, UNVERIFIED_DIR, key, SystemTime::now());
             if let Some(parent) = aside.parent() {
                 fs::create_dir_all(parent)?;
             }
-            rename_noreplace(dst, &aside)?;
+            match rename_noreplace(from, &aside) {
+                Ok(()) => {}
+                // The reserved name is on the spool's filesystem: copy it over, keep the
+                // spool copy hidden no more than needed.
+                Err(e) if e.raw_os_error() == Some(libc::EXDEV) => {
+                    fs::copy(from, &aside)?;
+                    File::open(&aside)?.sync_all()?;
+                    fs::remove_file(from)?;
+                }
+                Err(e) => return Err(e),
+            }
             if let Some(parent) = aside.parent() {
                 fsync_dir(parent)?;
             }
@@ -387,19 +610,19 @@ fn put_back(archive: &Path, key: &Key, dst: &Path, src: &Path) -> io::Result<Opt
     }
 }
 
-/// The cross-device path: copy from the leased descriptor to a temp name in the archive,
-/// fsync, re-hash the copy, rename it in; then take the spool name to a reserved `.ferry-*`
-/// name, check its inode there, and only then unlink it.
+/// The cross-device path, from the reserved spool name: copy from the leased descriptor to
+/// a temp name in the archive (the lease is let go after the copy, so a writer never waits
+/// for our fsync), fsync, re-hash the copy, rename it in; then, under a fresh lease, unlink
+/// the reserved name only if it is still the inode copied and nobody writes it.
 fn cross_device(
     file: &File,
-    lease: &Option<lease::Lease<'_>>,
-    src: &Path,
+    lease: Option<lease::Lease<'_>>,
+    reserved: &Path,
     dst: &Path,
     dst_parent: &Path,
     expect: FileStat,
     sha256_hex: &str,
 ) -> io::Result<Outcome> {
-    let broken = || lease.as_ref().is_some_and(|l| l.broken());
     let tmp = dst_parent.join(format!(
         "{TMP_PREFIX}{}.{:016x}",
         std::process::id(),
@@ -414,7 +637,7 @@ fn cross_device(
         let mut h = Sha256::new();
         let mut total = 0u64;
         loop {
-            if broken() {
+            if lease.as_ref().is_some_and(|l| l.broken()) {
                 return Ok(Outcome::Busy);
             }
             let n = std::os::unix::fs::FileExt::read_at(file, &mut buf, total)?;
@@ -426,13 +649,13 @@ fn cross_device(
             total += n as u64;
         }
         crashpoint::hit("archive-copy");
+        if total != expect.size || hex::encode(h.finalize()) != sha256_hex {
+            return Ok(Outcome::Changed);
+        }
         out.flush()?;
         out.sync_all()?;
         drop(out);
         crashpoint::hit("archive-fsync-copy");
-        if total != expect.size || hex::encode(h.finalize()) != sha256_hex {
-            return Ok(Outcome::Changed);
-        }
         // What landed on the other disk is what was verified.
         if sha256_of(&tmp)? != sha256_hex {
             return Ok(Outcome::Changed);
@@ -441,33 +664,25 @@ fn cross_device(
         fsync_dir(dst_parent)?;
         Ok(Outcome::Archived)
     })();
+    drop(lease);
     if !matches!(res, Ok(Outcome::Archived)) {
         let _ = fs::remove_file(&tmp);
         return res;
     }
     // The archive holds the verified bytes. The spool copy goes only if it is still the
-    // file that was copied and nobody opened it for writing meanwhile.
-    if broken() {
+    // inode copied, unchanged, and nobody has it open for writing.
+    let again = lease::open_for_lease(reserved)?;
+    let fresh = lease::take(&again);
+    if matches!(fresh, lease::Probe::Busy) {
         return Ok(Outcome::Busy);
     }
-    let src_parent = src.parent().unwrap_or(Path::new("/"));
-    let reserved = src_parent.join(format!(
-        ".ferry-unlink.{}.{:016x}",
-        std::process::id(),
-        rand::random::<u64>()
-    ));
-    hook("before-reserve");
-    rename_noreplace(src, &reserved)?;
-    let there = reserved.symlink_metadata().map(|m| FileStat::of(&m)).ok();
-    if broken() || there.is_none_or(|t| !same_version(&t, &expect)) {
-        // Not ours (a new file took the name) or being written: give the name back.
-        if let Err(e) = rename_noreplace(&reserved, src) {
-            tracing::warn!(path = %reserved.display(), error = %e, "cannot give a spool file its name back; left under the reserved name");
-        }
+    let now = FileStat::of(&again.metadata()?);
+    if !same_version(&now, &expect) {
         return Ok(Outcome::Changed);
     }
     hook("before-unlink");
-    fs::remove_file(&reserved)?;
+    fs::remove_file(reserved)?;
+    drop(fresh);
     Ok(Outcome::Archived)
 }
 
@@ -494,20 +709,32 @@ pub fn remove_stale_temps(archive: &Path) -> usize {
     removed
 }
 
+/// The clock filesystems stamp with (CLOCK_REALTIME_COARSE): a change we make after this
+/// carries a time at or after it, one made before carries a time at or before it.
+pub fn coarse_now() -> SystemTime {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec.
+    if unsafe { libc::clock_gettime(libc::CLOCK_REALTIME_COARSE, &mut ts) } != 0 {
+        return SystemTime::now();
+    }
+    SystemTime::UNIX_EPOCH + Duration::new(ts.tv_sec.max(0) as u64, ts.tv_nsec.max(0) as u32)
+}
+
 /// Removes now-empty folders between `dir` and the spool root (never the root). Folders
-/// touched within `settle` are left: an application may be about to write into them.
-pub fn remove_empty_parents(spool: &Path, dir: &Path, settle: Duration) {
+/// someone else touched within `settle` before `ours` (when our own move began) are left:
+/// an application may be about to write into them. A change at or after `ours` is our
+/// move or our removal of a child folder (another writer's new file makes `rmdir` fail).
+pub fn remove_empty_parents(spool: &Path, dir: &Path, settle: Duration, ours: SystemTime) {
     let mut cur = dir.to_path_buf();
     while cur != spool && cur.starts_with(spool) {
-        let fresh = cur
-            .symlink_metadata()
-            .ok()
-            .and_then(|m| {
-                let mtime = SystemTime::UNIX_EPOCH
-                    + Duration::new(m.mtime().max(0) as u64, m.mtime_nsec().max(0) as u32);
-                SystemTime::now().duration_since(mtime).ok()
-            })
-            .is_none_or(|age| age < settle);
+        let fresh = cur.symlink_metadata().ok().is_none_or(|m| {
+            let mtime = SystemTime::UNIX_EPOCH
+                + Duration::new(m.mtime().max(0) as u64, m.mtime_nsec().max(0) as u32);
+            mtime <= ours && ours.duration_since(mtime).is_ok_and(|age| age < settle)
+        });
         if fresh || fs::remove_dir(&cur).is_err() {
             return;
         }
@@ -609,10 +836,10 @@ mod tests {
         let src2 = src.clone();
         HOOK.with(|h| {
             *h.borrow_mut() = Some(Box::new(move |point: &str| match point {
-                // After the final check, before the rename: the file changes (its mtime
-                // is set by path, as `touch` does; an open for writing would wait on our
-                // own lease).
-                "before-rename" => {
+                // After the final stat, before the name is taken: the file changes (its
+                // mtime is set by path, as `touch` does; an open for writing would wait
+                // on our own lease).
+                "before-reserve" => {
                     let p = CString::new(src2.as_os_str().as_bytes()).unwrap();
                     let times = [
                         libc::timespec {
@@ -686,7 +913,11 @@ mod tests {
             b"a newer upload",
             "a new file was unlinked"
         );
-        assert_eq!(fs::read(key.path_in(&arch)).unwrap(), b"the verified one");
+        assert!(
+            !key.path_in(&arch).exists(),
+            "an unverified file reached the archive"
+        );
+        assert!(!reserved_name(&src, expect.inode).exists());
     }
 
     #[test]

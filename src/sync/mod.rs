@@ -33,6 +33,16 @@ pub fn context(cfg: Arc<Config>, catalog: Catalog, store: Store) -> anyhow::Resu
     };
     let spool = absolute("spool.dir", &cfg.spool.dir)?;
     let archive = absolute("archive.dir", &cfg.archive.dir)?;
+    // An archive inside the spool would be uploaded again (and a spool inside the archive
+    // would be archived into itself).
+    if archive.starts_with(&spool) || spool.starts_with(&archive) {
+        anyhow::bail!(
+            "archive.dir {} and spool.dir {} overlap; the archive must be outside the spool \
+             (and the spool outside the archive)",
+            archive.display(),
+            spool.display()
+        );
+    }
     Ok(Arc::new(Ctx {
         policy: Policy::new(&cfg.retry),
         spool,
@@ -233,9 +243,29 @@ pub async fn run_once(
     let ignore = IgnoreSet::new(&ctx.cfg.spool.ignore)?;
     let (spool, settle) = (ctx.spool.clone(), ctx.cfg.spool.settle.0);
     let long_quiet = ctx.cfg.spool.rescan_interval.0.max(settle);
-    let found =
-        tokio::task::spawn_blocking(move || stable_files(&spool, &ignore, settle, long_quiet))
-            .await?;
+    let deadline = timeout.min(Duration::from_secs(60));
+    let Stable {
+        ready: found,
+        unfinished,
+        no_lease,
+    } = tokio::task::spawn_blocking(move || {
+        stable_files(&spool, &ignore, settle, long_quiet, deadline)
+    })
+    .await?;
+    if let Some((rel, u)) = no_lease {
+        let topic = format!("lease:{}", u.errno);
+        let msg = format!(
+            "{} (first seen on {}): `sync --once` waited for {} of quiet instead \
+             (max(spool.rescan_interval, spool.settle))",
+            u.reason,
+            rel.display(),
+            humantime::format_duration(long_quiet)
+        );
+        let _ = ctx
+            .catalog
+            .write(move |c| ops::set_notice(c, &topic, &msg))
+            .await;
+    }
     let prefix = ctx.cfg.s3.prefix.clone();
     let keys: Vec<String> = ctx
         .catalog
@@ -270,7 +300,7 @@ pub async fn run_once(
     ctx.wake.notify_one();
     let started = Instant::now();
     let mut report = OnceReport {
-        total: keys.len(),
+        total: keys.len() + unfinished.len(),
         ..Default::default()
     };
     // Rows archived (or gone) are final; only the others are looked at again.
@@ -301,17 +331,26 @@ pub async fn run_once(
             .iter()
             .filter(|r| matches!(r.state, State::Vanished | State::Deleted))
             .count();
-        let failed = rows.iter().filter(|r| r.state == State::Failed).count();
+        let failed = rows
+            .iter()
+            .filter(|r| {
+                r.state == State::Failed
+                    || (r.state == State::ArchiveFailed
+                        && r.last_error
+                            .as_deref()
+                            .is_some_and(|e| e.starts_with(upload::PERMANENT_ARCHIVE)))
+            })
+            .count();
         if let Some(pb) = &progress {
             pb.set_position((archived + vanished) as u64);
         }
-        let done = archived + vanished == keys.len();
+        let done = archived + vanished == keys.len() && unfinished.is_empty();
         let timed_out = started.elapsed() >= timeout;
         if done || failed > 0 || timed_out || shutdown.is_cancelled() {
             report.archived = archived;
             report.vanished = vanished;
             report.permanent = failed > 0;
-            report.timed_out = !done && timed_out;
+            report.timed_out = !done && (timed_out || !unfinished.is_empty());
             report.left = rows
                 .iter()
                 .filter(|r| !matches!(r.state, State::Archived | State::Vanished | State::Deleted))
@@ -323,6 +362,15 @@ pub async fn run_once(
                     )
                 })
                 .collect();
+            // Still written to (or not quiet long enough) when the run had to decide:
+            // never queued, so never uploaded half-written.
+            report.left.extend(unfinished.iter().map(|(rel, why)| {
+                (
+                    rel.to_string_lossy().into_owned(),
+                    "not ready".to_string(),
+                    why.to_string(),
+                )
+            }));
             break;
         }
         tokio::select! {
@@ -338,36 +386,51 @@ pub async fn run_once(
     Ok(report)
 }
 
+/// What `sync --once` found in the spool.
+struct Stable {
+    /// Finished files: nobody writes them and they were quiet long enough.
+    ready: Vec<(std::path::PathBuf, FileStat)>,
+    /// Files still being written when the wait ran out, with the reason.
+    unfinished: Vec<(std::path::PathBuf, &'static str)>,
+    /// The first file that could not be leased, and why.
+    no_lease: Option<(std::path::PathBuf, lease::Unavailable)>,
+}
+
 /// The spool's files now, each once nobody writes it (a read lease can be had) and it has
 /// been unchanged for `settle` (the long quiet time where no lease can be had). Files still
-/// being written are waited for, up to a minute; after that they are queued anyway and the
-/// uploader's own lease keeps an open file from going up.
+/// being written are waited for, up to `deadline`; after that they are reported as not
+/// ready and never queued.
 fn stable_files(
     spool: &Path,
     ignore: &IgnoreSet,
     settle: Duration,
     long_quiet: Duration,
-) -> Vec<(std::path::PathBuf, FileStat)> {
+    deadline: Duration,
+) -> Stable {
     let first = watch::scan(spool, ignore);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let mut out = Vec::with_capacity(first.files.len());
-    // (path, stat, no lease to be had)
+    let deadline = Instant::now() + deadline;
+    let mut out = Stable {
+        ready: Vec::with_capacity(first.files.len()),
+        unfinished: Vec::new(),
+        no_lease: None,
+    };
+    // (path, stat, no lease to be had, why not yet)
     let mut unsure: Vec<_> = first
         .files
         .into_iter()
-        .map(|(r, s)| (r, s, false))
+        .map(|(r, s)| (r, s, false, "not quiet yet"))
         .collect();
     loop {
         let now = std::time::SystemTime::now();
         let mut still = Vec::new();
-        for (rel, st, no_lease) in unsure {
+        for (rel, st, no_lease, _) in unsure {
             let path = spool.join(&rel);
             let cur = match std::fs::symlink_metadata(&path) {
                 Ok(m) if m.is_file() => FileStat::of(&m),
                 _ => continue,
             };
             if cur != st {
-                still.push((rel, cur, no_lease));
+                still.push((rel, cur, no_lease, "still changing"));
                 continue;
             }
             let age = now
@@ -377,22 +440,30 @@ fn stable_files(
                 .unwrap_or_default();
             let need = if no_lease { long_quiet } else { settle };
             if age < need {
-                still.push((rel, cur, no_lease));
+                still.push((rel, cur, no_lease, "not quiet long enough"));
                 continue;
             }
             match lease::probe_path(&path) {
-                Ok(lease::ProbeResult::Free) => out.push((rel, cur)),
+                Ok(lease::ProbeResult::Free) => out.ready.push((rel, cur)),
                 Ok(lease::ProbeResult::Unavailable(u)) => {
+                    if !no_lease {
+                        crate::telemetry::metrics().lease_fallbacks.inc();
+                    }
                     if lease::warn_once(u.errno) {
                         tracing::warn!(path = %rel.display(), reason = %u.reason, "no read lease on a spool file; waiting for the long quiet time instead");
                     }
+                    if out.no_lease.is_none() {
+                        out.no_lease = Some((rel.clone(), u));
+                    }
                     if age >= long_quiet {
-                        out.push((rel, cur));
+                        out.ready.push((rel, cur));
                     } else {
-                        still.push((rel, cur, true));
+                        still.push((rel, cur, true, "not quiet long enough (no lease)"));
                     }
                 }
-                Ok(lease::ProbeResult::Busy) | Err(_) => still.push((rel, cur, no_lease)),
+                Ok(lease::ProbeResult::Busy) | Err(_) => {
+                    still.push((rel, cur, no_lease, "open for writing"))
+                }
             }
         }
         unsure = still;
@@ -401,6 +472,6 @@ fn stable_files(
         }
         std::thread::sleep(settle.clamp(Duration::from_millis(50), Duration::from_secs(1)));
     }
-    out.extend(unsure.into_iter().map(|(r, s, _)| (r, s)));
+    out.unfinished = unsure.into_iter().map(|(r, _, _, why)| (r, why)).collect();
     out
 }

@@ -247,10 +247,13 @@ pub async fn prune_archive(ctx: &Ctx, retain: std::time::Duration) -> anyhow::Re
             // The copy's own bytes first: deleting a copy that is not what S3 holds would
             // lose the only one of its kind.
             let p = path.clone();
-            match tokio::task::spawn_blocking(move || crate::sync::archive::sha256_file(&p)).await?
+            let ino = match tokio::task::spawn_blocking(move || {
+                crate::sync::archive::sha256_with_inode(&p)
+            })
+            .await?
             {
-                Ok(h) if h == sha => {}
-                Ok(h) => {
+                Ok((h, ino)) if h == sha => ino,
+                Ok((h, _)) => {
                     tracing::warn!(key = %row.key, path = %path.display(), sha256 = %h, catalog = %sha, "archive copy kept past archive.retain: its bytes are not the verified ones");
                     continue;
                 }
@@ -258,20 +261,33 @@ pub async fn prune_archive(ctx: &Ctx, retain: std::time::Duration) -> anyhow::Re
                     tracing::warn!(key = %row.key, error = %e, "archive copy kept past archive.retain: cannot hash it");
                     continue;
                 }
-            }
+            };
             if let Some(problem) = s3_strict_problem(ctx, &row.key, row.stat.size, &sha).await {
                 tracing::warn!(key = %row.key, problem, "archive copy kept past archive.retain: S3 does not confirm it");
                 continue;
             }
-            if let Err(e) = std::fs::remove_file(&path) {
-                tracing::warn!(key = %row.key, error = %e, "cannot remove an expired archive copy");
-                continue;
+            // A newer version may have been archived under this name while S3 was asked:
+            // only the copy that was hashed goes.
+            let p = path.clone();
+            match tokio::task::spawn_blocking(move || crate::sync::archive::remove_if_same(&p, ino))
+                .await?
+            {
+                Ok(true) => {}
+                Ok(false) => {
+                    tracing::info!(key = %row.key, "archive copy replaced by a newer version meanwhile; kept");
+                    continue;
+                }
+                Err(e) => {
+                    tracing::warn!(key = %row.key, error = %e, "cannot remove an expired archive copy");
+                    continue;
+                }
             }
             if let Some(parent) = path.parent() {
                 crate::sync::archive::remove_empty_parents(
                     &ctx.archive,
                     parent,
                     std::time::Duration::ZERO,
+                    std::time::SystemTime::now(),
                 );
             }
             tracing::info!(key = %row.key, "archive copy removed after archive.retain (S3 re-confirmed)");

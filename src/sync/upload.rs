@@ -86,9 +86,11 @@ pub enum HashError {
 
 fn open_nofollow(path: &Path) -> Result<File, HashError> {
     // SECURITY: a symlink swapped in for a spool file must not make us upload its target.
+    // O_NONBLOCK: a FIFO swapped in must not hang an uploader (and shutdown) on its open;
+    // reads from regular files ignore the flag.
     match std::fs::OpenOptions::new()
         .read(true)
-        .custom_flags(libc::O_NOFOLLOW)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
         .open(path)
     {
         Ok(f) => Ok(f),
@@ -199,6 +201,9 @@ fn md5s(path: &Path, h: &Hashed) -> Result<(String, Option<String>), HashError> 
         source,
     };
     let mut f = open_nofollow(path)?;
+    if !f.metadata().is_ok_and(|m| m.is_file()) {
+        return Err(HashError::NotRegular);
+    }
     let mut full = Md5::new();
     let mut sha = Sha256::new();
     let mut part_md5s: Vec<u8> = Vec::new();
@@ -351,6 +356,9 @@ pub async fn verify(
     }
 }
 
+/// How the error of a permanent archive failure starts (`sync --once` stops on it).
+pub const PERMANENT_ARCHIVE: &str = "permanent archive error: ";
+
 /// Shared by every upload task.
 pub struct Ctx {
     pub cfg: Arc<Config>,
@@ -389,6 +397,9 @@ pub enum Attempt {
         permanent: bool,
         error: String,
     },
+    /// Not an error: a file that cannot be leased has not been quiet for the long quiet
+    /// time yet; look again after this long.
+    Wait(Duration),
 }
 
 impl Ctx {
@@ -441,6 +452,13 @@ impl Ctx {
                 })
                 .await;
             }
+            Attempt::Wait(d) => {
+                let next = now_ms() + d.as_millis() as i64;
+                self.write_until_done("requeue", &key_str, move |c| {
+                    ops::requeue(c, &k, gen, next, None).map(|_| ())
+                })
+                .await;
+            }
             Attempt::ArchiveFailed { permanent, error } => {
                 let class = if permanent {
                     Class::Permanent
@@ -454,6 +472,11 @@ impl Ctx {
                     .inc();
                 let delay = self.policy.delay(attempts, class, None);
                 let next = now_ms() + delay.as_millis() as i64;
+                let error = if permanent {
+                    format!("{PERMANENT_ARCHIVE}{error}")
+                } else {
+                    error
+                };
                 if permanent {
                     tracing::error!(key = %key_str, error = %error, retry_in = ?delay, "cannot archive (the upload is verified; the file stays in the spool and is served from there)");
                 } else {
@@ -514,6 +537,25 @@ impl Ctx {
         let gen = row.gen;
         let threshold = self.cfg.s3.multipart_threshold.0;
         let configured_part = self.cfg.s3.part_size.0;
+
+        // 0. Without a lease only quiet time says a writer is done, whoever queued the
+        //    row (the watcher, `sync --once`, start-up recovery).
+        if let Ok(lease::ProbeResult::Unavailable(_)) = lease::probe_path(&path) {
+            let long_quiet = self
+                .cfg
+                .spool
+                .rescan_interval
+                .0
+                .max(self.cfg.spool.settle.0);
+            let age = std::fs::symlink_metadata(&path)
+                .ok()
+                .and_then(|m| m.modified().ok())
+                .and_then(|t| std::time::SystemTime::now().duration_since(t).ok())
+                .unwrap_or_default();
+            if age < long_quiet {
+                return Attempt::Wait(long_quiet - age);
+            }
+        }
 
         // 1. One read: SHA-256 of the whole and of each part.
         let size_now = std::fs::symlink_metadata(&path)
@@ -679,7 +721,17 @@ impl Ctx {
         match res {
             Ok(Ok(out @ (Outcome::Archived | Outcome::Missing))) => {
                 if out == Outcome::Missing {
-                    tracing::warn!(key = %key, "the spool file left before it was archived; S3 holds the verified bytes");
+                    tracing::warn!(key = %key, "the spool file left before it was archived; S3 holds the verified bytes, the archive has no copy");
+                    let (topic, msg) = (
+                        format!("no-archive-copy:{}", key.as_str()),
+                        "verified in S3, but the spool file was removed before it could be \
+                         archived: the archive has no copy of this version"
+                            .to_string(),
+                    );
+                    let _ = self
+                        .catalog
+                        .write(move |c| ops::set_notice(c, &topic, &msg))
+                        .await;
                 }
                 let k = key.as_str().to_string();
                 // The file has left the spool: only `archived` describes it now. A failed

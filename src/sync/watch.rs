@@ -142,7 +142,11 @@ fn scan_worker(
                             continue;
                         }
                     };
-                    if ignore.matches_name(&entry.file_name()) {
+                    // Our own reserved names (a file on its way to the archive) are never
+                    // spool files, whatever `spool.ignore` says.
+                    if ignore.matches_name(&entry.file_name())
+                        || entry.file_name().as_encoded_bytes().starts_with(b".ferry-")
+                    {
                         continue;
                     }
                     let path = entry.path();
@@ -192,6 +196,12 @@ impl Watcher {
     fn rel(&self, p: &Path) -> Option<PathBuf> {
         let rel = p.strip_prefix(&self.spool).ok()?;
         if rel.as_os_str().is_empty() || self.ignore.is_ignored(rel) {
+            return None;
+        }
+        if rel
+            .file_name()
+            .is_some_and(|n| n.as_encoded_bytes().starts_with(b".ferry-"))
+        {
             return None;
         }
         Some(rel.to_path_buf())
