@@ -784,3 +784,110 @@ fn wait_until(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
     }
     false
 }
+
+/// `sync --once` where no lease can be had (ferry as `nobody`, root's file): a writer that
+/// appends now and then is never taken for finished; the run waits for the long quiet
+/// time, says the fallback in `ferry status`, and uploads the whole file.
+#[test]
+fn sync_once_without_a_lease_waits_for_the_long_quiet_time() {
+    use std::os::unix::process::CommandExt;
+    let t = tempfile::tempdir().unwrap();
+    let s3 = S3::start(t.path());
+    let mut env = Env::for_s3(&s3);
+    env.set("FERRY_SPOOL_RESCAN_INTERVAL", "3s");
+    chmod(env.dir.path(), 0o777);
+    chmod(&env.spool(), 0o777);
+    let key = "appended.log";
+    let path = env.spool().join(key);
+    let mut f = std::fs::File::create(&path).unwrap();
+    let mut bytes = Vec::new();
+    let writer = std::thread::spawn(move || {
+        for i in 0..6 {
+            let line = format!("line {i} {}\n", "x".repeat(1000));
+            f.write_all(line.as_bytes()).unwrap();
+            bytes.extend_from_slice(line.as_bytes());
+            std::thread::sleep(Duration::from_millis(1500));
+        }
+        bytes
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    let out = env
+        .command(&["sync", "--once", "--timeout", "60s"])
+        .uid(NOBODY)
+        .gid(NOBODY)
+        .output()
+        .unwrap();
+    let bytes = writer.join().unwrap();
+    assert!(
+        out.status.success(),
+        "sync --once failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_in_s3(&s3, key, &bytes);
+    let st = status_as(&env, NOBODY);
+    assert!(
+        st["notices"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|n| n["topic"].as_str().is_some_and(|t| t.starts_with("lease:"))),
+        "no lease notice: {st}"
+    );
+}
+
+/// `sync --once` stops on a permanent archive error (a read-only archive) instead of
+/// waiting out its timeout, and says why.
+#[test]
+fn sync_once_stops_on_a_read_only_archive() {
+    let t = tempfile::tempdir().unwrap();
+    let s3 = S3::start(t.path());
+    let env = Env::for_s3(&s3);
+    let Some(m) = BindMount::new(&t.path().join("real-archive"), &env.archive()) else {
+        return;
+    };
+    m.read_only(true);
+    env.drop_file("ro-once.jpg", &content("ro-once", 1000));
+    let started = Instant::now();
+    let (code, out, err) = env.run(&["sync", "--once", "--timeout", "5m"]);
+    assert!(
+        started.elapsed() < Duration::from_secs(60),
+        "waited for the timeout"
+    );
+    assert_ne!(code, 0, "{out}{err}");
+    let text = format!("{out}{err}");
+    assert!(
+        text.contains("ro-once.jpg") && text.contains("Read-only"),
+        "{text}"
+    );
+}
+
+/// An archive inside the spool is refused at start, naming both settings.
+#[test]
+fn an_archive_inside_the_spool_is_refused() {
+    let mut env = Env::new("http://127.0.0.1:9", "ferry");
+    let inside = env.spool().join("archive").display().to_string();
+    env.set("FERRY_ARCHIVE_DIR", &inside);
+    let (code, _, err) = env.run(&["sync", "--once", "--timeout", "5s"]);
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("archive.dir") && err.contains("spool.dir") && err.contains("overlap"),
+        "{err}"
+    );
+}
+
+/// Emptied spool folders are removed once their file is archived (never the root).
+#[test]
+fn emptied_spool_folders_are_removed() {
+    let t = tempfile::tempdir().unwrap();
+    let s3 = S3::start(t.path());
+    let env = Env::for_s3(&s3);
+    let d = env.spawn(&["sync"]);
+    std::thread::sleep(Duration::from_secs(1));
+    env.drop_file("2026/12/01/gone.jpg", &content("gone", 500));
+    wait_archived(&env, &d, 1, Duration::from_secs(30));
+    wait_for(Duration::from_secs(10), "spool/2026 removed", || {
+        !env.spool().join("2026").exists()
+    });
+    assert!(env.spool().exists());
+}
