@@ -3,6 +3,7 @@
 //! - `app`       wiring: open catalog, build store, run subsystems, ordered shutdown
 //! - `config`    the Config tree, defaults, env overrides, validation
 //! - `key`       Key: the only way a spool name or URL becomes a path or S3 key
+//! - `media`     content types, and which of them a browser could run
 //! - `catalog`   SQLite catalog: schema, migrations, the per-key state machine
 //! - `store`     S3 client: put (single/multipart), head, get, presign, error classes
 //! - `retry`     backoff policy and the transient/permanent split
@@ -15,6 +16,7 @@ pub mod app;
 pub mod catalog;
 pub mod config;
 pub mod key;
+pub mod media;
 pub mod retry;
 pub mod route;
 pub mod serve;
