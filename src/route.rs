@@ -40,8 +40,6 @@ pub type Body = UnsyncBoxBody<Bytes, hyper::Error>;
 /// The router's own endpoints live under this prefix; everything else is proxied, including
 /// `/healthz`, which belongs to the nodes.
 const OWN_PREFIX: &str = "/-/router/";
-/// A client that has not sent its headers by then is holding a connection for nothing.
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// Connections get this long to finish after shutdown starts.
 const DRAIN: Duration = Duration::from_secs(10);
 /// A backend that accepts no connection by then is treated as unreachable (failover).
@@ -293,6 +291,8 @@ pub struct Router {
     mount: String,
     interval: Duration,
     client: Client<HttpConnector, Body>,
+    /// `http.header_read_timeout`: a client gets this long to send its first request head.
+    header_timeout: Duration,
 }
 
 impl Router {
@@ -333,6 +333,7 @@ impl Router {
             mount: cfg.http.mount.clone(),
             interval: r.health_interval.0,
             client,
+            header_timeout: cfg.http.header_read_timeout.0,
         })
     }
 
@@ -519,12 +520,17 @@ impl Router {
     /// Accepts on `listener` until `shutdown`, then lets open connections finish for up to
     /// 10 s.
     pub async fn serve(self: Arc<Self>, listener: TcpListener, shutdown: CancellationToken) {
-        let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+        // HTTP/1 only: hyper-util's auto builder reads an HTTP/2 preface with no deadline
+        // (its header timeout covers HTTP/1 only), so one byte of "PRI * HTTP/2.0" held a
+        // connection forever. Here every connection is under one deadline until its first
+        // complete request head.
+        let mut builder = hyper::server::conn::http1::Builder::new();
         builder
-            .http1()
             .timer(TokioTimer::new())
-            .header_read_timeout(HEADER_READ_TIMEOUT);
+            .header_read_timeout(self.header_timeout)
+            .keep_alive(true);
         let builder = Arc::new(builder);
+        let header_timeout = self.header_timeout;
         let tracker = TaskTracker::new();
         loop {
             let (stream, peer) = tokio::select! {
@@ -547,7 +553,7 @@ impl Router {
             tracker.spawn(async move {
                 // A silent client holds no hyper buffers, and does not hold up shutdown.
                 let spoke = tokio::select! {
-                    ok = crate::serve::first_byte(&stream, HEADER_READ_TIMEOUT) => ok,
+                    ok = crate::serve::first_byte(&stream, header_timeout) => ok,
                     _ = stop.cancelled() => false,
                 };
                 if !spoke {
