@@ -100,6 +100,49 @@ impl<'de> Deserialize<'de> for Size {
     }
 }
 
+/// A size that may be left empty (`""`) to mean "derived from another setting".
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MaybeSize(pub Option<u64>);
+
+impl FromStr for MaybeSize {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        if s.trim().is_empty() {
+            return Ok(MaybeSize(None));
+        }
+        s.parse::<Size>().map(|z| MaybeSize(Some(z.0)))
+    }
+}
+impl Serialize for MaybeSize {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self.0 {
+            None => s.serialize_str(""),
+            Some(n) => Size(n).serialize(s),
+        }
+    }
+}
+impl<'de> Deserialize<'de> for MaybeSize {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            N(u64),
+            S(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::N(n) => Ok(MaybeSize(Some(n))),
+            Raw::S(s) => s.parse().map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+impl CacheConfig {
+    /// `cache.max_object` with its default applied.
+    pub fn max_object(&self) -> u64 {
+        self.max_object.0.unwrap_or(self.max_size.0 / 8)
+    }
+}
+
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
@@ -230,6 +273,18 @@ pub enum ServeMode {
     Proxy,
 }
 
+/// How uploads a browser could run (HTML, SVG, script, unknown types) are served.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ActiveContent {
+    /// `Content-Security-Policy: sandbox`: shown, but in an opaque origin with no script.
+    Sandbox,
+    /// Sandboxed and `Content-Disposition: attachment`: downloaded, never shown inline.
+    Attachment,
+    /// As uploaded: only for a spool whose every writer is trusted.
+    Allow,
+}
+
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct HttpConfig {
@@ -249,6 +304,9 @@ pub struct HttpConfig {
     pub cache_control: String,
     /// A client must send its request headers within this long (slowloris defence).
     pub header_read_timeout: Dur,
+    /// Uploads are other people's content served from the site's own origin: stored XSS
+    /// unless script-capable types are sandboxed.
+    pub active_content: ActiveContent,
 }
 impl Default for HttpConfig {
     fn default() -> Self {
@@ -265,6 +323,7 @@ impl Default for HttpConfig {
             fallback_url: String::new(),
             cache_control: "public, max-age=300".into(),
             header_read_timeout: Dur(Duration::from_secs(30)),
+            active_content: ActiveContent::Sandbox,
         }
     }
 }
@@ -274,6 +333,9 @@ impl Default for HttpConfig {
 pub struct CacheConfig {
     pub dir: PathBuf,
     pub max_size: Size,
+    /// The largest object the hot cache takes; "" = max_size / 8. A larger one would be
+    /// fetched from S3 in full on every request and never fit.
+    pub max_object: MaybeSize,
     pub hot_hits: u32,
     pub hot_window: Dur,
     pub ttl: Dur,
@@ -283,6 +345,7 @@ impl Default for CacheConfig {
         CacheConfig {
             dir: "var/cache".into(),
             max_size: Size(1 << 30),
+            max_object: MaybeSize(None),
             hot_hits: 10,
             hot_window: Dur(Duration::from_secs(300)),
             ttl: Dur(Duration::from_secs(7 * 86400)),

@@ -8,7 +8,7 @@
 //! - `store`     S3 client: put (single/multipart), head, get, presign, error classes
 //! - `retry`     backoff policy and the transient/permanent split
 //! - `sync`      watcher (ready files), uploader (hash, put, verify), archive
-//! - `serve`     HTTP front: spool file, else 302 (or presigned) to S3
+//! - `serve`     HTTP front: one HTTP semantics (`serve::semantics`) over spool, cache, S3, archive
 //! - `route`     the hash router: rendezvous ranking, health checks, proxying, failover
 //! - `telemetry` logging
 

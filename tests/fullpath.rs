@@ -408,3 +408,166 @@ fn cache_stays_within_max_size_and_one_hit_keys_do_not_evict_the_hot_set() {
         "the scan evicted the hot set: {hot_still_cached}/8 still cached"
     );
 }
+
+/// The conditional and range answers every source must give for one version, by its one
+/// ETag: 304, 412, If-Range both ways, 206 with the ETag, 416 with `*/LEN`. A 304 needs no
+/// bytes, so on the S3 path it is answered from the metadata (`revalidated_by`) without
+/// asking S3 or the archive for anything.
+fn check_semantics(
+    addr: std::net::SocketAddr,
+    path: &str,
+    bytes: &[u8],
+    source: &str,
+    revalidated_by: &str,
+) {
+    let len = bytes.len();
+    let tag = format!("\"{}\"", sha256_hex(bytes));
+    let p = path.as_bytes();
+    let ask = |h: &[(&str, &str)]| raw_request(addr, "GET", p, h);
+
+    let r = ask(&[]);
+    assert_eq!(r.status, 200, "{source}");
+    assert_eq!(r.header("x-ferry-source"), Some(source));
+    assert_eq!(
+        r.header("etag"),
+        Some(tag.as_str()),
+        "{source}: one version, one ETag"
+    );
+    assert_eq!(r.header("accept-ranges"), Some("bytes"), "{source}");
+    assert!(r.header("last-modified").is_some(), "{source}");
+    assert_eq!(
+        r.header("x-content-type-options"),
+        Some("nosniff"),
+        "{source}"
+    );
+    assert_eq!(r.body, bytes, "{source}");
+
+    let r = ask(&[("If-None-Match", &tag)]);
+    assert_eq!(r.status, 304, "{source}: its own ETag revalidates");
+    assert_eq!(r.header("etag"), Some(tag.as_str()), "{source}");
+    assert_eq!(r.header("x-ferry-source"), Some(revalidated_by));
+    assert!(r.body.is_empty());
+
+    let r = ask(&[("If-Match", "\"another\"")]);
+    assert_eq!(r.status, 412, "{source}");
+    let r = ask(&[("If-Match", &tag)]);
+    assert_eq!(r.status, 200, "{source}");
+
+    let r = ask(&[("Range", "bytes=10-19"), ("If-Range", &tag)]);
+    assert_eq!(r.status, 206, "{source}");
+    assert_eq!(
+        r.header("etag"),
+        Some(tag.as_str()),
+        "{source}: 206 carries the ETag"
+    );
+    let cr = format!("bytes 10-19/{len}");
+    assert_eq!(r.header("content-range"), Some(cr.as_str()), "{source}");
+    assert_eq!(r.body, &bytes[10..20], "{source}");
+    assert_eq!(r.header("x-ferry-source"), Some(source));
+
+    let r = ask(&[("Range", "bytes=10-19"), ("If-Range", "\"another\"")]);
+    assert_eq!(
+        r.status, 200,
+        "{source}: If-Range of another version gets it all"
+    );
+    assert_eq!(r.body, bytes, "{source}");
+
+    let past = format!("bytes={len}-");
+    let r = ask(&[("Range", &past)]);
+    assert_eq!(r.status, 416, "{source}");
+    let star = format!("bytes */{len}");
+    assert_eq!(r.header("content-range"), Some(star.as_str()), "{source}");
+}
+
+#[test]
+fn every_source_answers_conditionals_and_ranges_alike_under_one_etag() {
+    let t = tempfile::tempdir().unwrap();
+    let mut s3 = S3::start(t.path());
+    let a = blob(12, 5000);
+    let mut env = uploaded(
+        &s3,
+        &[("e.jpg", &a)],
+        &[
+            ("FERRY_HTTP_MODE", "proxy"),
+            ("FERRY_CACHE_HOT_HITS", "1000"),
+        ],
+    );
+    let d = env.spawn(&["serve"]);
+    check_semantics(d.addr(), "/static/e.jpg", &a, "s3", "s3");
+    drop(d);
+
+    env.set("FERRY_CACHE_HOT_HITS", "1");
+    let d = env.spawn(&["serve"]);
+    let addr = d.addr();
+    wait_for(Duration::from_secs(10), "the cache to hold e.jpg", || {
+        get(addr, "/static/e.jpg").header("x-ferry-source") == Some("cache")
+    });
+    check_semantics(addr, "/static/e.jpg", &a, "cache", "cache");
+    drop(d);
+
+    // S3 down and no cache: the local archive copy.
+    s3.down();
+    env.set("FERRY_CACHE_MAX_SIZE", "0");
+    let d = env.spawn(&["serve"]);
+    check_semantics(d.addr(), "/static/e.jpg", &a, "archive", "s3");
+}
+
+#[test]
+fn a_hot_key_larger_than_max_object_is_never_fetched_and_a_hot_range_is_206() {
+    let t = tempfile::tempdir().unwrap();
+    let s3 = S3::start(t.path());
+    let proxy = FaultProxy::start(s3.port);
+    let big = blob(13, 300_000);
+    let small = blob(14, 50_000);
+    let mut env = uploaded(&s3, &[("big.mp4", &big), ("small.mp4", &small)], &[]);
+    env.set("FERRY_S3_ENDPOINT", &proxy.endpoint());
+    env.set("FERRY_CACHE_HOT_HITS", "1");
+    // max_object defaults to an eighth of this: 128 KiB.
+    env.set("FERRY_CACHE_MAX_SIZE", "1MiB");
+    let d = env.spawn(&["serve"]);
+    let addr = d.addr();
+    for _ in 0..5 {
+        let r = get(addr, "/static/big.mp4");
+        assert_eq!(
+            r.status, 302,
+            "too big for the cache: redirected, not proxied"
+        );
+        assert_eq!(r.header("x-ferry-source"), Some("redirect"));
+    }
+    assert_eq!(proxy.count("GET", "big.mp4"), 0, "never fetched from S3");
+
+    // A hot key's Range is a 206 of just that range, with the version's ETag.
+    let tag = format!("\"{}\"", sha256_hex(&small));
+    let r = raw_request(
+        addr,
+        "GET",
+        b"/static/small.mp4",
+        &[("Range", "bytes=0-99")],
+    );
+    assert_eq!(r.status, 206);
+    assert_eq!(r.header("x-ferry-source"), Some("s3"));
+    assert_eq!(r.body, &small[..100]);
+    assert_eq!(r.header("content-range"), Some("bytes 0-99/50000"));
+    assert_eq!(r.header("etag"), Some(tag.as_str()));
+    // ... and the cache still fills, and answers ranges from then on.
+    wait_for(Duration::from_secs(10), "small.mp4 cached", || {
+        get(addr, "/static/small.mp4").header("x-ferry-source") == Some("cache")
+    });
+    let r = raw_request(
+        addr,
+        "GET",
+        b"/static/small.mp4",
+        &[("Range", "bytes=100-199")],
+    );
+    assert_eq!(r.status, 206);
+    assert_eq!(r.header("x-ferry-source"), Some("cache"));
+    assert_eq!(r.body, &small[100..200]);
+    drop(d);
+
+    env.set("FERRY_CACHE_MAX_OBJECT", "512KiB");
+    let d = env.spawn(&["serve"]);
+    let r = get(d.addr(), "/static/big.mp4");
+    assert_eq!(r.status, 200, "within cache.max_object: hot-fetched");
+    assert_eq!(r.header("x-ferry-source"), Some("s3"));
+    assert_eq!(r.body, big);
+}

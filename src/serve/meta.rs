@@ -2,15 +2,18 @@
 //! few seconds only). Loaded from the local catalog, else from an S3 HEAD, so serving nodes
 //! need no shared database. Concurrent lookups of one key share one load. Dropped whole
 //! within 200 ms of any catalog commit on this host (SQLite's `data_version`).
+//!
+//! Beside it, the catalog's record of a key's spool version (`Record`): what tells the serve
+//! path whether a spool file is ready, without a lease or a second rule.
 
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use base64::Engine;
 use tokio_util::sync::CancellationToken;
 
-use crate::catalog::{ops, Catalog, State};
+use crate::catalog::{ops, Catalog, CatalogError, FileStat, State};
 use crate::store::{Store, StoreError};
 
 /// Where a key's bytes are, as far as serving is concerned.
@@ -34,6 +37,48 @@ pub struct Meta {
     pub sha256: Option<String>,
     /// From this host's catalog (vs learned from S3).
     pub local: bool,
+    /// The version's modification time: the spool file's mtime where this host uploaded it
+    /// (so a spool hit and the S3 copy agree), else when S3 stored it.
+    pub last_modified: Option<SystemTime>,
+}
+
+/// The catalog's row for a key, as far as the spool is concerned.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Record {
+    pub state: State,
+    pub stat: FileStat,
+    pub sha256: Option<String>,
+}
+
+impl Record {
+    /// Whether the spool file with `stat` is ready (DESIGN.md "Ready file"). The watcher
+    /// queues a file only once it is ready (renamed in, or closed and settled, with no
+    /// writer), and every later change of size, mtime, ctime or inode makes it a new file
+    /// that must become ready again. So the catalog's record *is* the uploader's verdict:
+    /// a row for this very stat in a state the watcher reached through readiness means
+    /// ready; no row, another stat, or a vanished/deleted row means not (yet) ready. Asking
+    /// the catalog takes no lease, so a writer's `open` never waits on a request.
+    pub fn ready_for(&self, stat: &FileStat) -> bool {
+        let from_watcher = match self.state {
+            State::Queued | State::Uploading | State::Failed | State::Verified => true,
+            // The archiver's last stat before the move is the verified file itself (the
+            // catalog's note_ready treats it the same way).
+            State::Archived => true,
+            State::Vanished | State::Deleted => false,
+        };
+        from_watcher && self.stat == *stat
+    }
+
+    /// The SHA-256 of exactly the file with `stat`, once the uploader hashed it.
+    pub fn sha256_for(&self, stat: &FileStat) -> Option<&str> {
+        self.sha256.as_deref().filter(|_| self.ready_for(stat))
+    }
+}
+
+/// A catalog time in nanoseconds as a SystemTime (`None` before 1970).
+pub fn system_time(ns: i64) -> Option<SystemTime> {
+    let ns = u64::try_from(ns).ok()?;
+    UNIX_EPOCH.checked_add(Duration::from_nanos(ns))
 }
 
 /// How long "unknown" is remembered: a file may be dropped any moment.
@@ -67,6 +112,9 @@ pub struct MetaCache {
     store: Store,
     prefix: String,
     cache: moka::future::Cache<String, Meta>,
+    /// Spool records, catalog only (never S3): a file still being written must not cost a
+    /// HEAD per request.
+    records: moka::future::Cache<String, Option<Record>>,
     version: AtomicI64,
 }
 
@@ -79,6 +127,10 @@ impl MetaCache {
             cache: moka::future::Cache::builder()
                 .max_capacity(500_000)
                 .expire_after(Ttl { positive: ttl })
+                .build(),
+            records: moka::future::Cache::builder()
+                .max_capacity(500_000)
+                .time_to_live(ttl)
                 .build(),
             version: AtomicI64::new(i64::MIN),
         }
@@ -98,6 +150,29 @@ impl MetaCache {
     /// Forgets one key (this process saw it change).
     pub async fn forget(&self, key: &str) {
         self.cache.invalidate(key).await;
+        self.records.invalidate(key).await;
+    }
+
+    /// This host's catalog record for `key`, if it has one.
+    pub async fn record(&self, key: &str) -> Result<Option<Record>, Arc<CatalogError>> {
+        if let Some(r) = self.records.get(key).await {
+            return Ok(r);
+        }
+        let catalog = self.catalog.clone();
+        let k = key.to_string();
+        self.records
+            .try_get_with_by_ref(
+                key,
+                Box::pin(async move {
+                    let row = catalog.read(move |c| ops::get(c, &k)).await?;
+                    Ok::<_, CatalogError>(row.map(|r| Record {
+                        state: r.state,
+                        stat: r.stat,
+                        sha256: r.sha256,
+                    }))
+                }),
+            )
+            .await
     }
 
     async fn load(&self, key: String) -> Result<Meta, MetaError> {
@@ -116,6 +191,7 @@ impl MetaCache {
                 size: r.stat.size,
                 sha256: r.sha256,
                 local: true,
+                last_modified: system_time(r.stat.mtime_ns),
             });
         }
         let object_key = format!("{}{}", self.prefix, key);
@@ -127,6 +203,7 @@ impl MetaCache {
                         size: 0,
                         sha256: None,
                         local: false,
+                        last_modified: None,
                     });
                 }
                 let sha = h
@@ -148,6 +225,7 @@ impl MetaCache {
                     size: h.size,
                     sha256: sha,
                     local: false,
+                    last_modified: h.last_modified,
                 })
             }
             Err(e) if e.is_not_found() => Ok(Meta {
@@ -155,6 +233,7 @@ impl MetaCache {
                 size: 0,
                 sha256: None,
                 local: false,
+                last_modified: None,
             }),
             Err(e) => Err(MetaError::S3(e)),
         }
@@ -168,6 +247,7 @@ impl MetaCache {
                 let old = self.version.swap(v, Ordering::Relaxed);
                 if old != v && old != i64::MIN {
                     self.cache.invalidate_all();
+                    self.records.invalidate_all();
                 }
             }
             tokio::select! {
@@ -175,5 +255,64 @@ impl MetaCache {
                 _ = tokio::time::sleep(POLL) => {}
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const STAT: FileStat = FileStat {
+        size: 10,
+        mtime_ns: 1_700_000_000_000_000_001,
+        ctime_ns: 1_700_000_000_000_000_002,
+        inode: 77,
+    };
+
+    fn record(state: State, sha: Option<&str>) -> Record {
+        Record {
+            state,
+            stat: STAT,
+            sha256: sha.map(str::to_string),
+        }
+    }
+
+    #[test]
+    fn ready_means_the_watcher_recorded_this_very_stat() {
+        for s in [
+            State::Queued,
+            State::Uploading,
+            State::Failed,
+            State::Verified,
+            State::Archived,
+        ] {
+            assert!(record(s, None).ready_for(&STAT), "{s:?}");
+        }
+        for s in [State::Vanished, State::Deleted] {
+            assert!(!record(s, None).ready_for(&STAT), "{s:?}");
+        }
+        let r = record(State::Queued, None);
+        for other in [
+            FileStat { size: 11, ..STAT },
+            FileStat {
+                mtime_ns: 1,
+                ..STAT
+            },
+            FileStat {
+                ctime_ns: 1,
+                ..STAT
+            },
+            FileStat { inode: 78, ..STAT },
+        ] {
+            assert!(!r.ready_for(&other), "{other:?}");
+        }
+    }
+
+    #[test]
+    fn the_sha256_belongs_to_its_stat_only() {
+        let r = record(State::Verified, Some("ab"));
+        assert_eq!(r.sha256_for(&STAT), Some("ab"));
+        assert_eq!(r.sha256_for(&FileStat { size: 11, ..STAT }), None);
+        assert_eq!(record(State::Deleted, Some("ab")).sha256_for(&STAT), None);
     }
 }

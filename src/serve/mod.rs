@@ -5,6 +5,7 @@ pub mod fetch;
 pub mod local;
 pub mod meta;
 pub mod resolve;
+pub mod semantics;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -53,7 +54,9 @@ impl ServeError {
         }
     }
 
-    /// A short plain-text body; a 500 says nothing internal (the log has the detail).
+    /// A short plain-text body that says nothing internal (no S3 error chain, no host
+    /// names, no paths): the log has the detail. Never cacheable downstream: a 404 may be a
+    /// file that lands a second later, a 5xx a moment's outage.
     pub fn into_response(self) -> Response {
         let status = self.status();
         let body = match &self {
@@ -62,7 +65,12 @@ impl ServeError {
                 tracing::error!(error = %detail, "internal error serving a request");
                 "internal server error\n".to_string()
             }
-            ServeError::NotReady(why) => format!("not ready: {why}\n"),
+            ServeError::NotReady(why) => {
+                tracing::warn!(reason = %why, "answering 503");
+                "service unavailable, try again\n".to_string()
+            }
+            ServeError::BadGateway => "bad gateway\n".to_string(),
+            ServeError::Timeout => "gateway timeout\n".to_string(),
             other => format!("{other}\n"),
         };
         let mut r = body.into_response();
@@ -71,6 +79,10 @@ impl ServeError {
         h.insert(
             http::header::CONTENT_TYPE,
             HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
+        h.insert(
+            http::header::CACHE_CONTROL,
+            HeaderValue::from_static("no-store"),
         );
         match self {
             ServeError::Method => {
@@ -109,7 +121,11 @@ pub async fn serve(
                         Ok(r) => r,
                         Err(e) => e.into_response(),
                     };
-                    resp.headers_mut().insert("x-ferry-node", node);
+                    let h = resp.headers_mut();
+                    h.insert("x-ferry-node", node);
+                    // SECURITY: no browser guesses a type we did not send (an "image" that
+                    // sniffs as HTML would run as the site).
+                    h.insert(semantics::NOSNIFF, HeaderValue::from_static("nosniff"));
                     if path.as_str().starts_with(&state.cfg.http.mount) {
                         let m = crate::telemetry::metrics();
                         let source = resp
