@@ -307,6 +307,12 @@ pub struct HttpConfig {
     /// Uploads are other people's content served from the site's own origin: stored XSS
     /// unless script-capable types are sandboxed.
     pub active_content: ActiveContent,
+    /// A response write that makes no progress for this long ends the connection: a client
+    /// that stops reading must not pin a descriptor and its buffers.
+    pub send_timeout: Dur,
+    /// Open client connections at most; at the cap, accepting waits (the listen backlog
+    /// holds newcomers) rather than running out of descriptors.
+    pub max_connections: usize,
 }
 impl Default for HttpConfig {
     fn default() -> Self {
@@ -324,6 +330,8 @@ impl Default for HttpConfig {
             cache_control: "public, max-age=300".into(),
             header_read_timeout: Dur(Duration::from_secs(30)),
             active_content: ActiveContent::Sandbox,
+            send_timeout: Dur(Duration::from_secs(60)),
+            max_connections: 16_384,
         }
     }
 }
@@ -360,6 +368,8 @@ pub struct RouterConfig {
     pub backends: Vec<String>,
     pub hash: String,
     pub health_interval: Dur,
+    /// Open client connections at most (as `http.max_connections`, for the router).
+    pub max_connections: usize,
 }
 impl Default for RouterConfig {
     fn default() -> Self {
@@ -368,6 +378,7 @@ impl Default for RouterConfig {
             backends: vec!["http://127.0.0.1:8080".into()],
             hash: "host".into(),
             health_interval: Dur(Duration::from_secs(1)),
+            max_connections: 16_384,
         }
     }
 }
@@ -479,6 +490,15 @@ impl Config {
         }
         if self.spool.rescan_interval.0 < Duration::from_millis(100) {
             return Err(invalid("spool.rescan_interval", "must be at least 100ms"));
+        }
+        if self.http.max_connections == 0 {
+            return Err(invalid("http.max_connections", "must be at least 1"));
+        }
+        if self.router.max_connections == 0 {
+            return Err(invalid("router.max_connections", "must be at least 1"));
+        }
+        if self.http.send_timeout.0.is_zero() {
+            return Err(invalid("http.send_timeout", "must be more than 0"));
         }
         if !self.http.mount.starts_with('/') || !self.http.mount.ends_with('/') {
             return Err(invalid("http.mount", "must start and end with '/'"));

@@ -293,6 +293,10 @@ pub struct Router {
     client: Client<HttpConnector, Body>,
     /// `http.header_read_timeout`: a client gets this long to send its first request head.
     header_timeout: Duration,
+    /// `http.send_timeout`: a response write may stall this long.
+    send_timeout: Duration,
+    /// `router.max_connections`.
+    max_connections: usize,
 }
 
 impl Router {
@@ -334,6 +338,8 @@ impl Router {
             interval: r.health_interval.0,
             client,
             header_timeout: cfg.http.header_read_timeout.0,
+            send_timeout: cfg.http.send_timeout.0,
+            max_connections: r.max_connections,
         })
     }
 
@@ -531,8 +537,15 @@ impl Router {
             .keep_alive(true);
         let builder = Arc::new(builder);
         let header_timeout = self.header_timeout;
+        let send_timeout = self.send_timeout;
+        let cap = crate::serve::conn::Cap::new(self.max_connections);
         let tracker = TaskTracker::new();
         loop {
+            // At the cap, wait: the kernel's backlog holds newcomers until a slot frees.
+            let slot = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                s = cap.slot() => s,
+            };
             let (stream, peer) = tokio::select! {
                 _ = shutdown.cancelled() => break,
                 r = listener.accept() => match r {
@@ -564,7 +577,9 @@ impl Router {
                     let router = router.clone();
                     async move { Ok::<_, Infallible>(router.handle(req, ip).await) }
                 });
-                let conn = builder.serve_connection(TokioIo::new(stream), svc);
+                let _slot = slot;
+                let io = crate::serve::conn::SendTimeout::new(stream, send_timeout);
+                let conn = builder.serve_connection(TokioIo::new(io), svc);
                 tokio::pin!(conn);
                 let res = tokio::select! {
                     r = conn.as_mut() => r,

@@ -507,3 +507,70 @@ fn errors_are_never_cacheable_and_say_nothing_internal() {
         assert!(!body.contains(leak), "503 body leaks {leak:?}: {body}");
     }
 }
+
+#[test]
+fn a_client_that_stops_reading_is_cut_off_after_send_timeout() {
+    use std::io::{Read, Write};
+    let t = tempfile::tempdir().unwrap();
+    let s3 = S3::start(t.path());
+    let mut env = env_serving_spool(&s3);
+    env.set("FERRY_HTTP_SEND_TIMEOUT", "1s");
+    // Far more than the socket buffers on both sides can hold.
+    let size = 64 << 20;
+    let bytes = vec![7u8; size];
+    env.drop_file("big.bin", &bytes);
+    let d = env.spawn(&["serve"]);
+    let mut s = std::net::TcpStream::connect(d.addr()).unwrap();
+    s.write_all(b"GET /static/big.bin HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    // Reads nothing for 3x the timeout...
+    std::thread::sleep(Duration::from_secs(3));
+    // ... then all there is: what the buffers held when the server gave up, not the file.
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut got = Vec::new();
+    let _ = s.read_to_end(&mut got);
+    assert!(
+        got.len() < size,
+        "the whole {size} bytes arrived: the stalled connection was never cut"
+    );
+    assert!(got.starts_with(b"HTTP/1.1 200"), "it was being served");
+    // Others are served.
+    assert_eq!(get(d.addr(), "/healthz", &[]).status, 200);
+}
+
+#[test]
+fn at_the_connection_cap_accepting_waits_until_a_slot_frees() {
+    use std::io::{Read, Write};
+    let t = tempfile::tempdir().unwrap();
+    let s3 = S3::start(t.path());
+    let mut env = env_serving_spool(&s3);
+    env.set("FERRY_HTTP_MAX_CONNECTIONS", "2");
+    let d = env.spawn(&["serve"]);
+    let addr = d.addr();
+    let a = std::net::TcpStream::connect(addr).unwrap();
+    let b = std::net::TcpStream::connect(addr).unwrap();
+    // The kernel completes the handshake (backlog), but ferry does not take it on.
+    let mut c = std::net::TcpStream::connect(addr).unwrap();
+    c.write_all(b"GET /healthz HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+    let mut buf = [0u8; 64];
+    match c.read(&mut buf) {
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ) => {}
+        other => panic!("answered beyond the cap: {other:?}"),
+    }
+    drop(a);
+    c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut got = Vec::new();
+    let _ = c.read_to_end(&mut got);
+    assert!(
+        got.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&got)
+    );
+    drop(b);
+}

@@ -1,6 +1,7 @@
 //! The HTTP front: routes, the listener, and the one place errors become status codes.
 
 pub mod cache;
+pub mod conn;
 pub mod fetch;
 pub mod local;
 pub mod meta;
@@ -104,6 +105,8 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let header_timeout = state.cfg.http.header_read_timeout.0;
+    let send_timeout = state.cfg.http.send_timeout.0;
+    let cap = conn::Cap::new(state.cfg.http.max_connections);
     let node = HeaderValue::from_str(&state.node_name)
         .unwrap_or_else(|_| HeaderValue::from_static("ferry"));
     let filter = warp::method()
@@ -149,6 +152,12 @@ pub async fn serve(
         .keep_alive(true);
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     loop {
+        // At the cap, wait here: new connections queue in the kernel's backlog rather than
+        // being accepted with no descriptor or memory left to serve them.
+        let slot = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            s = cap.slot() => s,
+        };
         let (stream, _peer) = tokio::select! {
             _ = shutdown.cancelled() => break,
             r = listener.accept() => match r {
@@ -175,7 +184,8 @@ pub async fn serve(
             if !spoke {
                 return;
             }
-            let io = hyper_util::rt::TokioIo::new(stream);
+            let _slot = slot;
+            let io = hyper_util::rt::TokioIo::new(conn::SendTimeout::new(stream, send_timeout));
             let conn =
                 http.serve_connection(io, hyper_util::service::TowerToHyperService::new(svc));
             // Boxed: the connection's state machine is several KiB, and inline it would size
