@@ -471,9 +471,13 @@ impl Router {
         let replayable = matches!(parts.method, Method::GET | Method::HEAD) && body.is_end_stream();
         let mut body = Some(body);
         let mut attempts = 0;
+        // With every backend believed down, the belief is what is most likely wrong (a
+        // probe lost, a node back before its next probe): try them in rank order anyway
+        // rather than answer 502 without asking anyone.
+        let any_up = order.iter().any(|&i| self.backends[i].is_healthy());
         for i in order {
             let b = &self.backends[i];
-            if !b.is_healthy() {
+            if any_up && !b.is_healthy() {
                 continue;
             }
             let send_body = if replayable {

@@ -484,3 +484,40 @@ fn a_partial_http2_preface_is_cut_off_on_the_header_deadline() {
     // The router still serves.
     assert_eq!(get(router.addr, "a.example", "/static/x.jpg").node(), "n1");
 }
+
+/// What the router believes about its only backend, from its own metrics.
+fn believed_up(router: SocketAddr) -> bool {
+    let m = get(router, "x", "/-/router/metrics");
+    let text = String::from_utf8_lossy(&m.body).into_owned();
+    !text
+        .lines()
+        .any(|l| l.starts_with("ferry_router_backend_up{") && l.ends_with(" 0"))
+}
+
+#[test]
+fn with_every_backend_marked_down_the_ranked_list_is_still_tried() {
+    let mut node = Node::start("n1");
+    let rdir = tempfile::tempdir().unwrap();
+    // Probes so rare that only requests change what the router believes.
+    let router = start_router(
+        rdir.path(),
+        &[node.backend()],
+        &[("FERRY_ROUTER_HEALTH_INTERVAL", "1h".to_string())],
+    );
+    assert_eq!(get(router.addr, "a.example", "/static/x.jpg").node(), "n1");
+    node.kill();
+    for _ in 0..10 {
+        if !believed_up(router.addr) {
+            break;
+        }
+        let r = get(router.addr, "a.example", "/static/x.jpg");
+        assert_eq!(r.status, 502);
+    }
+    assert!(
+        !believed_up(router.addr),
+        "a failed connect marks the node down"
+    );
+    node.restart();
+    let r = get(router.addr, "a.example", "/static/x.jpg");
+    assert_eq!(r.node(), "n1", "tried although marked down: {}", r.status);
+}
