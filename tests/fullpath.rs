@@ -571,3 +571,63 @@ fn a_hot_key_larger_than_max_object_is_never_fetched_and_a_hot_range_is_206() {
     assert_eq!(r.header("x-ferry-source"), Some("s3"));
     assert_eq!(r.body, big);
 }
+
+/// A node that learned a key from S3 (no catalog row of its own) while another node deletes
+/// it, or re-uploads it: it must never send the marker's 0 bytes or the new bytes under the
+/// old version's ETag. S3's GET response is checked before a byte goes out, and the key is
+/// resolved again: 410 after the delete, the new version after the re-upload.
+#[test]
+fn a_proxying_node_never_sends_another_versions_bytes_under_the_old_etag() {
+    let t = tempfile::tempdir().unwrap();
+    let s3 = S3::start(t.path());
+    let old = blob(15, 8000);
+    let env = uploaded(&s3, &[("v.jpg", &old), ("w.jpg", &old)], &[]);
+    let old_tag = format!("\"{}\"", sha256_hex(&old));
+
+    let start_node = || {
+        let mut other = Env::for_s3(&s3);
+        other.set("FERRY_HTTP_MODE", "proxy");
+        other.set("FERRY_HTTP_METADATA_TTL", "1h");
+        let d = other.spawn(&["serve"]);
+        for p in ["/static/v.jpg", "/static/w.jpg"] {
+            let r = get(d.addr(), p);
+            assert_eq!(r.status, 200);
+            assert_eq!(r.header("etag"), Some(old_tag.as_str()));
+            assert_eq!(r.body, old);
+        }
+        (other, d)
+    };
+    // One node for whole bodies, one for ranges: both paths check before sending.
+    let (_e1, whole) = start_node();
+    let (_e2, ranged) = start_node();
+    let range = |path: &str| {
+        raw_request(
+            ranged.addr(),
+            "GET",
+            path.as_bytes(),
+            &[("Range", "bytes=0-9")],
+        )
+    };
+
+    let (code, out, err) = env.run(&["delete", "v.jpg"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let r = get(whole.addr(), "/static/v.jpg");
+    assert_eq!(r.status, 410, "not the marker's {} bytes", r.body.len());
+    assert_eq!(range("/static/v.jpg").status, 410);
+
+    // Re-uploaded with other bytes of the same length: only the sha256 metadata tells.
+    let new = blob(16, 8000);
+    env.drop_file("w.jpg", &new);
+    let (code, _, err) = env.run(&["sync", "--once"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(s3.object_bytes("w.jpg"), new);
+    let new_tag = format!("\"{}\"", sha256_hex(&new));
+    let r = get(whole.addr(), "/static/w.jpg");
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("etag"), Some(new_tag.as_str()));
+    assert_eq!(r.body, new, "the new bytes, under the new ETag");
+    let r = range("/static/w.jpg");
+    assert_eq!(r.status, 206);
+    assert_eq!(r.header("etag"), Some(new_tag.as_str()));
+    assert_eq!(r.body, &new[..10]);
+}

@@ -1,6 +1,11 @@
 //! Fetching objects from S3 for proxying and for filling the hot cache: one GET per key at a
 //! time, written to a temp file that every waiter reads as it grows (so late joiners get the
 //! whole body), checked against the metadata's size and SHA-256, then admitted to the cache.
+//!
+//! What S3's GET response says about the object (its length, `ferry-deleted`, its `sha256`
+//! user metadata) is checked against the version asked for before a byte is published, so
+//! no reader ever streams another version's bytes under this version's ETag: such a fill
+//! fails as `stale`, and the caller resolves the key again.
 
 use std::collections::HashMap;
 use std::io::{Read, Seek, SeekFrom};
@@ -26,6 +31,34 @@ pub struct Progress {
     pub done: bool,
     pub error: Option<String>,
     pub timed_out: bool,
+    /// S3 holds another version (deleted, re-uploaded) than the one asked for.
+    pub stale: bool,
+}
+
+/// Why a fill failed.
+struct FillError {
+    msg: String,
+    timed_out: bool,
+    stale: bool,
+}
+
+impl FillError {
+    fn new(msg: impl Into<String>) -> FillError {
+        FillError {
+            msg: msg.into(),
+            timed_out: false,
+            stale: false,
+        }
+    }
+}
+
+/// The version a fill is for: one key can have fills of two versions in flight (before and
+/// after a re-upload), and a reader must never join the other one.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct Version {
+    key: String,
+    sha256: Option<String>,
+    size: u64,
 }
 
 struct Fill {
@@ -38,7 +71,7 @@ pub struct Fetcher {
     prefix: String,
     cache: Arc<HotCache>,
     tmp_dir: PathBuf,
-    inflight: Mutex<HashMap<String, Arc<Fill>>>,
+    inflight: Mutex<HashMap<Version, Arc<Fill>>>,
 }
 
 /// How long S3 may take to start answering before the archive is tried.
@@ -63,10 +96,16 @@ impl Fetcher {
         self: &Arc<Self>,
         key: &str,
         sha256: Option<String>,
+        size: u64,
         admit: bool,
     ) -> std::io::Result<FillReader> {
+        let version = Version {
+            key: key.to_string(),
+            sha256: sha256.clone(),
+            size,
+        };
         let mut map = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(f) = map.get(key) {
+        if let Some(f) = map.get(&version) {
             // Opened under the lock: the fill cannot rename or unlink it before this.
             let file = std::fs::File::open(&f.path)?;
             return Ok(FillReader {
@@ -85,7 +124,7 @@ impl Fetcher {
         let reader_file = std::fs::File::open(&path)?;
         let (tx, rx) = watch::channel(Progress::default());
         map.insert(
-            key.to_string(),
+            version.clone(),
             Arc::new(Fill {
                 path: path.clone(),
                 rx: rx.clone(),
@@ -95,12 +134,12 @@ impl Fetcher {
         let this = self.clone();
         let key = key.to_string();
         tokio::spawn(async move {
-            let outcome = this.run_fill(&key, file, &tx).await;
+            let outcome = this.run_fill(&version, file, &tx).await;
             // New requests stop joining before the file moves or goes.
             this.inflight
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .remove(&key);
+                .remove(&version);
             match outcome {
                 Ok((n, sha)) => {
                     let good = sha256.as_deref().is_none_or(|want| want == sha);
@@ -129,10 +168,14 @@ impl Fetcher {
                         let _ = std::fs::remove_file(&path);
                     }
                 }
-                Err((msg, timed_out)) => {
+                Err(e) => {
+                    if e.stale {
+                        tracing::info!(key, error = %e.msg, "S3 holds another version than the metadata said");
+                    }
                     tx.send_modify(|p| {
-                        p.error = Some(msg);
-                        p.timed_out = timed_out;
+                        p.error = Some(e.msg);
+                        p.timed_out = e.timed_out;
+                        p.stale = e.stale;
                     });
                     let _ = std::fs::remove_file(&path);
                 }
@@ -147,49 +190,98 @@ impl Fetcher {
 
     async fn run_fill(
         &self,
-        key: &str,
+        want: &Version,
         file: std::fs::File,
         tx: &watch::Sender<Progress>,
-    ) -> Result<(u64, String), (String, bool)> {
-        let object_key = format!("{}{}", self.prefix, key);
+    ) -> Result<(u64, String), FillError> {
+        let object_key = format!("{}{}", self.prefix, want.key);
         let out = match tokio::time::timeout(FIRST_BYTE_TIMEOUT, self.store.get(&object_key, None))
             .await
         {
             Ok(Ok(o)) => o,
-            Ok(Err(e)) => return Err((e.to_string(), false)),
-            Err(_) => return Err(("S3 did not answer in time".into(), true)),
+            Ok(Err(e)) => return Err(FillError::new(e.to_string())),
+            Err(_) => {
+                return Err(FillError {
+                    timed_out: true,
+                    ..FillError::new("S3 did not answer in time")
+                })
+            }
         };
         let len = out.content_length().map(|n| n.max(0) as u64);
+        if let Some(why) = other_version(want, len, out.metadata()) {
+            return Err(FillError {
+                stale: true,
+                ..FillError::new(why)
+            });
+        }
         tx.send_modify(|p| p.len = len);
         let mut body = out.body;
         let mut f = tokio::fs::File::from_std(file);
         let mut h = Sha256::new();
         let mut n = 0u64;
+        let write_err = |e: std::io::Error| FillError::new(format!("writing cache temp file: {e}"));
         loop {
             let chunk = match tokio::time::timeout(STALL_TIMEOUT, body.try_next()).await {
                 Ok(Ok(Some(c))) => c,
                 Ok(Ok(None)) => break,
-                Ok(Err(e)) => return Err((format!("reading from S3: {e}"), false)),
-                Err(_) => return Err(("S3 stalled".into(), true)),
+                Ok(Err(e)) => return Err(FillError::new(format!("reading from S3: {e}"))),
+                Err(_) => {
+                    return Err(FillError {
+                        timed_out: true,
+                        ..FillError::new("S3 stalled")
+                    })
+                }
             };
-            f.write_all(&chunk)
-                .await
-                .map_err(|e| (format!("writing cache temp file: {e}"), false))?;
+            f.write_all(&chunk).await.map_err(write_err)?;
             // Readers may only read what is flushed to the file.
-            f.flush()
-                .await
-                .map_err(|e| (format!("writing cache temp file: {e}"), false))?;
+            f.flush().await.map_err(write_err)?;
             h.update(&chunk);
             n += chunk.len() as u64;
             tx.send_modify(|p| p.written = n);
         }
         if let Some(l) = len {
             if l != n {
-                return Err((format!("S3 sent {n} of {l} bytes"), false));
+                return Err(FillError::new(format!("S3 sent {n} of {l} bytes")));
             }
         }
         Ok((n, hex::encode(h.finalize())))
     }
+}
+
+/// Why the object S3 answered with is not the version `want`, judged from the GET response
+/// alone (before any byte of it is used): its length, a deletion marker, or a `sha256` user
+/// metadata naming other bytes.
+fn other_version(
+    want: &Version,
+    len: Option<u64>,
+    metadata: Option<&HashMap<String, String>>,
+) -> Option<String> {
+    other_version_of(want.sha256.as_deref(), want.size, len, metadata)
+}
+
+/// `other_version` for callers that hold the parts (the ranged proxy: `total` is the
+/// object's length from Content-Range).
+pub fn other_version_of(
+    sha256: Option<&str>,
+    size: u64,
+    total: Option<u64>,
+    metadata: Option<&HashMap<String, String>>,
+) -> Option<String> {
+    if metadata.is_some_and(|m| m.contains_key("ferry-deleted")) {
+        return Some("the object is a deletion marker".into());
+    }
+    if let Some(n) = total.filter(|&n| n != size) {
+        return Some(format!(
+            "the object has {n} bytes, the metadata says {size}"
+        ));
+    }
+    let theirs = metadata.and_then(|m| m.get("sha256"));
+    if let (Some(theirs), Some(ours)) = (theirs, sha256) {
+        if !theirs.eq_ignore_ascii_case(ours) {
+            return Some("the object's sha256 metadata names other bytes".into());
+        }
+    }
+    None
 }
 
 /// Reads a fill as it grows.
@@ -202,8 +294,13 @@ pub struct FillReader {
 pub enum Started {
     /// S3 answered: the body length (when known) and a stream of the whole body.
     Body(Option<u64>, FillReader),
-    /// S3 failed before a byte was written; `timed_out` distinguishes 504 from 502.
-    Failed { error: String, timed_out: bool },
+    /// S3 failed before a byte was written; `timed_out` distinguishes 504 from 502, and
+    /// `stale` says S3 holds another version than the one asked for.
+    Failed {
+        error: String,
+        timed_out: bool,
+        stale: bool,
+    },
 }
 
 impl FillReader {
@@ -216,6 +313,7 @@ impl FillReader {
                     return Started::Failed {
                         error: e,
                         timed_out: p.timed_out,
+                        stale: p.stale,
                     };
                 }
             }
@@ -226,6 +324,7 @@ impl FillReader {
                 return Started::Failed {
                     error: "fill stopped".into(),
                     timed_out: false,
+                    stale: false,
                 };
             }
         }

@@ -33,6 +33,9 @@ pub enum ServeError {
     Method,
     #[error("not ready: {0}")]
     NotReady(String),
+    /// S3 holds another version than the metadata describes; nothing was sent yet.
+    #[error("stale metadata: {0}")]
+    Stale(String),
     #[error("bad gateway: S3 and the archive both failed")]
     BadGateway,
     #[error("gateway timeout: S3 and the archive both failed")]
@@ -48,7 +51,7 @@ impl ServeError {
             ServeError::NotFound => StatusCode::NOT_FOUND,
             ServeError::Gone => StatusCode::GONE,
             ServeError::Method => StatusCode::METHOD_NOT_ALLOWED,
-            ServeError::NotReady(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ServeError::NotReady(_) | ServeError::Stale(_) => StatusCode::SERVICE_UNAVAILABLE,
             ServeError::BadGateway => StatusCode::BAD_GATEWAY,
             ServeError::Timeout => StatusCode::GATEWAY_TIMEOUT,
             ServeError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -66,7 +69,7 @@ impl ServeError {
                 tracing::error!(error = %detail, "internal error serving a request");
                 "internal server error\n".to_string()
             }
-            ServeError::NotReady(why) => {
+            ServeError::NotReady(why) | ServeError::Stale(why) => {
                 tracing::warn!(reason = %why, "answering 503");
                 "service unavailable, try again\n".to_string()
             }
@@ -89,7 +92,7 @@ impl ServeError {
             ServeError::Method => {
                 h.insert(http::header::ALLOW, HeaderValue::from_static("GET, HEAD"));
             }
-            ServeError::NotReady(_) => {
+            ServeError::NotReady(_) | ServeError::Stale(_) => {
                 h.insert(http::header::RETRY_AFTER, HeaderValue::from_static("1"));
             }
             _ => {}

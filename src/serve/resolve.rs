@@ -132,7 +132,32 @@ impl Resolver {
         })
     }
 
+    /// Answers one request. When S3 turns out to hold another version than the metadata
+    /// said (deleted, or re-uploaded elsewhere), nothing of it has been sent: the metadata is
+    /// dropped and the key resolved once more, so the answer is a 410 or the new version,
+    /// never the new bytes under the old ETag.
     pub async fn handle(
+        &self,
+        method: &Method,
+        path: &str,
+        headers: &HeaderMap,
+    ) -> Result<Response, ServeError> {
+        match self.handle_once(method, path, headers).await {
+            Err(ServeError::Stale(why)) => {
+                tracing::info!(reason = %why, "metadata was stale; resolving again");
+                if let Some(key) = path
+                    .strip_prefix(self.cfg.http.mount.as_str())
+                    .and_then(|raw| Key::from_url_path(raw, &self.cfg.s3.prefix).ok())
+                {
+                    self.meta.forget(key.as_str()).await;
+                }
+                Box::pin(self.handle_once(method, path, headers)).await
+            }
+            other => other,
+        }
+    }
+
+    async fn handle_once(
         &self,
         method: &Method,
         path: &str,
@@ -294,7 +319,10 @@ impl Resolver {
             if hot {
                 // The cache fills from a whole-object fetch of its own; this client gets its
                 // range now rather than waiting for (or downloading) all of it.
-                if let Err(e) = self.fetcher.fetch(key.as_str(), meta.sha256.clone(), true) {
+                let fill = self
+                    .fetcher
+                    .fetch(key.as_str(), meta.sha256.clone(), meta.size, true);
+                if let Err(e) = fill {
                     tracing::warn!(key = %key, error = %e, "could not start a cache fill");
                 }
             }
@@ -302,23 +330,23 @@ impl Resolver {
         }
         let reader = self
             .fetcher
-            .fetch(key.as_str(), meta.sha256.clone(), hot)
+            .fetch(key.as_str(), meta.sha256.clone(), meta.size, hot)
             .map_err(|e| ServeError::Internal(format!("fill temp file: {e}")))?;
         match reader.started().await {
             Started::Body(len, reader) if len.is_none_or(|n| n == rep.len) => {
                 let r = warp::reply::stream(reader.into_stream()).into_response();
                 Ok(sem::streamed_response(r, &rep, None, &self.policy, "s3"))
             }
-            Started::Body(len, _) => {
-                // Another version than the metadata describes: never its bytes under this
-                // version's ETag. The metadata is looked up again on the next request.
-                tracing::warn!(key = %key, ?len, want = rep.len, "S3 object length differs from the metadata");
-                self.meta.forget(key.as_str()).await;
-                Err(ServeError::NotReady(format!(
-                    "{key}: S3 holds another version than the metadata said"
-                )))
-            }
-            Started::Failed { error, timed_out } => {
+            Started::Body(len, _) => Err(ServeError::Stale(format!(
+                "{key}: S3 sent {len:?} bytes, the metadata says {}",
+                rep.len
+            ))),
+            Started::Failed {
+                error, stale: true, ..
+            } => Err(ServeError::Stale(format!("{key}: {error}"))),
+            Started::Failed {
+                error, timed_out, ..
+            } => {
                 tracing::warn!(key = %key, error = %error, "S3 fetch failed; trying the archive");
                 match Box::pin(self.serve_archive(&key, Some(&meta), method, headers)).await {
                     Ok(r) => Ok(r),
@@ -344,10 +372,8 @@ impl Resolver {
         let out = match tokio::time::timeout(FIRST_BYTE_TIMEOUT, get).await {
             Ok(Ok(o)) => o,
             Ok(Err(e)) if e.status == Some(416) => {
-                tracing::warn!(key = %key, "S3 refused a range inside the metadata's length");
-                self.meta.forget(key.as_str()).await;
-                return Err(ServeError::NotReady(format!(
-                    "{key}: S3 object shorter than its metadata"
+                return Err(ServeError::Stale(format!(
+                    "{key}: S3 refused a range inside the metadata's length"
                 )));
             }
             Ok(Err(e)) => {
@@ -365,15 +391,27 @@ impl Resolver {
                     .map_err(|_| ServeError::Timeout);
             }
         };
-        // Checked before anything is sent: the range and total S3 answered for must be this
-        // version's, or these bytes belong to another one.
-        let want = format!("bytes {}-{}/{}", range.start, range.end - 1, rep.len);
-        if out.content_range() != Some(want.as_str()) {
-            tracing::warn!(key = %key, got = ?out.content_range(), want, "S3 answered another range or version");
-            self.meta.forget(key.as_str()).await;
-            return Err(ServeError::NotReady(format!(
-                "{key}: S3 answered another range"
+        // Checked before anything is sent: the range S3 answered for, the object's length,
+        // its deletion marker and its sha256 metadata must all be this version's, or these
+        // bytes belong to another one.
+        let want = format!("bytes {}-{}/", range.start, range.end - 1);
+        let total = out
+            .content_range()
+            .and_then(|cr| cr.strip_prefix(want.as_str()))
+            .and_then(|t| t.parse::<u64>().ok());
+        let Some(total) = total else {
+            return Err(ServeError::Stale(format!(
+                "{key}: S3 answered {:?} for {want}",
+                out.content_range()
             )));
+        };
+        if let Some(why) = super::fetch::other_version_of(
+            meta.sha256.as_deref(),
+            meta.size,
+            Some(total),
+            out.metadata(),
+        ) {
+            return Err(ServeError::Stale(format!("{key}: {why}")));
         }
         let stream = tokio_util::io::ReaderStream::new(out.body.into_async_read());
         let r = warp::reply::stream(stream).into_response();
