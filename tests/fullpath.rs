@@ -631,3 +631,52 @@ fn a_proxying_node_never_sends_another_versions_bytes_under_the_old_etag() {
     assert_eq!(r.header("etag"), Some(new_tag.as_str()));
     assert_eq!(r.body, &new[..10]);
 }
+
+/// Fill temp files under `cache.dir`, never in the system temp dir, even with the cache off;
+/// and a fill nobody waits for (and the cache will not keep) stops instead of downloading
+/// the rest.
+#[test]
+fn fills_stay_under_cache_dir_and_stop_when_every_client_left() {
+    use std::io::{Read, Write};
+    let t = tempfile::tempdir().unwrap();
+    let s3 = S3::start(t.path());
+    let proxy = FaultProxy::start(s3.port);
+    let bytes = blob(17, 4 << 20);
+    let mut env = uploaded(&s3, &[("slow.bin", &bytes)], &[]);
+    env.set("FERRY_S3_ENDPOINT", &proxy.endpoint());
+    env.set("FERRY_HTTP_MODE", "proxy");
+    env.set("FERRY_CACHE_MAX_SIZE", "0");
+    let tmp = t.path().join("systmp");
+    std::fs::create_dir_all(&tmp).unwrap();
+    env.set("TMPDIR", &tmp.to_string_lossy());
+    // 64 chunks of 64 KiB at 100 ms each: the whole download takes over 6 s.
+    proxy
+        .down_delay_ms
+        .store(100, std::sync::atomic::Ordering::SeqCst);
+    let d = env.spawn(&["serve"]);
+    let cache_dir = env.dir.path().join("cache");
+    let fills = || -> Vec<std::path::PathBuf> {
+        walk(&cache_dir)
+            .into_iter()
+            .filter(|p| p.to_string_lossy().contains(".tmp-fill-"))
+            .collect()
+    };
+
+    let mut c = std::net::TcpStream::connect(d.addr()).unwrap();
+    c.write_all(b"GET /static/slow.bin HTTP/1.1\r\nHost: a\r\n\r\n")
+        .unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut head = [0u8; 16];
+    c.read_exact(&mut head).unwrap();
+    assert!(head.starts_with(b"HTTP/1.1 200"));
+    assert_eq!(fills().len(), 1, "the fill's temp file is under cache.dir");
+    assert!(walk(&tmp).is_empty(), "nothing in the system temp dir");
+
+    // The only client leaves: the fill stops long before the download would have ended.
+    drop(c);
+    let left = Instant::now();
+    wait_for(Duration::from_secs(3), "the abandoned fill to stop", || {
+        fills().is_empty()
+    });
+    assert!(left.elapsed() < Duration::from_secs(3));
+}

@@ -9,6 +9,7 @@
 
 use std::collections::HashMap;
 use std::io::{Read, Seek, SeekFrom};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -120,7 +121,13 @@ impl Fetcher {
             std::process::id(),
             rand::random::<u64>()
         ));
-        let file = std::fs::File::create(&path)?;
+        // SECURITY: a new name of our own (O_EXCL), never a file someone placed there,
+        // readable by us only.
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)?;
         let reader_file = std::fs::File::open(&path)?;
         let (tx, rx) = watch::channel(Progress::default());
         map.insert(
@@ -134,7 +141,7 @@ impl Fetcher {
         let this = self.clone();
         let key = key.to_string();
         tokio::spawn(async move {
-            let outcome = this.run_fill(&version, file, &tx).await;
+            let outcome = this.run_fill(&version, admit, file, &tx).await;
             // New requests stop joining before the file moves or goes.
             this.inflight
                 .lock()
@@ -191,6 +198,7 @@ impl Fetcher {
     async fn run_fill(
         &self,
         want: &Version,
+        admit: bool,
         file: std::fs::File,
         tx: &watch::Sender<Progress>,
     ) -> Result<(u64, String), FillError> {
@@ -232,6 +240,12 @@ impl Fetcher {
                     })
                 }
             };
+            // Nobody waits for these bytes and the cache will not keep them: stop, rather
+            // than download the rest for no one. (The fill's own entry in `inflight` holds
+            // one receiver; every reader holds another.)
+            if !admit && tx.receiver_count() <= 1 {
+                return Err(FillError::new("every client left"));
+            }
             f.write_all(&chunk).await.map_err(write_err)?;
             // Readers may only read what is flushed to the file.
             f.flush().await.map_err(write_err)?;

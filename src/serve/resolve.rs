@@ -77,11 +77,9 @@ impl Resolver {
             .map_err(|e| anyhow::anyhow!("cache.dir {}: {e}", cfg.cache.dir.display()))?
             .with_max_object(cfg.cache.max_object()),
         );
-        let tmp_dir = if cache.enabled() {
-            cfg.cache.dir.clone()
-        } else {
-            std::env::temp_dir()
-        };
+        // Fill temp files live under cache.dir even with the cache off: never in /tmp,
+        // which may be small, shared, or another filesystem than the cache.
+        let tmp_dir = cfg.cache.dir.clone();
         let fetcher = Arc::new(Fetcher::new(
             store.clone(),
             cfg.s3.prefix.clone(),
