@@ -136,6 +136,41 @@ impl<'de> Deserialize<'de> for MaybeSize {
     }
 }
 
+/// A duration that may be left empty (`""`) to mean "derived from another setting".
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MaybeDur(pub Option<Duration>);
+
+impl FromStr for MaybeDur {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        if s.trim().is_empty() {
+            return Ok(MaybeDur(None));
+        }
+        s.parse::<Dur>().map(|d| MaybeDur(Some(d.0)))
+    }
+}
+impl Serialize for MaybeDur {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self.0 {
+            None => s.serialize_str(""),
+            Some(d) => Dur(d).serialize(s),
+        }
+    }
+}
+impl<'de> Deserialize<'de> for MaybeDur {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+impl HttpConfig {
+    /// `http.metadata_grace` with its default (`http.metadata_ttl`) applied.
+    pub fn metadata_grace(&self) -> Duration {
+        self.metadata_grace.0.unwrap_or(self.metadata_ttl.0)
+    }
+}
+
 impl CacheConfig {
     /// `cache.max_object` with its default applied.
     pub fn max_object(&self) -> u64 {
@@ -299,6 +334,9 @@ pub struct HttpConfig {
     pub presign: bool,
     pub presign_ttl: Dur,
     pub metadata_ttl: Dur,
+    /// While S3 cannot be asked, metadata is served this long past its TTL ("" = as long
+    /// as `metadata_ttl`): an S3 outage then costs no 503 for keys seen lately.
+    pub metadata_grace: MaybeDur,
     pub fallback_url: String,
     /// Cache-Control on local hits: uploads never change under one key for long, but can.
     pub cache_control: String,
@@ -326,6 +364,7 @@ impl Default for HttpConfig {
             presign: false,
             presign_ttl: Dur(Duration::from_secs(15 * 60)),
             metadata_ttl: Dur(Duration::from_secs(5 * 60)),
+            metadata_grace: MaybeDur(None),
             fallback_url: String::new(),
             cache_control: "public, max-age=300".into(),
             header_read_timeout: Dur(Duration::from_secs(30)),

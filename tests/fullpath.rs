@@ -680,3 +680,39 @@ fn fills_stay_under_cache_dir_and_stop_when_every_client_left() {
     });
     assert!(left.elapsed() < Duration::from_secs(3));
 }
+
+/// S3 hangs (no answer to a HEAD): a node answers from what S3 last said within
+/// `http.metadata_grace`, after the HEAD's own 10 s bound, instead of hanging for the SDK's
+/// timeouts or answering 503.
+#[test]
+fn a_hanging_s3_is_bounded_and_recent_metadata_still_answers() {
+    let t = tempfile::tempdir().unwrap();
+    let s3 = S3::start(t.path());
+    let proxy = FaultProxy::start(s3.port);
+    let bytes = blob(18, 3000);
+    let _owner = uploaded(&s3, &[("seen.jpg", &bytes)], &[]);
+    // Another node: no catalog row, so it learns the key from S3 (through the proxy).
+    let mut env = Env::for_s3(&s3);
+    env.set("FERRY_S3_ENDPOINT", &proxy.endpoint());
+    env.set("FERRY_HTTP_METADATA_TTL", "1s");
+    env.set("FERRY_HTTP_METADATA_GRACE", "1h");
+    let d = env.spawn(&["serve"]);
+    let r = get(d.addr(), "/static/seen.jpg");
+    assert_eq!(r.status, 302);
+    let location = r.header("location").map(str::to_string);
+
+    // S3 stops answering (each reply held back 25 s); the metadata's TTL runs out.
+    proxy
+        .down_delay_ms
+        .store(25_000, std::sync::atomic::Ordering::SeqCst);
+    std::thread::sleep(Duration::from_millis(1500));
+    let asked = Instant::now();
+    let r = get(d.addr(), "/static/seen.jpg");
+    let took = asked.elapsed();
+    assert_eq!(r.status, 302, "the last known metadata answers");
+    assert_eq!(r.header("location").map(str::to_string), location);
+    assert!(
+        took < Duration::from_secs(20),
+        "bounded by the HEAD timeout, not the SDK's: {took:?}"
+    );
+}

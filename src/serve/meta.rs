@@ -3,6 +3,9 @@
 //! need no shared database. Concurrent lookups of one key share one load. Dropped whole
 //! within 200 ms of any catalog commit on this host (SQLite's `data_version`).
 //!
+//! When S3 cannot be asked (an error, or no answer to a HEAD within 10 s), the last answer S3
+//! gave is served for up to `http.metadata_grace` past its TTL, re-asked every few seconds.
+//!
 //! Beside it, the catalog's record of a key's spool version (`Record`): what tells the serve
 //! path whether a spool file is ready, without a lease or a second rule.
 
@@ -40,6 +43,9 @@ pub struct Meta {
     /// The version's modification time: the spool file's mtime where this host uploaded it
     /// (so a spool hit and the S3 copy agree), else when S3 stored it.
     pub last_modified: Option<SystemTime>,
+    /// An earlier answer served while S3 cannot be asked (within `http.metadata_grace`):
+    /// kept only briefly, so S3 is asked again soon.
+    pub stale: bool,
 }
 
 /// The catalog's row for a key, as far as the spool is concerned.
@@ -91,7 +97,7 @@ struct Ttl {
 
 impl moka::Expiry<String, Meta> for Ttl {
     fn expire_after_create(&self, _k: &String, v: &Meta, _at: Instant) -> Option<Duration> {
-        Some(if v.at == Where::Unknown {
+        Some(if v.at == Where::Unknown || v.stale {
             NEGATIVE_TTL.min(self.positive)
         } else {
             self.positive
@@ -105,7 +111,12 @@ pub enum MetaError {
     Catalog(#[from] crate::catalog::CatalogError),
     #[error("S3 cannot be asked: {0}")]
     S3(StoreError),
+    #[error("S3 did not answer a HEAD within {0:?}")]
+    Timeout(Duration),
 }
+
+/// How long an S3 HEAD may take (as long as a GET's first byte may).
+const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub struct MetaCache {
     catalog: Catalog,
@@ -115,12 +126,25 @@ pub struct MetaCache {
     /// Spool records, catalog only (never S3): a file still being written must not cost a
     /// HEAD per request.
     records: moka::future::Cache<String, Option<Record>>,
+    /// The last answer S3 gave for each key, kept `metadata_ttl + metadata_grace`: what is
+    /// served while S3 cannot be asked, rather than a 503.
+    last_known: moka::future::Cache<String, Meta>,
     version: AtomicI64,
 }
 
 impl MetaCache {
-    pub fn new(catalog: Catalog, store: Store, prefix: String, ttl: Duration) -> MetaCache {
+    pub fn new(
+        catalog: Catalog,
+        store: Store,
+        prefix: String,
+        ttl: Duration,
+        grace: Duration,
+    ) -> MetaCache {
         MetaCache {
+            last_known: moka::future::Cache::builder()
+                .max_capacity(500_000)
+                .time_to_live(ttl.saturating_add(grace))
+                .build(),
             catalog,
             store,
             prefix,
@@ -151,6 +175,7 @@ impl MetaCache {
     pub async fn forget(&self, key: &str) {
         self.cache.invalidate(key).await;
         self.records.invalidate(key).await;
+        self.last_known.invalidate(key).await;
     }
 
     /// This host's catalog record for `key`, if it has one.
@@ -192,10 +217,36 @@ impl MetaCache {
                 sha256: r.sha256,
                 local: true,
                 last_modified: system_time(r.stat.mtime_ns),
+                stale: false,
             });
         }
+        let asked = self.head(&key).await;
+        match asked {
+            Ok(m) => {
+                if m.at != Where::Unknown {
+                    self.last_known.insert(key, m.clone()).await;
+                }
+                Ok(m)
+            }
+            Err(e) => match self.last_known.get(&key).await {
+                Some(mut m) => {
+                    tracing::warn!(key, error = %e, "S3 cannot be asked; serving the last known metadata");
+                    m.stale = true;
+                    Ok(m)
+                }
+                None => Err(e),
+            },
+        }
+    }
+
+    /// What S3 says about `key` (a HEAD, bounded by HEAD_TIMEOUT).
+    async fn head(&self, key: &str) -> Result<Meta, MetaError> {
         let object_key = format!("{}{}", self.prefix, key);
-        match self.store.head(&object_key).await {
+        let head = match tokio::time::timeout(HEAD_TIMEOUT, self.store.head(&object_key)).await {
+            Ok(r) => r,
+            Err(_) => return Err(MetaError::Timeout(HEAD_TIMEOUT)),
+        };
+        match head {
             Ok(h) => {
                 if h.metadata.contains_key("ferry-deleted") {
                     return Ok(Meta {
@@ -204,6 +255,7 @@ impl MetaCache {
                         sha256: None,
                         local: false,
                         last_modified: None,
+                        stale: false,
                     });
                 }
                 let sha = h
@@ -226,6 +278,7 @@ impl MetaCache {
                     sha256: sha,
                     local: false,
                     last_modified: h.last_modified,
+                    stale: false,
                 })
             }
             Err(e) if e.is_not_found() => Ok(Meta {
@@ -234,6 +287,7 @@ impl MetaCache {
                 sha256: None,
                 local: false,
                 last_modified: None,
+                stale: false,
             }),
             Err(e) => Err(MetaError::S3(e)),
         }

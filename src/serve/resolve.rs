@@ -110,6 +110,7 @@ impl Resolver {
                 store.clone(),
                 cfg.s3.prefix.clone(),
                 cfg.http.metadata_ttl.0,
+                cfg.http.metadata_grace(),
             )),
             cache,
             fetcher,
@@ -222,11 +223,11 @@ impl Resolver {
             Ok(m) => m,
             Err(e) => {
                 return match &*e {
-                    MetaError::S3(se) => {
-                        tracing::warn!(key = %key, error = %se, "S3 metadata failed; trying the archive");
+                    MetaError::S3(_) | MetaError::Timeout(_) => {
+                        tracing::warn!(key = %key, error = %e, "S3 metadata failed; trying the archive");
                         match Box::pin(self.serve_archive(&key, None, method, headers)).await {
                             Ok(r) => Ok(r),
-                            Err(_) => Err(ServeError::NotReady(format!("S3: {se}"))),
+                            Err(_) => Err(ServeError::NotReady(format!("{e}"))),
                         }
                     }
                     MetaError::Catalog(ce) => Err(ServeError::Internal(format!("catalog: {ce}"))),
@@ -906,6 +907,7 @@ mod tests {
             sha256: Some(sha),
             local: true,
             last_modified: super::super::meta::system_time(spool.stat.mtime_ns),
+            stale: false,
         };
         Version {
             _dir: dir,
