@@ -574,3 +574,38 @@ fn at_the_connection_cap_accepting_waits_until_a_slot_frees() {
     );
     drop(b);
 }
+
+#[test]
+fn readyz_asks_s3_at_most_about_once_a_second() {
+    let t = tempfile::tempdir().unwrap();
+    let s3 = S3::start(t.path());
+    let proxy = FaultProxy::start(s3.port);
+    let mut env = Env::for_s3(&s3);
+    env.set("FERRY_S3_ENDPOINT", &proxy.endpoint());
+    let d = env.spawn(&["serve"]);
+    let head_bucket = || {
+        let want = format!("HEAD /{} ", s3.bucket);
+        let want_slash = format!("HEAD /{}/ ", s3.bucket);
+        proxy
+            .requests
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| l.starts_with(&want) || l.starts_with(&want_slash))
+            .count()
+    };
+    let before = head_bucket();
+    let start = std::time::Instant::now();
+    let mut asked = 0;
+    while asked < 30 {
+        assert_eq!(get(d.addr(), "/readyz", &[]).status, 200);
+        asked += 1;
+    }
+    let secs = start.elapsed().as_secs() as usize;
+    let checks = head_bucket() - before;
+    assert!(checks >= 1, "readyz does ask S3");
+    assert!(
+        checks <= secs + 1,
+        "{checks} HeadBucket calls for {asked} probes in {secs}+ s"
+    );
+}

@@ -42,7 +42,13 @@ pub struct Resolver {
     policy: Policy,
     /// Presigned URLs reused for half their TTL, so every client gets at least half.
     presigned: Mutex<HashMap<String, (String, Instant)>>,
+    /// The last readiness check and when it ran (an async lock: probes wait for the one
+    /// check in flight instead of starting their own).
+    readiness: tokio::sync::Mutex<Option<(Instant, Result<(), String>)>>,
 }
+
+/// How long a readiness answer is reused.
+const READY_MEMORY: Duration = Duration::from_secs(1);
 
 /// Most presigned URLs remembered.
 const MAX_PRESIGNED: usize = 100_000;
@@ -128,6 +134,7 @@ impl Resolver {
             allow,
             redirect_base,
             presigned: Mutex::new(HashMap::new()),
+            readiness: tokio::sync::Mutex::new(None),
         })
     }
 
@@ -539,15 +546,38 @@ impl Resolver {
         Ok(r)
     }
 
+    /// Ready when the catalog answers and the bucket is reachable. The answer is kept for
+    /// a second and concurrent probes share one check: a load balancer polling every node
+    /// often, or anyone hammering it, costs one HeadBucket a second at most.
     async fn readyz(&self) -> Result<Response, ServeError> {
+        let mut last = self.readiness.lock().await;
+        let fresh = last
+            .as_ref()
+            .filter(|(at, _)| at.elapsed() < READY_MEMORY)
+            .map(|(_, r)| r.clone());
+        let result = match fresh {
+            Some(r) => r,
+            None => {
+                let r = self.check_ready().await;
+                *last = Some((Instant::now(), r.clone()));
+                r
+            }
+        };
+        drop(last);
+        result
+            .map(|()| "ready\n".into_response())
+            .map_err(ServeError::NotReady)
+    }
+
+    async fn check_ready(&self) -> Result<(), String> {
         self.catalog
             .read(|c| Ok(c.query_row("SELECT 1", [], |r| r.get::<_, i64>(0))?))
             .await
-            .map_err(|e| ServeError::NotReady(format!("catalog: {e}")))?;
+            .map_err(|e| format!("catalog: {e}"))?;
         match tokio::time::timeout(Duration::from_secs(3), self.store.head_bucket()).await {
-            Ok(Ok(())) => Ok("ready\n".into_response()),
-            Ok(Err(e)) => Err(ServeError::NotReady(format!("S3: {}", e.message))),
-            Err(_) => Err(ServeError::NotReady("S3: timed out".into())),
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(format!("S3: {}", e.message)),
+            Err(_) => Err("S3: timed out".into()),
         }
     }
 }
