@@ -49,6 +49,14 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 const RESPONSE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Consecutive probe results needed to change a backend's state.
 const FLIP_AFTER: u32 = 2;
+/// Connect failures while proxying that mark a backend down at once (before the probes
+/// agree), when they all fall within CONNECT_FAIL_WINDOW. One is not enough: a single
+/// connect timeout (a full accept queue, a lost SYN) would move a node's sites to the next
+/// node, whose extra load could then make it time out in turn.
+pub const CONNECT_FAILS_TO_DOWN: u32 = 3;
+const CONNECT_FAIL_WINDOW: Duration = Duration::from_secs(10);
+/// The longest a pooled connection to a node may sit idle.
+const POOL_IDLE_MAX: Duration = Duration::from_secs(10);
 /// Below this, probes would be a load of their own (and a zero interval cannot tick).
 const MIN_HEALTH_INTERVAL: Duration = Duration::from_millis(10);
 
@@ -174,6 +182,9 @@ pub struct Health {
     pub fails: u32,
     /// Successful probes in a row; 2 mark a down backend up.
     pub successes: u32,
+    /// Connect failures seen while proxying since `window_start`.
+    pub connect_fails: u32,
+    pub window_start: Option<std::time::Instant>,
 }
 
 impl Default for Health {
@@ -184,6 +195,8 @@ impl Default for Health {
             healthy: true,
             fails: 0,
             successes: 0,
+            connect_fails: 0,
+            window_start: None,
         }
     }
 }
@@ -209,8 +222,28 @@ impl Health {
         None
     }
 
-    /// A connect error while proxying: down now, without waiting for probes (the request
-    /// that found it is being retried elsewhere). Returns whether it was up.
+    /// A connect error while proxying at `now`: the backend goes down without waiting for
+    /// probes once CONNECT_FAILS_TO_DOWN of them fall within CONNECT_FAIL_WINDOW (the request
+    /// that found it is retried elsewhere either way). Returns whether this marked it down.
+    pub fn connect_failed(&mut self, now: std::time::Instant) -> bool {
+        let in_window = self
+            .window_start
+            .is_some_and(|t| now.saturating_duration_since(t) <= CONNECT_FAIL_WINDOW);
+        if in_window {
+            self.connect_fails = self.connect_fails.saturating_add(1);
+        } else {
+            self.window_start = Some(now);
+            self.connect_fails = 1;
+        }
+        if self.connect_fails >= CONNECT_FAILS_TO_DOWN {
+            self.connect_fails = 0;
+            self.window_start = None;
+            return self.mark_down();
+        }
+        false
+    }
+
+    /// Down now, without waiting for probes. Returns whether it was up.
     pub fn mark_down(&mut self) -> bool {
         let was = self.healthy;
         self.healthy = false;
@@ -257,6 +290,13 @@ impl Backend {
         if uri.query().is_some() || !matches!(uri.path(), "" | "/") {
             return Err(bad("must not have a path or query"));
         }
+        // Host names are case-insensitive: "http://A:1" and "http://a:1" are one backend,
+        // with one rank.
+        let authority: Authority = authority
+            .as_str()
+            .to_ascii_lowercase()
+            .parse()
+            .map_err(|_| bad("is not a URL like http://10.0.0.2:8080"))?;
         let name = format!("http://{authority}");
         let healthz = format!("{name}/healthz")
             .parse()
@@ -328,7 +368,10 @@ impl Router {
         connector.set_connect_timeout(Some(CONNECT_TIMEOUT));
         let client = Client::builder(TokioExecutor::new())
             .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(Duration::from_secs(30))
+            // Well below the nodes' idle close (http.header_read_timeout, when they share
+            // the setting): a pooled connection the node is about to close is dropped here
+            // first, instead of failing the request that reuses it.
+            .pool_idle_timeout((cfg.http.header_read_timeout.0 / 3).min(POOL_IDLE_MAX))
             .build(connector);
         Ok(Router {
             names: backends.iter().map(|b| b.name.clone()).collect(),
@@ -503,7 +546,8 @@ impl Router {
                     return Response::from_parts(rp, rb.boxed_unsync());
                 }
                 Ok(Err(e)) => {
-                    if e.is_connect() && b.update(Health::mark_down) {
+                    let now = std::time::Instant::now();
+                    if e.is_connect() && b.update(|h| h.connect_failed(now)) {
                         tracing::warn!(backend = %b.name, error = %e, "backend down: connect failed");
                     } else {
                         tracing::warn!(backend = %b.name, error = %e, "proxying failed");
@@ -831,6 +875,36 @@ mod tests {
         assert!(!h.mark_down());
         assert_eq!(h.record(true), None);
         assert_eq!(h.record(true), Some(true));
+    }
+
+    #[test]
+    fn a_backend_goes_down_on_connect_failures_only_when_they_come_close_together() {
+        let t0 = std::time::Instant::now();
+        let mut h = Health::default();
+        // Failures spread wider than the window never add up.
+        for i in 0..10u32 {
+            assert!(!h.connect_failed(t0 + (CONNECT_FAIL_WINDOW + Duration::from_secs(1)) * i));
+            assert!(h.healthy);
+        }
+        let t1 = t0 + CONNECT_FAIL_WINDOW * 20;
+        for i in 1..CONNECT_FAILS_TO_DOWN {
+            assert!(!h.connect_failed(t1 + Duration::from_millis(u64::from(i))));
+            assert!(h.healthy, "{i} failure(s) are not enough");
+        }
+        assert!(h.connect_failed(t1 + Duration::from_secs(1)));
+        assert!(!h.healthy);
+        // Back up through the probes as before.
+        assert_eq!(h.record(true), None);
+        assert_eq!(h.record(true), Some(true));
+    }
+
+    #[test]
+    fn backend_names_are_case_insensitive() {
+        let a = Backend::parse("http://NODE-A.example:8080").unwrap();
+        assert_eq!(a.name, "http://node-a.example:8080");
+        let mut cfg = Config::default();
+        cfg.router.backends = names(&["http://A:1", "http://a:1"]);
+        assert!(Router::new(&cfg).is_err(), "one backend named twice");
     }
 
     #[test]
