@@ -383,6 +383,9 @@ pub struct CacheConfig {
     /// The largest object the hot cache takes; "" = max_size / 8. A larger one would be
     /// fetched from S3 in full on every request and never fit.
     pub max_object: MaybeSize,
+    /// The bytes S3 fetches in flight may hold in their temp files under `dir` (each holds
+    /// its whole object); past it, a proxied object streams straight from S3 uncoalesced.
+    pub fill_limit: Size,
     pub hot_hits: u32,
     pub hot_window: Dur,
     pub ttl: Dur,
@@ -393,6 +396,7 @@ impl Default for CacheConfig {
             dir: "var/cache".into(),
             max_size: Size(1 << 30),
             max_object: MaybeSize(None),
+            fill_limit: Size(1 << 30),
             hot_hits: 10,
             hot_window: Dur(Duration::from_secs(300)),
             ttl: Dur(Duration::from_secs(7 * 86400)),

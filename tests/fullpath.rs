@@ -716,3 +716,46 @@ fn a_hanging_s3_is_bounded_and_recent_metadata_still_answers() {
         "bounded by the HEAD timeout, not the SDK's: {took:?}"
     );
 }
+
+/// Past `cache.fill_limit`, a proxied object streams straight from S3 with no temp file:
+/// the bytes that fills hold on disk stay bounded.
+#[test]
+fn past_the_fill_limit_a_proxied_object_streams_without_a_temp_file() {
+    use std::io::{Read, Write};
+    let t = tempfile::tempdir().unwrap();
+    let s3 = S3::start(t.path());
+    let proxy = FaultProxy::start(s3.port);
+    let bytes = blob(19, 2 << 20);
+    let mut env = uploaded(&s3, &[("large.bin", &bytes)], &[]);
+    env.set("FERRY_S3_ENDPOINT", &proxy.endpoint());
+    env.set("FERRY_HTTP_MODE", "proxy");
+    env.set("FERRY_CACHE_FILL_LIMIT", "1MiB");
+    // Slow enough to look at the cache dir while the body is on its way.
+    proxy
+        .down_delay_ms
+        .store(50, std::sync::atomic::Ordering::SeqCst);
+    let d = env.spawn(&["serve"]);
+    let cache_dir = env.dir.path().join("cache");
+    let mut c = std::net::TcpStream::connect(d.addr()).unwrap();
+    c.write_all(b"GET /static/large.bin HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut head = [0u8; 16];
+    c.read_exact(&mut head).unwrap();
+    assert!(head.starts_with(b"HTTP/1.1 200"));
+    let temp: Vec<_> = walk(&cache_dir)
+        .into_iter()
+        .filter(|p| p.to_string_lossy().contains(".tmp-fill-"))
+        .collect();
+    assert!(temp.is_empty(), "a 2 MiB fill past a 1 MiB limit: {temp:?}");
+    let mut rest = Vec::new();
+    c.read_to_end(&mut rest).unwrap();
+    let mut all = head.to_vec();
+    all.extend_from_slice(&rest);
+    let split = all.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+    let head_text = String::from_utf8_lossy(&all[..split]).to_ascii_lowercase();
+    assert!(head_text.contains("x-ferry-source: s3"), "{head_text}");
+    let tag = format!("etag: \"{}\"", sha256_hex(&bytes));
+    assert!(head_text.contains(&tag), "{head_text}");
+    assert!(all[split..] == bytes[..], "the whole object, unchanged");
+}

@@ -73,7 +73,13 @@ pub struct Fetcher {
     cache: Arc<HotCache>,
     tmp_dir: PathBuf,
     inflight: Mutex<HashMap<Version, Arc<Fill>>>,
+    /// `cache.fill_limit`: the bytes all fills in flight may hold in temp files.
+    fill_limit: u64,
 }
+
+/// Fills in flight at most, whatever their size: each holds a descriptor, a task and an S3
+/// connection.
+const MAX_FILLS: usize = 256;
 
 /// How long S3 may take to start answering before the archive is tried.
 const FIRST_BYTE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -81,25 +87,34 @@ const FIRST_BYTE_TIMEOUT: Duration = Duration::from_secs(10);
 const STALL_TIMEOUT: Duration = Duration::from_secs(30);
 
 impl Fetcher {
-    pub fn new(store: Store, prefix: String, cache: Arc<HotCache>, tmp_dir: PathBuf) -> Fetcher {
+    pub fn new(
+        store: Store,
+        prefix: String,
+        cache: Arc<HotCache>,
+        tmp_dir: PathBuf,
+        fill_limit: u64,
+    ) -> Fetcher {
         Fetcher {
             store,
             prefix,
             cache,
             tmp_dir,
             inflight: Mutex::new(HashMap::new()),
+            fill_limit,
         }
     }
 
-    /// Joins the fill in flight for `key`, or starts one. `admit` puts the finished, checked
-    /// bytes in the hot cache. Returns a reader positioned at the start of the body.
+    /// Joins the fill in flight for this version of `key`, or starts one. `admit` puts the
+    /// finished, checked bytes in the hot cache. Returns a reader positioned at the start of
+    /// the body, or `None` when a new fill would pass MAX_FILLS or `cache.fill_limit` bytes
+    /// (the caller then streams straight from S3).
     pub fn fetch(
         self: &Arc<Self>,
         key: &str,
         sha256: Option<String>,
         size: u64,
         admit: bool,
-    ) -> std::io::Result<FillReader> {
+    ) -> std::io::Result<Option<FillReader>> {
         let version = Version {
             key: key.to_string(),
             sha256: sha256.clone(),
@@ -109,11 +124,15 @@ impl Fetcher {
         if let Some(f) = map.get(&version) {
             // Opened under the lock: the fill cannot rename or unlink it before this.
             let file = std::fs::File::open(&f.path)?;
-            return Ok(FillReader {
+            return Ok(Some(FillReader {
                 file,
                 rx: f.rx.clone(),
                 pos: 0,
-            });
+            }));
+        }
+        let held: u64 = map.keys().map(|v| v.size).sum();
+        if map.len() >= MAX_FILLS || held.saturating_add(size) > self.fill_limit {
+            return Ok(None);
         }
         std::fs::create_dir_all(&self.tmp_dir)?;
         let path = self.tmp_dir.join(format!(
@@ -188,11 +207,11 @@ impl Fetcher {
                 }
             }
         });
-        Ok(FillReader {
+        Ok(Some(FillReader {
             file: reader_file,
             rx,
             pos: 0,
-        })
+        }))
     }
 
     async fn run_fill(

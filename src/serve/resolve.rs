@@ -91,6 +91,7 @@ impl Resolver {
             cfg.s3.prefix.clone(),
             cache.clone(),
             tmp_dir,
+            cfg.cache.fill_limit.0,
         ));
         let fallback = if cfg.http.fallback_url.is_empty() {
             None
@@ -332,12 +333,17 @@ impl Resolver {
                     tracing::warn!(key = %key, error = %e, "could not start a cache fill");
                 }
             }
-            return Box::pin(self.proxy_range(&key, &meta, &rep, range, method, headers)).await;
+            return Box::pin(self.proxy_direct(&key, &meta, &rep, Some(range), method, headers))
+                .await;
         }
         let reader = self
             .fetcher
             .fetch(key.as_str(), meta.sha256.clone(), meta.size, hot)
             .map_err(|e| ServeError::Internal(format!("fill temp file: {e}")))?;
+        let Some(reader) = reader else {
+            // The fills in flight are at their bound: this one goes straight through.
+            return Box::pin(self.proxy_direct(&key, &meta, &rep, None, method, headers)).await;
+        };
         match reader.started().await {
             Started::Body(len, reader) if len.is_none_or(|n| n == rep.len) => {
                 let r = warp::reply::stream(reader.into_stream()).into_response();
@@ -363,18 +369,20 @@ impl Resolver {
         }
     }
 
-    /// One range of the object, passed through to S3 (no coalescing, nothing cached).
-    async fn proxy_range(
+    /// One range of the object, or all of it, passed straight through from S3 (no
+    /// coalescing, no temp file, nothing cached): ranges, and whole objects when the fills
+    /// in flight are at their bound.
+    async fn proxy_direct(
         &self,
         key: &Key,
         meta: &Meta,
         rep: &Representation,
-        range: std::ops::Range<u64>,
+        range: Option<std::ops::Range<u64>>,
         method: &Method,
         headers: &HeaderMap,
     ) -> Result<Response, ServeError> {
         let obj = key.object_key(&self.cfg.s3.prefix);
-        let get = self.store.get(&obj, Some(sem::range_header(&range)));
+        let get = self.store.get(&obj, range.as_ref().map(sem::range_header));
         let out = match tokio::time::timeout(FIRST_BYTE_TIMEOUT, get).await {
             Ok(Ok(o)) => o,
             Ok(Err(e)) if e.status == Some(416) => {
@@ -400,16 +408,22 @@ impl Resolver {
         // Checked before anything is sent: the range S3 answered for, the object's length,
         // its deletion marker and its sha256 metadata must all be this version's, or these
         // bytes belong to another one.
-        let want = format!("bytes {}-{}/", range.start, range.end - 1);
-        let total = out
-            .content_range()
-            .and_then(|cr| cr.strip_prefix(want.as_str()))
-            .and_then(|t| t.parse::<u64>().ok());
-        let Some(total) = total else {
-            return Err(ServeError::Stale(format!(
-                "{key}: S3 answered {:?} for {want}",
-                out.content_range()
-            )));
+        let total = match &range {
+            Some(range) => {
+                let want = format!("bytes {}-{}/", range.start, range.end - 1);
+                let total = out
+                    .content_range()
+                    .and_then(|cr| cr.strip_prefix(want.as_str()))
+                    .and_then(|t| t.parse::<u64>().ok());
+                let Some(total) = total else {
+                    return Err(ServeError::Stale(format!(
+                        "{key}: S3 answered {:?} for {want}",
+                        out.content_range()
+                    )));
+                };
+                total
+            }
+            None => out.content_length().map_or(u64::MAX, |n| n.max(0) as u64),
         };
         if let Some(why) = super::fetch::other_version_of(
             meta.sha256.as_deref(),
@@ -424,7 +438,7 @@ impl Resolver {
         Ok(sem::streamed_response(
             r,
             rep,
-            Some(&range),
+            range.as_ref(),
             &self.policy,
             "s3",
         ))
