@@ -217,11 +217,15 @@ impl Resolver {
             }
         };
         if let Some(lf) = found {
-            let record = self
-                .meta
-                .record(key.as_str())
-                .await
-                .map_err(|e| ServeError::Internal(format!("catalog: {e}")))?;
+            // A catalog that cannot answer costs the file its public status, not its bytes:
+            // served as not ready (no-store, weak tag) rather than a 500.
+            let record = match self.meta.record(key.as_str()).await {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::warn!(key = %key, error = %e, "catalog unreadable; serving the spool file as not ready");
+                    None
+                }
+            };
             let rep = spool_representation(&key, &lf, record.as_ref());
             return Ok(sem::respond_file(lf, method, headers, &rep, &self.policy, "local").await);
         }
