@@ -609,3 +609,41 @@ fn readyz_asks_s3_at_most_about_once_a_second() {
         "{checks} HeadBucket calls for {asked} probes in {secs}+ s"
     );
 }
+
+/// Readiness is the watcher's own verdict, read from the catalog: a file closed by its
+/// writer becomes public once it settled, one renamed in at once; before that, no-store.
+/// (S3 is down so the files stay in the spool.)
+#[test]
+fn the_real_watcher_decides_when_a_spool_file_turns_public() {
+    let t = tempfile::tempdir().unwrap();
+    let mut s3 = S3::start(t.path());
+    let mut env = Env::for_s3(&s3);
+    env.set("FERRY_SPOOL_SETTLE", "2s");
+    s3.down();
+    let d = env.spawn(&["run"]);
+    let addr = d.addr();
+
+    env.drop_file("closed.jpg", b"written and closed");
+    let r = get(addr, "/static/closed.jpg", &[]);
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        r.header("cache-control"),
+        Some("no-store"),
+        "not settled yet"
+    );
+    wait_for(Duration::from_secs(15), "closed.jpg to settle", || {
+        get(addr, "/static/closed.jpg", &[]).header("cache-control") == Some("public, max-age=300")
+    });
+    let r = get(addr, "/static/closed.jpg", &[]);
+    assert!(r.header("etag").is_some_and(|t| t.starts_with('"')));
+
+    // Written under an ignored name (never served), renamed into place: ready as soon as
+    // the watcher sees the rename (no settle), and public from then on.
+    let tmp = env.spool().join("renamed.jpg.tmp");
+    std::fs::write(&tmp, b"renamed in").unwrap();
+    assert_eq!(get(addr, "/static/renamed.jpg.tmp", &[]).status, 404);
+    std::fs::rename(&tmp, env.spool().join("renamed.jpg")).unwrap();
+    wait_for(Duration::from_secs(15), "renamed.jpg to be public", || {
+        get(addr, "/static/renamed.jpg", &[]).header("cache-control") == Some("public, max-age=300")
+    });
+}
