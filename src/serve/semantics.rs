@@ -76,8 +76,9 @@ impl Etag {
         }
     }
 
-    /// A file still being written: its bytes may change under the same stat-derived tag's
-    /// successor, so it must never satisfy a strong comparison (If-Match, If-Range).
+    /// A file that may still be written: a writer can change bytes without changing the stat
+    /// the tag is made of (within mtime's granularity), so the tag must never satisfy a
+    /// strong comparison (If-Match, If-Range); revalidation (If-None-Match) still works.
     pub fn weaken(mut self) -> Etag {
         self.weak = true;
         self
