@@ -65,14 +65,14 @@ impl Record {
     /// ready; no row, another stat, or a vanished/deleted row means not (yet) ready. Asking
     /// the catalog takes no lease, so a writer's `open` never waits on a request.
     pub fn ready_for(&self, stat: &FileStat) -> bool {
-        let from_watcher = match self.state {
-            State::Queued | State::Uploading | State::Failed | State::Verified => true,
-            // The archiver's last stat before the move is the verified file itself (the
-            // catalog's note_ready treats it the same way).
-            State::Archived => true,
-            State::Vanished | State::Deleted => false,
-        };
-        from_watcher && self.stat == *stat
+        // Every state a row can be in was reached from `queued`, that is, through readiness
+        // (queued, uploading, failed, verified; archived, whose last stat before the move is
+        // the verified file itself, as the catalog's note_ready treats it), except the two
+        // that say this file is gone: a file back under a vanished or deleted key is a new
+        // one, not ready until the watcher queues it. Written as the exception so that a
+        // state added later on the upload path (after `queued`) needs no second rule here.
+        let gone = matches!(self.state, State::Vanished | State::Deleted);
+        !gone && self.stat == *stat
     }
 
     /// The SHA-256 of exactly the file with `stat`, once the uploader hashed it.
