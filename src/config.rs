@@ -100,6 +100,84 @@ impl<'de> Deserialize<'de> for Size {
     }
 }
 
+/// A size that may be left empty (`""`) to mean "derived from another setting".
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MaybeSize(pub Option<u64>);
+
+impl FromStr for MaybeSize {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        if s.trim().is_empty() {
+            return Ok(MaybeSize(None));
+        }
+        s.parse::<Size>().map(|z| MaybeSize(Some(z.0)))
+    }
+}
+impl Serialize for MaybeSize {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self.0 {
+            None => s.serialize_str(""),
+            Some(n) => Size(n).serialize(s),
+        }
+    }
+}
+impl<'de> Deserialize<'de> for MaybeSize {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            N(u64),
+            S(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::N(n) => Ok(MaybeSize(Some(n))),
+            Raw::S(s) => s.parse().map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+/// A duration that may be left empty (`""`) to mean "derived from another setting".
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MaybeDur(pub Option<Duration>);
+
+impl FromStr for MaybeDur {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        if s.trim().is_empty() {
+            return Ok(MaybeDur(None));
+        }
+        s.parse::<Dur>().map(|d| MaybeDur(Some(d.0)))
+    }
+}
+impl Serialize for MaybeDur {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self.0 {
+            None => s.serialize_str(""),
+            Some(d) => Dur(d).serialize(s),
+        }
+    }
+}
+impl<'de> Deserialize<'de> for MaybeDur {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+impl HttpConfig {
+    /// `http.metadata_grace` with its default (`http.metadata_ttl`) applied.
+    pub fn metadata_grace(&self) -> Duration {
+        self.metadata_grace.0.unwrap_or(self.metadata_ttl.0)
+    }
+}
+
+impl CacheConfig {
+    /// `cache.max_object` with its default applied.
+    pub fn max_object(&self) -> u64 {
+        self.max_object.0.unwrap_or(self.max_size.0 / 8)
+    }
+}
+
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
@@ -230,6 +308,18 @@ pub enum ServeMode {
     Proxy,
 }
 
+/// How uploads a browser could run (HTML, SVG, script, unknown types) are served.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ActiveContent {
+    /// `Content-Security-Policy: sandbox`: shown, but in an opaque origin with no script.
+    Sandbox,
+    /// Sandboxed and `Content-Disposition: attachment`: downloaded, never shown inline.
+    Attachment,
+    /// As uploaded: only for a spool whose every writer is trusted.
+    Allow,
+}
+
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct HttpConfig {
@@ -244,11 +334,23 @@ pub struct HttpConfig {
     pub presign: bool,
     pub presign_ttl: Dur,
     pub metadata_ttl: Dur,
+    /// While S3 cannot be asked, metadata is served this long past its TTL ("" = as long
+    /// as `metadata_ttl`): an S3 outage then costs no 503 for keys seen lately.
+    pub metadata_grace: MaybeDur,
     pub fallback_url: String,
     /// Cache-Control on local hits: uploads never change under one key for long, but can.
     pub cache_control: String,
     /// A client must send its request headers within this long (slowloris defence).
     pub header_read_timeout: Dur,
+    /// Uploads are other people's content served from the site's own origin: stored XSS
+    /// unless script-capable types are sandboxed.
+    pub active_content: ActiveContent,
+    /// A response write that makes no progress for this long ends the connection: a client
+    /// that stops reading must not pin a descriptor and its buffers.
+    pub send_timeout: Dur,
+    /// Open client connections at most; at the cap, accepting waits (the listen backlog
+    /// holds newcomers) rather than running out of descriptors.
+    pub max_connections: usize,
 }
 impl Default for HttpConfig {
     fn default() -> Self {
@@ -262,9 +364,13 @@ impl Default for HttpConfig {
             presign: false,
             presign_ttl: Dur(Duration::from_secs(15 * 60)),
             metadata_ttl: Dur(Duration::from_secs(5 * 60)),
+            metadata_grace: MaybeDur(None),
             fallback_url: String::new(),
             cache_control: "public, max-age=300".into(),
             header_read_timeout: Dur(Duration::from_secs(30)),
+            active_content: ActiveContent::Sandbox,
+            send_timeout: Dur(Duration::from_secs(60)),
+            max_connections: 16_384,
         }
     }
 }
@@ -274,6 +380,12 @@ impl Default for HttpConfig {
 pub struct CacheConfig {
     pub dir: PathBuf,
     pub max_size: Size,
+    /// The largest object the hot cache takes; "" = max_size / 8. A larger one would be
+    /// fetched from S3 in full on every request and never fit.
+    pub max_object: MaybeSize,
+    /// The bytes S3 fetches in flight may hold in their temp files under `dir` (each holds
+    /// its whole object); past it, a proxied object streams straight from S3 uncoalesced.
+    pub fill_limit: Size,
     pub hot_hits: u32,
     pub hot_window: Dur,
     pub ttl: Dur,
@@ -283,6 +395,8 @@ impl Default for CacheConfig {
         CacheConfig {
             dir: "var/cache".into(),
             max_size: Size(1 << 30),
+            max_object: MaybeSize(None),
+            fill_limit: Size(1 << 30),
             hot_hits: 10,
             hot_window: Dur(Duration::from_secs(300)),
             ttl: Dur(Duration::from_secs(7 * 86400)),
@@ -297,6 +411,8 @@ pub struct RouterConfig {
     pub backends: Vec<String>,
     pub hash: String,
     pub health_interval: Dur,
+    /// Open client connections at most (as `http.max_connections`, for the router).
+    pub max_connections: usize,
 }
 impl Default for RouterConfig {
     fn default() -> Self {
@@ -305,6 +421,7 @@ impl Default for RouterConfig {
             backends: vec!["http://127.0.0.1:8080".into()],
             hash: "host".into(),
             health_interval: Dur(Duration::from_secs(1)),
+            max_connections: 16_384,
         }
     }
 }
@@ -416,6 +533,15 @@ impl Config {
         }
         if self.spool.rescan_interval.0 < Duration::from_millis(100) {
             return Err(invalid("spool.rescan_interval", "must be at least 100ms"));
+        }
+        if self.http.max_connections == 0 {
+            return Err(invalid("http.max_connections", "must be at least 1"));
+        }
+        if self.router.max_connections == 0 {
+            return Err(invalid("router.max_connections", "must be at least 1"));
+        }
+        if self.http.send_timeout.0.is_zero() {
+            return Err(invalid("http.send_timeout", "must be more than 0"));
         }
         if !self.http.mount.starts_with('/') || !self.http.mount.ends_with('/') {
             return Err(invalid("http.mount", "must start and end with '/'"));

@@ -4,11 +4,12 @@
 //! - `crashpoint` debug-build crash points at each durable step (tests)
 //! - `config`    the Config tree, defaults, env overrides, validation
 //! - `key`       Key: the only way a spool name or URL becomes a path or S3 key
+//! - `media`     content types, and which of them a browser could run
 //! - `catalog`   SQLite catalog: schema, migrations, the per-key state machine
 //! - `store`     S3 client: put (single/multipart), head, get, presign, error classes
 //! - `retry`     backoff policy and the transient/permanent split
 //! - `sync`      watcher (ready files), uploader (hash, put, verify), archive
-//! - `serve`     HTTP front: spool file, else 302 (or presigned) to S3
+//! - `serve`     HTTP front: one HTTP semantics (`serve::semantics`) over spool, cache, S3, archive
 //! - `route`     the hash router: rendezvous ranking, health checks, proxying, failover
 //! - `telemetry` logging
 
@@ -17,6 +18,7 @@ pub mod catalog;
 pub mod config;
 pub mod crashpoint;
 pub mod key;
+pub mod media;
 pub mod retry;
 pub mod route;
 pub mod serve;

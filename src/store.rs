@@ -153,6 +153,8 @@ pub struct Head {
     pub checksum_sha256: Option<String>,
     pub checksum_type: Option<String>,
     pub metadata: std::collections::HashMap<String, String>,
+    /// When S3 stored this version: Last-Modified for nodes that did not upload it.
+    pub last_modified: Option<std::time::SystemTime>,
 }
 
 /// One part of a multipart upload, hashed before it is sent.
@@ -416,6 +418,9 @@ impl Store {
             checksum_sha256: out.checksum_sha256().map(str::to_string),
             checksum_type: out.checksum_type().map(|t| t.as_str().to_string()),
             metadata: out.metadata().cloned().unwrap_or_default(),
+            last_modified: out
+                .last_modified()
+                .and_then(|t| std::time::SystemTime::try_from(*t).ok()),
         })
     }
 

@@ -408,3 +408,354 @@ fn cache_stays_within_max_size_and_one_hit_keys_do_not_evict_the_hot_set() {
         "the scan evicted the hot set: {hot_still_cached}/8 still cached"
     );
 }
+
+/// The conditional and range answers every source must give for one version, by its one
+/// ETag: 304, 412, If-Range both ways, 206 with the ETag, 416 with `*/LEN`. A 304 needs no
+/// bytes, so on the S3 path it is answered from the metadata (`revalidated_by`) without
+/// asking S3 or the archive for anything.
+fn check_semantics(
+    addr: std::net::SocketAddr,
+    path: &str,
+    bytes: &[u8],
+    source: &str,
+    revalidated_by: &str,
+) {
+    let len = bytes.len();
+    let tag = format!("\"{}\"", sha256_hex(bytes));
+    let p = path.as_bytes();
+    let ask = |h: &[(&str, &str)]| raw_request(addr, "GET", p, h);
+
+    let r = ask(&[]);
+    assert_eq!(r.status, 200, "{source}");
+    assert_eq!(r.header("x-ferry-source"), Some(source));
+    assert_eq!(
+        r.header("etag"),
+        Some(tag.as_str()),
+        "{source}: one version, one ETag"
+    );
+    assert_eq!(r.header("accept-ranges"), Some("bytes"), "{source}");
+    assert!(r.header("last-modified").is_some(), "{source}");
+    assert_eq!(
+        r.header("x-content-type-options"),
+        Some("nosniff"),
+        "{source}"
+    );
+    assert_eq!(r.body, bytes, "{source}");
+
+    let r = ask(&[("If-None-Match", &tag)]);
+    assert_eq!(r.status, 304, "{source}: its own ETag revalidates");
+    assert_eq!(r.header("etag"), Some(tag.as_str()), "{source}");
+    assert_eq!(r.header("x-ferry-source"), Some(revalidated_by));
+    assert!(r.body.is_empty());
+
+    let r = ask(&[("If-Match", "\"another\"")]);
+    assert_eq!(r.status, 412, "{source}");
+    let r = ask(&[("If-Match", &tag)]);
+    assert_eq!(r.status, 200, "{source}");
+
+    let r = ask(&[("Range", "bytes=10-19"), ("If-Range", &tag)]);
+    assert_eq!(r.status, 206, "{source}");
+    assert_eq!(
+        r.header("etag"),
+        Some(tag.as_str()),
+        "{source}: 206 carries the ETag"
+    );
+    let cr = format!("bytes 10-19/{len}");
+    assert_eq!(r.header("content-range"), Some(cr.as_str()), "{source}");
+    assert_eq!(r.body, &bytes[10..20], "{source}");
+    assert_eq!(r.header("x-ferry-source"), Some(source));
+
+    let r = ask(&[("Range", "bytes=10-19"), ("If-Range", "\"another\"")]);
+    assert_eq!(
+        r.status, 200,
+        "{source}: If-Range of another version gets it all"
+    );
+    assert_eq!(r.body, bytes, "{source}");
+
+    let past = format!("bytes={len}-");
+    let r = ask(&[("Range", &past)]);
+    assert_eq!(r.status, 416, "{source}");
+    let star = format!("bytes */{len}");
+    assert_eq!(r.header("content-range"), Some(star.as_str()), "{source}");
+}
+
+#[test]
+fn every_source_answers_conditionals_and_ranges_alike_under_one_etag() {
+    let t = tempfile::tempdir().unwrap();
+    let mut s3 = S3::start(t.path());
+    let a = blob(12, 5000);
+    let mut env = uploaded(
+        &s3,
+        &[("e.jpg", &a)],
+        &[
+            ("FERRY_HTTP_MODE", "proxy"),
+            ("FERRY_CACHE_HOT_HITS", "1000"),
+        ],
+    );
+    let d = env.spawn(&["serve"]);
+    check_semantics(d.addr(), "/static/e.jpg", &a, "s3", "s3");
+    drop(d);
+
+    env.set("FERRY_CACHE_HOT_HITS", "1");
+    let d = env.spawn(&["serve"]);
+    let addr = d.addr();
+    wait_for(Duration::from_secs(10), "the cache to hold e.jpg", || {
+        get(addr, "/static/e.jpg").header("x-ferry-source") == Some("cache")
+    });
+    check_semantics(addr, "/static/e.jpg", &a, "cache", "cache");
+    drop(d);
+
+    // S3 down and no cache: the local archive copy.
+    s3.down();
+    env.set("FERRY_CACHE_MAX_SIZE", "0");
+    let d = env.spawn(&["serve"]);
+    check_semantics(d.addr(), "/static/e.jpg", &a, "archive", "s3");
+}
+
+#[test]
+fn a_hot_key_larger_than_max_object_is_never_fetched_and_a_hot_range_is_206() {
+    let t = tempfile::tempdir().unwrap();
+    let s3 = S3::start(t.path());
+    let proxy = FaultProxy::start(s3.port);
+    let big = blob(13, 300_000);
+    let small = blob(14, 50_000);
+    let mut env = uploaded(&s3, &[("big.mp4", &big), ("small.mp4", &small)], &[]);
+    env.set("FERRY_S3_ENDPOINT", &proxy.endpoint());
+    env.set("FERRY_CACHE_HOT_HITS", "1");
+    // max_object defaults to an eighth of this: 128 KiB.
+    env.set("FERRY_CACHE_MAX_SIZE", "1MiB");
+    let d = env.spawn(&["serve"]);
+    let addr = d.addr();
+    for _ in 0..5 {
+        let r = get(addr, "/static/big.mp4");
+        assert_eq!(
+            r.status, 302,
+            "too big for the cache: redirected, not proxied"
+        );
+        assert_eq!(r.header("x-ferry-source"), Some("redirect"));
+    }
+    assert_eq!(proxy.count("GET", "big.mp4"), 0, "never fetched from S3");
+
+    // A hot key's Range is a 206 of just that range, with the version's ETag.
+    let tag = format!("\"{}\"", sha256_hex(&small));
+    let r = raw_request(
+        addr,
+        "GET",
+        b"/static/small.mp4",
+        &[("Range", "bytes=0-99")],
+    );
+    assert_eq!(r.status, 206);
+    assert_eq!(r.header("x-ferry-source"), Some("s3"));
+    assert_eq!(r.body, &small[..100]);
+    assert_eq!(r.header("content-range"), Some("bytes 0-99/50000"));
+    assert_eq!(r.header("etag"), Some(tag.as_str()));
+    // ... and the cache still fills, and answers ranges from then on.
+    wait_for(Duration::from_secs(10), "small.mp4 cached", || {
+        get(addr, "/static/small.mp4").header("x-ferry-source") == Some("cache")
+    });
+    let r = raw_request(
+        addr,
+        "GET",
+        b"/static/small.mp4",
+        &[("Range", "bytes=100-199")],
+    );
+    assert_eq!(r.status, 206);
+    assert_eq!(r.header("x-ferry-source"), Some("cache"));
+    assert_eq!(r.body, &small[100..200]);
+    drop(d);
+
+    env.set("FERRY_CACHE_MAX_OBJECT", "512KiB");
+    let d = env.spawn(&["serve"]);
+    let r = get(d.addr(), "/static/big.mp4");
+    assert_eq!(r.status, 200, "within cache.max_object: hot-fetched");
+    assert_eq!(r.header("x-ferry-source"), Some("s3"));
+    assert_eq!(r.body, big);
+}
+
+/// A node that learned a key from S3 (no catalog row of its own) while another node deletes
+/// it, or re-uploads it: it must never send the marker's 0 bytes or the new bytes under the
+/// old version's ETag. S3's GET response is checked before a byte goes out, and the key is
+/// resolved again: 410 after the delete, the new version after the re-upload.
+#[test]
+fn a_proxying_node_never_sends_another_versions_bytes_under_the_old_etag() {
+    let t = tempfile::tempdir().unwrap();
+    let s3 = S3::start(t.path());
+    let old = blob(15, 8000);
+    let env = uploaded(&s3, &[("v.jpg", &old), ("w.jpg", &old)], &[]);
+    let old_tag = format!("\"{}\"", sha256_hex(&old));
+
+    let start_node = || {
+        let mut other = Env::for_s3(&s3);
+        other.set("FERRY_HTTP_MODE", "proxy");
+        other.set("FERRY_HTTP_METADATA_TTL", "1h");
+        let d = other.spawn(&["serve"]);
+        for p in ["/static/v.jpg", "/static/w.jpg"] {
+            let r = get(d.addr(), p);
+            assert_eq!(r.status, 200);
+            assert_eq!(r.header("etag"), Some(old_tag.as_str()));
+            assert_eq!(r.body, old);
+        }
+        (other, d)
+    };
+    // One node for whole bodies, one for ranges: both paths check before sending.
+    let (_e1, whole) = start_node();
+    let (_e2, ranged) = start_node();
+    let range = |path: &str| {
+        raw_request(
+            ranged.addr(),
+            "GET",
+            path.as_bytes(),
+            &[("Range", "bytes=0-9")],
+        )
+    };
+
+    let (code, out, err) = env.run(&["delete", "v.jpg"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let r = get(whole.addr(), "/static/v.jpg");
+    assert_eq!(r.status, 410, "not the marker's {} bytes", r.body.len());
+    assert_eq!(range("/static/v.jpg").status, 410);
+
+    // Re-uploaded with other bytes of the same length: only the sha256 metadata tells.
+    let new = blob(16, 8000);
+    env.drop_file("w.jpg", &new);
+    let (code, _, err) = env.run(&["sync", "--once"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(s3.object_bytes("w.jpg"), new);
+    let new_tag = format!("\"{}\"", sha256_hex(&new));
+    let r = get(whole.addr(), "/static/w.jpg");
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("etag"), Some(new_tag.as_str()));
+    assert_eq!(r.body, new, "the new bytes, under the new ETag");
+    let r = range("/static/w.jpg");
+    assert_eq!(r.status, 206);
+    assert_eq!(r.header("etag"), Some(new_tag.as_str()));
+    assert_eq!(r.body, &new[..10]);
+}
+
+/// Fill temp files under `cache.dir`, never in the system temp dir, even with the cache off;
+/// and a fill nobody waits for (and the cache will not keep) stops instead of downloading
+/// the rest.
+#[test]
+fn fills_stay_under_cache_dir_and_stop_when_every_client_left() {
+    use std::io::{Read, Write};
+    let t = tempfile::tempdir().unwrap();
+    let s3 = S3::start(t.path());
+    let proxy = FaultProxy::start(s3.port);
+    let bytes = blob(17, 4 << 20);
+    let mut env = uploaded(&s3, &[("slow.bin", &bytes)], &[]);
+    env.set("FERRY_S3_ENDPOINT", &proxy.endpoint());
+    env.set("FERRY_HTTP_MODE", "proxy");
+    env.set("FERRY_CACHE_MAX_SIZE", "0");
+    let tmp = t.path().join("systmp");
+    std::fs::create_dir_all(&tmp).unwrap();
+    env.set("TMPDIR", &tmp.to_string_lossy());
+    // 64 chunks of 64 KiB at 100 ms each: the whole download takes over 6 s.
+    proxy
+        .down_delay_ms
+        .store(100, std::sync::atomic::Ordering::SeqCst);
+    let d = env.spawn(&["serve"]);
+    let cache_dir = env.dir.path().join("cache");
+    let fills = || -> Vec<std::path::PathBuf> {
+        walk(&cache_dir)
+            .into_iter()
+            .filter(|p| p.to_string_lossy().contains(".tmp-fill-"))
+            .collect()
+    };
+
+    let mut c = std::net::TcpStream::connect(d.addr()).unwrap();
+    c.write_all(b"GET /static/slow.bin HTTP/1.1\r\nHost: a\r\n\r\n")
+        .unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut head = [0u8; 16];
+    c.read_exact(&mut head).unwrap();
+    assert!(head.starts_with(b"HTTP/1.1 200"));
+    assert_eq!(fills().len(), 1, "the fill's temp file is under cache.dir");
+    assert!(walk(&tmp).is_empty(), "nothing in the system temp dir");
+
+    // The only client leaves: the fill stops long before the download would have ended.
+    drop(c);
+    let left = Instant::now();
+    wait_for(Duration::from_secs(3), "the abandoned fill to stop", || {
+        fills().is_empty()
+    });
+    assert!(left.elapsed() < Duration::from_secs(3));
+}
+
+/// S3 hangs (no answer to a HEAD): a node answers from what S3 last said within
+/// `http.metadata_grace`, after the HEAD's own 10 s bound, instead of hanging for the SDK's
+/// timeouts or answering 503.
+#[test]
+fn a_hanging_s3_is_bounded_and_recent_metadata_still_answers() {
+    let t = tempfile::tempdir().unwrap();
+    let s3 = S3::start(t.path());
+    let proxy = FaultProxy::start(s3.port);
+    let bytes = blob(18, 3000);
+    let _owner = uploaded(&s3, &[("seen.jpg", &bytes)], &[]);
+    // Another node: no catalog row, so it learns the key from S3 (through the proxy).
+    let mut env = Env::for_s3(&s3);
+    env.set("FERRY_S3_ENDPOINT", &proxy.endpoint());
+    env.set("FERRY_HTTP_METADATA_TTL", "1s");
+    env.set("FERRY_HTTP_METADATA_GRACE", "1h");
+    let d = env.spawn(&["serve"]);
+    let r = get(d.addr(), "/static/seen.jpg");
+    assert_eq!(r.status, 302);
+    let location = r.header("location").map(str::to_string);
+
+    // S3 stops answering (each reply held back 25 s); the metadata's TTL runs out.
+    proxy
+        .down_delay_ms
+        .store(25_000, std::sync::atomic::Ordering::SeqCst);
+    std::thread::sleep(Duration::from_millis(1500));
+    let asked = Instant::now();
+    let r = get(d.addr(), "/static/seen.jpg");
+    let took = asked.elapsed();
+    assert_eq!(r.status, 302, "the last known metadata answers");
+    assert_eq!(r.header("location").map(str::to_string), location);
+    assert!(
+        took < Duration::from_secs(20),
+        "bounded by the HEAD timeout, not the SDK's: {took:?}"
+    );
+}
+
+/// Past `cache.fill_limit`, a proxied object streams straight from S3 with no temp file:
+/// the bytes that fills hold on disk stay bounded.
+#[test]
+fn past_the_fill_limit_a_proxied_object_streams_without_a_temp_file() {
+    use std::io::{Read, Write};
+    let t = tempfile::tempdir().unwrap();
+    let s3 = S3::start(t.path());
+    let proxy = FaultProxy::start(s3.port);
+    let bytes = blob(19, 2 << 20);
+    let mut env = uploaded(&s3, &[("large.bin", &bytes)], &[]);
+    env.set("FERRY_S3_ENDPOINT", &proxy.endpoint());
+    env.set("FERRY_HTTP_MODE", "proxy");
+    env.set("FERRY_CACHE_FILL_LIMIT", "1MiB");
+    // Slow enough to look at the cache dir while the body is on its way.
+    proxy
+        .down_delay_ms
+        .store(50, std::sync::atomic::Ordering::SeqCst);
+    let d = env.spawn(&["serve"]);
+    let cache_dir = env.dir.path().join("cache");
+    let mut c = std::net::TcpStream::connect(d.addr()).unwrap();
+    c.write_all(b"GET /static/large.bin HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut head = [0u8; 16];
+    c.read_exact(&mut head).unwrap();
+    assert!(head.starts_with(b"HTTP/1.1 200"));
+    let temp: Vec<_> = walk(&cache_dir)
+        .into_iter()
+        .filter(|p| p.to_string_lossy().contains(".tmp-fill-"))
+        .collect();
+    assert!(temp.is_empty(), "a 2 MiB fill past a 1 MiB limit: {temp:?}");
+    let mut rest = Vec::new();
+    c.read_to_end(&mut rest).unwrap();
+    let mut all = head.to_vec();
+    all.extend_from_slice(&rest);
+    let split = all.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+    let head_text = String::from_utf8_lossy(&all[..split]).to_ascii_lowercase();
+    assert!(head_text.contains("x-ferry-source: s3"), "{head_text}");
+    let tag = format!("etag: \"{}\"", sha256_hex(&bytes));
+    assert!(head_text.contains(&tag), "{head_text}");
+    assert!(all[split..] == bytes[..], "the whole object, unchanged");
+}

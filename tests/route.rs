@@ -447,3 +447,77 @@ fn bad_backend_is_refused_at_start_naming_the_key() {
         "{err}"
     );
 }
+
+/// A client that starts an HTTP/2 preface (or any request) and then goes quiet is cut off on
+/// the header deadline: nothing may hold a router connection forever without a request.
+#[test]
+fn a_partial_http2_preface_is_cut_off_on_the_header_deadline() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let node = Node::start("n1");
+    let router = start_router(
+        dir.path(),
+        &[node.backend()],
+        &[("FERRY_HTTP_HEADER_READ_TIMEOUT", "1s".to_string())],
+    );
+    // 3x the deadline: a bound for "closed", not a speed test.
+    let bound = Duration::from_secs(3);
+    for sent in [
+        &b"P"[..],
+        b"PRI * HTTP/2.0\r\n",
+        b"PRI * HTTP/2.0\r\n\r\nSM\r\n",
+        b"GET / HT",
+    ] {
+        let mut s =
+            TcpStream::connect_timeout(&router.addr, Duration::from_secs(5)).expect("connect");
+        s.write_all(sent).expect("send");
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        let start = Instant::now();
+        let mut buf = Vec::new();
+        let _ = s.read_to_end(&mut buf);
+        let took = start.elapsed();
+        assert!(
+            took < bound,
+            "{:?}: still open after {took:?}",
+            String::from_utf8_lossy(sent)
+        );
+    }
+    // The router still serves.
+    assert_eq!(get(router.addr, "a.example", "/static/x.jpg").node(), "n1");
+}
+
+/// What the router believes about its only backend, from its own metrics.
+fn believed_up(router: SocketAddr) -> bool {
+    let m = get(router, "x", "/-/router/metrics");
+    let text = String::from_utf8_lossy(&m.body).into_owned();
+    !text
+        .lines()
+        .any(|l| l.starts_with("ferry_router_backend_up{") && l.ends_with(" 0"))
+}
+
+#[test]
+fn with_every_backend_marked_down_the_ranked_list_is_still_tried() {
+    let mut node = Node::start("n1");
+    let rdir = tempfile::tempdir().unwrap();
+    // Probes so rare that only requests change what the router believes.
+    let router = start_router(
+        rdir.path(),
+        &[node.backend()],
+        &[("FERRY_ROUTER_HEALTH_INTERVAL", "1h".to_string())],
+    );
+    assert_eq!(get(router.addr, "a.example", "/static/x.jpg").node(), "n1");
+    node.kill();
+    for _ in 0..10 {
+        if !believed_up(router.addr) {
+            break;
+        }
+        let r = get(router.addr, "a.example", "/static/x.jpg");
+        assert_eq!(r.status, 502);
+    }
+    assert!(
+        !believed_up(router.addr),
+        "a failed connect marks the node down"
+    );
+    node.restart();
+    let r = get(router.addr, "a.example", "/static/x.jpg");
+    assert_eq!(r.node(), "n1", "tried although marked down: {}", r.status);
+}

@@ -92,6 +92,9 @@ fn ranges_conditionals_and_head_over_http() {
     let addr = d.addr();
     let bytes: Vec<u8> = (0..1000u32).map(|i| (i % 251) as u8).collect();
     env.drop_file("r.bin", &bytes);
+    // Ready, as the watcher of a `ferry sync` beside this `serve` would record it: a file
+    // still being written gets a weak ETag, which If-Range (below) rightly refuses.
+    record_ready(&env, "r.bin", None);
     let p = "/static/r.bin";
 
     let r = get(addr, p, &[("Range", "bytes=0-9")]);
@@ -276,4 +279,371 @@ fn a_client_that_never_finishes_its_headers_is_cut_off() {
         start.elapsed() < Duration::from_secs(5),
         "a silent connection is closed by the server"
     );
+}
+
+/// Records `key`'s spool file in the catalog as the watcher does for a ready file (queued,
+/// with its current stat), and with `sha256` as the uploader does once it verified it.
+fn record_ready(env: &Env, key: &str, sha256: Option<&str>) {
+    use ferry::catalog::{ops, Catalog, FileStat};
+    let md = std::fs::metadata(env.spool().join(key)).unwrap();
+    let stat = FileStat::of(&md);
+    let k = ferry::key::Key::new(key, "").unwrap();
+    let sha = sha256.map(str::to_string);
+    rt().block_on(async move {
+        let cat = Catalog::open(&env.dir.path().join("ferry.db")).unwrap();
+        cat.write(move |c| {
+            ops::note_ready(c, &k, stat)?;
+            if let Some(sha) = sha {
+                let rows = ops::claim_due(c, i64::MAX, 1, &Default::default())?;
+                let row = rows.into_iter().find(|r| r.key == k.as_str()).expect("due");
+                assert!(ops::mark_verified(
+                    c,
+                    k.as_str(),
+                    row.gen,
+                    stat,
+                    &sha,
+                    None
+                )?);
+            }
+            Ok(())
+        })
+        .await
+        .unwrap();
+    });
+}
+
+fn env_serving_spool(s3: &S3) -> Env {
+    let mut env = Env::for_s3(s3);
+    // Nothing settles during the test: readiness comes only from what the test records.
+    env.set("FERRY_SPOOL_SETTLE", "1h");
+    env
+}
+
+#[test]
+fn ignored_names_are_not_served() {
+    let t = tempfile::tempdir().unwrap();
+    let s3 = S3::start(t.path());
+    let env = env_serving_spool(&s3);
+    env.drop_file("upload.jpg.part", b"half an image");
+    env.drop_file("photo.jpg.tmp", b"half a photo");
+    env.drop_file("dl.bin.crdownload", b"half a download");
+    env.drop_file("a/.hidden.jpg", b"hidden");
+    env.drop_file("ok.jpg", b"whole");
+    let d = env.spawn(&["serve"]);
+    for p in [
+        "/static/upload.jpg.part",
+        "/static/photo.jpg.tmp",
+        "/static/dl.bin.crdownload",
+        "/static/a/.hidden.jpg",
+    ] {
+        let r = get(d.addr(), p, &[]);
+        assert_eq!(r.status, 404, "{p} is work in progress, not content");
+        assert_eq!(r.header("cache-control"), Some("no-store"), "{p}");
+        assert!(!r.body.windows(4).any(|w| w == b"half"), "{p}");
+    }
+    assert_eq!(get(d.addr(), "/static/ok.jpg", &[]).status, 200);
+}
+
+#[test]
+fn a_spool_file_is_public_only_once_ready_and_tagged_by_its_sha256_once_hashed() {
+    let t = tempfile::tempdir().unwrap();
+    let s3 = S3::start(t.path());
+    let env = env_serving_spool(&s3);
+    let bytes: Vec<u8> = (0..1000u32).map(|i| (i % 251) as u8).collect();
+    env.drop_file("w.jpg", &bytes);
+    let d = env.spawn(&["serve"]);
+    let p = "/static/w.jpg";
+
+    // Not ready (the catalog has no row for it): served, but never kept downstream, and
+    // with a weak tag, so If-Range and If-Match cannot trust it.
+    let r = get(d.addr(), p, &[]);
+    assert_eq!(r.status, 200);
+    assert_eq!(r.body, bytes);
+    assert_eq!(r.header("x-ferry-source"), Some("local"));
+    assert_eq!(r.header("cache-control"), Some("no-store"));
+    let weak = r.header("etag").expect("etag").to_string();
+    assert!(weak.starts_with("W/\""), "{weak}");
+    let r = get(d.addr(), p, &[("If-None-Match", &weak)]);
+    assert_eq!(r.status, 304, "weak comparison still revalidates");
+    let r = get(d.addr(), p, &[("If-Range", &weak), ("Range", "bytes=0-9")]);
+    assert_eq!(r.status, 200, "a weak tag never satisfies If-Range");
+    assert_eq!(r.body, bytes);
+    let r = get(d.addr(), p, &[("If-Match", &weak)]);
+    assert_eq!(r.status, 412, "a weak tag never satisfies If-Match");
+
+    // Ready (queued with this very stat): public, strong local tag.
+    record_ready(&env, "w.jpg", None);
+    let mut r = get(d.addr(), p, &[]);
+    wait_for(
+        Duration::from_secs(10),
+        "the catalog's record to be seen",
+        || {
+            r = get(d.addr(), p, &[]);
+            r.header("cache-control") != Some("no-store")
+        },
+    );
+    assert_eq!(r.header("cache-control"), Some("public, max-age=300"));
+    let strong = r.header("etag").expect("etag").to_string();
+    assert!(strong.starts_with('"'), "{strong}");
+    assert_eq!(
+        strong.trim_start_matches("W/"),
+        weak.trim_start_matches("W/")
+    );
+    let r = get(
+        d.addr(),
+        p,
+        &[("If-Range", &strong), ("Range", "bytes=0-9")],
+    );
+    assert_eq!(r.status, 206);
+    assert_eq!(r.body, &bytes[..10]);
+
+    // The same file rewritten in place: a new stat, so not ready again.
+    let mut changed = bytes.clone();
+    changed.push(1);
+    std::fs::write(env.spool().join("w.jpg"), &changed).unwrap();
+    let r = get(d.addr(), p, &[]);
+    assert_eq!(r.body, changed);
+    assert_eq!(r.header("cache-control"), Some("no-store"));
+    assert!(r.header("etag").unwrap().starts_with("W/"));
+
+    // Hashed and verified for this stat: the SHA-256 is its tag, as from every other source.
+    let sha = sha256_hex(&changed);
+    record_ready(&env, "w.jpg", Some(&sha));
+    let want = format!("\"{sha}\"");
+    wait_for(Duration::from_secs(10), "the sha256 tag", || {
+        get(d.addr(), p, &[]).header("etag") == Some(want.as_str())
+    });
+    let r = get(d.addr(), p, &[("If-None-Match", &want)]);
+    assert_eq!(r.status, 304);
+    assert_eq!(r.header("etag"), Some(want.as_str()));
+}
+
+#[test]
+fn active_content_is_sandboxed_and_nothing_is_sniffed() {
+    let t = tempfile::tempdir().unwrap();
+    let s3 = S3::start(t.path());
+    let mut env = env_serving_spool(&s3);
+    for k in [
+        "x.html", "x.svg", "x.xml", "x.js", "x.xhtml", "x.txt", "noext", "x.jpg", "x.mp4",
+    ] {
+        env.drop_file(k, b"<svg onload=alert(1)>");
+    }
+    let d = env.spawn(&["serve"]);
+    for k in [
+        "x.html", "x.svg", "x.xml", "x.js", "x.xhtml", "x.txt", "noext",
+    ] {
+        let r = get(d.addr(), &format!("/static/{k}"), &[]);
+        assert_eq!(r.status, 200, "{k}");
+        assert_eq!(r.header("x-content-type-options"), Some("nosniff"), "{k}");
+        assert_eq!(r.header("content-security-policy"), Some("sandbox"), "{k}");
+        assert_eq!(r.header("content-disposition"), None, "{k}");
+    }
+    for k in ["x.jpg", "x.mp4"] {
+        let r = get(d.addr(), &format!("/static/{k}"), &[]);
+        assert_eq!(r.header("x-content-type-options"), Some("nosniff"), "{k}");
+        assert_eq!(r.header("content-security-policy"), None, "{k}");
+    }
+    // Every response, errors and health checks too.
+    for p in [
+        "/static/none.jpg",
+        "/healthz",
+        "/nothing",
+        "/static/%2e%2e/x",
+    ] {
+        let r = get(d.addr(), p, &[]);
+        assert_eq!(r.header("x-content-type-options"), Some("nosniff"), "{p}");
+    }
+    drop(d);
+
+    env.set("FERRY_HTTP_ACTIVE_CONTENT", "attachment");
+    let d = env.spawn(&["serve"]);
+    let r = get(d.addr(), "/static/x.svg", &[]);
+    assert_eq!(r.header("content-disposition"), Some("attachment"));
+    assert_eq!(r.header("content-security-policy"), Some("sandbox"));
+    let r = get(d.addr(), "/static/x.jpg", &[]);
+    assert_eq!(r.header("content-disposition"), None);
+    drop(d);
+
+    env.set("FERRY_HTTP_ACTIVE_CONTENT", "allow");
+    let d = env.spawn(&["serve"]);
+    let r = get(d.addr(), "/static/x.html", &[]);
+    assert_eq!(r.header("content-security-policy"), None);
+    assert_eq!(r.header("x-content-type-options"), Some("nosniff"));
+}
+
+#[test]
+fn errors_are_never_cacheable_and_say_nothing_internal() {
+    let t = tempfile::tempdir().unwrap();
+    let mut s3 = S3::start(t.path());
+    let env = Env::for_s3(&s3);
+    env.drop_file("gone.jpg", b"soon deleted");
+    let (code, _, err) = env.run(&["sync", "--once"]);
+    assert_eq!(code, 0, "{err}");
+    let (code, _, err) = env.run(&["delete", "gone.jpg"]);
+    assert_eq!(code, 0, "{err}");
+    let d = env.spawn(&["serve"]);
+    let r = get(d.addr(), "/static/nope.jpg", &[]);
+    assert_eq!(r.status, 404);
+    assert_eq!(r.header("cache-control"), Some("no-store"));
+    let r = get(d.addr(), "/static/gone.jpg", &[]);
+    assert_eq!(r.status, 410);
+    assert_eq!(r.header("cache-control"), Some("no-store"));
+
+    // S3 unreachable, no archive copy: 503, and the body names no host, port or error chain.
+    s3.down();
+    let r = get(d.addr(), "/static/who.jpg", &[]);
+    assert_eq!(r.status, 503);
+    assert_eq!(r.header("cache-control"), Some("no-store"));
+    let body = String::from_utf8_lossy(&r.body).to_ascii_lowercase();
+    let port = s3.port.to_string();
+    for leak in [
+        "127.0.0.1",
+        port.as_str(),
+        "dispatch",
+        "connect",
+        "error",
+        "s3:",
+    ] {
+        assert!(!body.contains(leak), "503 body leaks {leak:?}: {body}");
+    }
+}
+
+#[test]
+fn a_client_that_stops_reading_is_cut_off_after_send_timeout() {
+    use std::io::{Read, Write};
+    let t = tempfile::tempdir().unwrap();
+    let s3 = S3::start(t.path());
+    let mut env = env_serving_spool(&s3);
+    env.set("FERRY_HTTP_SEND_TIMEOUT", "1s");
+    // Far more than the socket buffers on both sides can hold.
+    let size = 64 << 20;
+    let bytes = vec![7u8; size];
+    env.drop_file("big.bin", &bytes);
+    let d = env.spawn(&["serve"]);
+    let mut s = std::net::TcpStream::connect(d.addr()).unwrap();
+    s.write_all(b"GET /static/big.bin HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    // Reads nothing for 3x the timeout...
+    std::thread::sleep(Duration::from_secs(3));
+    // ... then all there is: what the buffers held when the server gave up, not the file.
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut got = Vec::new();
+    let _ = s.read_to_end(&mut got);
+    assert!(
+        got.len() < size,
+        "the whole {size} bytes arrived: the stalled connection was never cut"
+    );
+    assert!(got.starts_with(b"HTTP/1.1 200"), "it was being served");
+    // Others are served.
+    assert_eq!(get(d.addr(), "/healthz", &[]).status, 200);
+}
+
+#[test]
+fn at_the_connection_cap_accepting_waits_until_a_slot_frees() {
+    use std::io::{Read, Write};
+    let t = tempfile::tempdir().unwrap();
+    let s3 = S3::start(t.path());
+    let mut env = env_serving_spool(&s3);
+    env.set("FERRY_HTTP_MAX_CONNECTIONS", "2");
+    let d = env.spawn(&["serve"]);
+    let addr = d.addr();
+    let a = std::net::TcpStream::connect(addr).unwrap();
+    let b = std::net::TcpStream::connect(addr).unwrap();
+    // The kernel completes the handshake (backlog), but ferry does not take it on.
+    let mut c = std::net::TcpStream::connect(addr).unwrap();
+    c.write_all(b"GET /healthz HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+    let mut buf = [0u8; 64];
+    match c.read(&mut buf) {
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ) => {}
+        other => panic!("answered beyond the cap: {other:?}"),
+    }
+    drop(a);
+    c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut got = Vec::new();
+    let _ = c.read_to_end(&mut got);
+    assert!(
+        got.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&got)
+    );
+    drop(b);
+}
+
+#[test]
+fn readyz_asks_s3_at_most_about_once_a_second() {
+    let t = tempfile::tempdir().unwrap();
+    let s3 = S3::start(t.path());
+    let proxy = FaultProxy::start(s3.port);
+    let mut env = Env::for_s3(&s3);
+    env.set("FERRY_S3_ENDPOINT", &proxy.endpoint());
+    let d = env.spawn(&["serve"]);
+    let head_bucket = || {
+        let want = format!("HEAD /{} ", s3.bucket);
+        let want_slash = format!("HEAD /{}/ ", s3.bucket);
+        proxy
+            .requests
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| l.starts_with(&want) || l.starts_with(&want_slash))
+            .count()
+    };
+    let before = head_bucket();
+    let start = std::time::Instant::now();
+    let mut asked = 0;
+    while asked < 30 {
+        assert_eq!(get(d.addr(), "/readyz", &[]).status, 200);
+        asked += 1;
+    }
+    let secs = start.elapsed().as_secs() as usize;
+    let checks = head_bucket() - before;
+    assert!(checks >= 1, "readyz does ask S3");
+    assert!(
+        checks <= secs + 1,
+        "{checks} HeadBucket calls for {asked} probes in {secs}+ s"
+    );
+}
+
+/// Readiness is the watcher's own verdict, read from the catalog: a file closed by its
+/// writer becomes public once it settled, one renamed in at once; before that, no-store.
+/// (S3 is down so the files stay in the spool.)
+#[test]
+fn the_real_watcher_decides_when_a_spool_file_turns_public() {
+    let t = tempfile::tempdir().unwrap();
+    let mut s3 = S3::start(t.path());
+    let mut env = Env::for_s3(&s3);
+    env.set("FERRY_SPOOL_SETTLE", "2s");
+    s3.down();
+    let d = env.spawn(&["run"]);
+    let addr = d.addr();
+
+    env.drop_file("closed.jpg", b"written and closed");
+    let r = get(addr, "/static/closed.jpg", &[]);
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        r.header("cache-control"),
+        Some("no-store"),
+        "not settled yet"
+    );
+    wait_for(Duration::from_secs(15), "closed.jpg to settle", || {
+        get(addr, "/static/closed.jpg", &[]).header("cache-control") == Some("public, max-age=300")
+    });
+    let r = get(addr, "/static/closed.jpg", &[]);
+    assert!(r.header("etag").is_some_and(|t| t.starts_with('"')));
+
+    // Written under an ignored name (never served), renamed into place: ready as soon as
+    // the watcher sees the rename (no settle), and public from then on.
+    let tmp = env.spool().join("renamed.jpg.tmp");
+    std::fs::write(&tmp, b"renamed in").unwrap();
+    assert_eq!(get(addr, "/static/renamed.jpg.tmp", &[]).status, 404);
+    std::fs::rename(&tmp, env.spool().join("renamed.jpg")).unwrap();
+    wait_for(Duration::from_secs(15), "renamed.jpg to be public", || {
+        get(addr, "/static/renamed.jpg", &[]).header("cache-control") == Some("public, max-age=300")
+    });
 }

@@ -66,6 +66,9 @@ pub struct HotCache {
     /// The cache directory, opened once, for lookups beneath it.
     dir_fd: Option<File>,
     max_size: u64,
+    /// The largest entry taken (`cache.max_object`): a bigger one would displace much of
+    /// the cache, or never fit and be fetched whole on every request.
+    max_object: u64,
     ttl: Duration,
     opened: Instant,
     hits: moka::sync::Cache<String, Arc<Mutex<VecDeque<Instant>>>>,
@@ -139,6 +142,7 @@ impl HotCache {
             dir: dir.to_path_buf(),
             index: Mutex::new(Index::default()),
             max_size,
+            max_object: max_size,
             ttl,
             opened: Instant::now(),
             hits,
@@ -154,6 +158,26 @@ impl HotCache {
 
     pub fn enabled(&self) -> bool {
         self.enabled
+    }
+
+    /// Sets `cache.max_object` (never above `max_size`).
+    pub fn with_max_object(mut self, max_object: u64) -> HotCache {
+        self.max_object = max_object.min(self.max_size);
+        self
+    }
+
+    /// Whether an object of `size` bytes may be admitted at all.
+    pub fn fits(&self, size: u64) -> bool {
+        self.enabled && size <= self.max_object
+    }
+
+    /// Remembers that `key` will not be admitted, so its next requests take the normal way
+    /// instead of another fetch from S3.
+    pub fn refuse(&self, key: &str) {
+        if !self.refused.contains_key(key) {
+            tracing::debug!(key, "hot key refused by the cache");
+            self.refused.insert(key.to_string(), ());
+        }
     }
 
     fn rebuild(&self) -> io::Result<()> {
@@ -367,8 +391,9 @@ impl HotCache {
     /// Admits a completely written temp file whose bytes were hashed during the fill. The
     /// caller has already checked size and SHA-256 against the metadata.
     pub fn admit(&self, key: &str, sha256: &str, size: u64, tmp: &Path) -> io::Result<()> {
-        if !self.enabled || size > self.max_size {
+        if !self.fits(size) {
             let _ = fs::remove_file(tmp);
+            self.refuse(key);
             return Ok(());
         }
         let h = key_hash(key);

@@ -2,15 +2,21 @@
 //! few seconds only). Loaded from the local catalog, else from an S3 HEAD, so serving nodes
 //! need no shared database. Concurrent lookups of one key share one load. Dropped whole
 //! within 200 ms of any catalog commit on this host (SQLite's `data_version`).
+//!
+//! When S3 cannot be asked (an error, or no answer to a HEAD within 10 s), the last answer S3
+//! gave is served for up to `http.metadata_grace` past its TTL, re-asked every few seconds.
+//!
+//! Beside it, the catalog's record of a key's spool version (`Record`): what tells the serve
+//! path whether a spool file is ready, without a lease or a second rule.
 
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use base64::Engine;
 use tokio_util::sync::CancellationToken;
 
-use crate::catalog::{ops, Catalog, State};
+use crate::catalog::{ops, Catalog, CatalogError, FileStat, State};
 use crate::store::{Store, StoreError};
 
 /// Where a key's bytes are, as far as serving is concerned.
@@ -34,6 +40,60 @@ pub struct Meta {
     pub sha256: Option<String>,
     /// From this host's catalog (vs learned from S3).
     pub local: bool,
+    /// The version's modification time: the spool file's mtime where this host uploaded it
+    /// (so a spool hit and the S3 copy agree), else when S3 stored it.
+    pub last_modified: Option<SystemTime>,
+    /// An earlier answer served while S3 cannot be asked (within `http.metadata_grace`):
+    /// kept only briefly, so S3 is asked again soon.
+    pub stale: bool,
+}
+
+/// The catalog's row for a key, as far as the spool is concerned.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Record {
+    pub state: State,
+    pub stat: FileStat,
+    pub sha256: Option<String>,
+}
+
+impl Record {
+    /// Whether the spool file with `stat` is ready (DESIGN.md "Ready file"). The watcher
+    /// queues a file only once it is ready (renamed in, or closed and settled, with no
+    /// writer), and every later change of size, mtime, ctime or inode makes it a new file
+    /// that must become ready again. So the catalog's record *is* the uploader's verdict:
+    /// a row for this very stat in a state the watcher reached through readiness means
+    /// ready; no row, another stat, or a vanished/deleted row means not (yet) ready. Asking
+    /// the catalog takes no lease, so a writer's `open` never waits on a request.
+    pub fn ready_for(&self, stat: &FileStat) -> bool {
+        // Every state a row can be in was reached from `queued`, that is, through readiness
+        // (queued, uploading, failed, verified; archived, whose last stat before the move is
+        // the verified file itself, as the catalog's note_ready treats it), except the two
+        // that say this file is gone: a file back under a vanished or deleted key is a new
+        // one, not ready until the watcher queues it. Written as the exception so that a
+        // state added later on the upload path (after `queued`) needs no second rule here.
+        let gone = matches!(self.state, State::Vanished | State::Deleted);
+        if gone {
+            return false;
+        }
+        // For rows whose bytes S3 holds, size, mtime and inode decide, as in the catalog's
+        // note_ready: ferry's own undone move to the archive sets the ctime.
+        if self.state.in_s3() {
+            return (self.stat.size, self.stat.mtime_ns, self.stat.inode)
+                == (stat.size, stat.mtime_ns, stat.inode);
+        }
+        self.stat == *stat
+    }
+
+    /// The SHA-256 of exactly the file with `stat`, once the uploader hashed it.
+    pub fn sha256_for(&self, stat: &FileStat) -> Option<&str> {
+        self.sha256.as_deref().filter(|_| self.ready_for(stat))
+    }
+}
+
+/// A catalog time in nanoseconds as a SystemTime (`None` before 1970).
+pub fn system_time(ns: i64) -> Option<SystemTime> {
+    let ns = u64::try_from(ns).ok()?;
+    UNIX_EPOCH.checked_add(Duration::from_nanos(ns))
 }
 
 /// How long "unknown" is remembered: a file may be dropped any moment.
@@ -46,7 +106,7 @@ struct Ttl {
 
 impl moka::Expiry<String, Meta> for Ttl {
     fn expire_after_create(&self, _k: &String, v: &Meta, _at: Instant) -> Option<Duration> {
-        Some(if v.at == Where::Unknown {
+        Some(if v.at == Where::Unknown || v.stale {
             NEGATIVE_TTL.min(self.positive)
         } else {
             self.positive
@@ -60,25 +120,50 @@ pub enum MetaError {
     Catalog(#[from] crate::catalog::CatalogError),
     #[error("S3 cannot be asked: {0}")]
     S3(StoreError),
+    #[error("S3 did not answer a HEAD within {0:?}")]
+    Timeout(Duration),
 }
+
+/// How long an S3 HEAD may take (as long as a GET's first byte may).
+const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub struct MetaCache {
     catalog: Catalog,
     store: Store,
     prefix: String,
     cache: moka::future::Cache<String, Meta>,
+    /// Spool records, catalog only (never S3): a file still being written must not cost a
+    /// HEAD per request.
+    records: moka::future::Cache<String, Option<Record>>,
+    /// The last answer S3 gave for each key, kept `metadata_ttl + metadata_grace`: what is
+    /// served while S3 cannot be asked, rather than a 503.
+    last_known: moka::future::Cache<String, Meta>,
     version: AtomicI64,
 }
 
 impl MetaCache {
-    pub fn new(catalog: Catalog, store: Store, prefix: String, ttl: Duration) -> MetaCache {
+    pub fn new(
+        catalog: Catalog,
+        store: Store,
+        prefix: String,
+        ttl: Duration,
+        grace: Duration,
+    ) -> MetaCache {
         MetaCache {
+            last_known: moka::future::Cache::builder()
+                .max_capacity(500_000)
+                .time_to_live(ttl.saturating_add(grace))
+                .build(),
             catalog,
             store,
             prefix,
             cache: moka::future::Cache::builder()
                 .max_capacity(500_000)
                 .expire_after(Ttl { positive: ttl })
+                .build(),
+            records: moka::future::Cache::builder()
+                .max_capacity(500_000)
+                .time_to_live(ttl)
                 .build(),
             version: AtomicI64::new(i64::MIN),
         }
@@ -98,6 +183,30 @@ impl MetaCache {
     /// Forgets one key (this process saw it change).
     pub async fn forget(&self, key: &str) {
         self.cache.invalidate(key).await;
+        self.records.invalidate(key).await;
+        self.last_known.invalidate(key).await;
+    }
+
+    /// This host's catalog record for `key`, if it has one.
+    pub async fn record(&self, key: &str) -> Result<Option<Record>, Arc<CatalogError>> {
+        if let Some(r) = self.records.get(key).await {
+            return Ok(r);
+        }
+        let catalog = self.catalog.clone();
+        let k = key.to_string();
+        self.records
+            .try_get_with_by_ref(
+                key,
+                Box::pin(async move {
+                    let row = catalog.read(move |c| ops::get(c, &k)).await?;
+                    Ok::<_, CatalogError>(row.map(|r| Record {
+                        state: r.state,
+                        stat: r.stat,
+                        sha256: r.sha256,
+                    }))
+                }),
+            )
+            .await
     }
 
     async fn load(&self, key: String) -> Result<Meta, MetaError> {
@@ -116,10 +225,37 @@ impl MetaCache {
                 size: r.stat.size,
                 sha256: r.sha256,
                 local: true,
+                last_modified: system_time(r.stat.mtime_ns),
+                stale: false,
             });
         }
+        let asked = self.head(&key).await;
+        match asked {
+            Ok(m) => {
+                if m.at != Where::Unknown {
+                    self.last_known.insert(key, m.clone()).await;
+                }
+                Ok(m)
+            }
+            Err(e) => match self.last_known.get(&key).await {
+                Some(mut m) => {
+                    tracing::warn!(key, error = %e, "S3 cannot be asked; serving the last known metadata");
+                    m.stale = true;
+                    Ok(m)
+                }
+                None => Err(e),
+            },
+        }
+    }
+
+    /// What S3 says about `key` (a HEAD, bounded by HEAD_TIMEOUT).
+    async fn head(&self, key: &str) -> Result<Meta, MetaError> {
         let object_key = format!("{}{}", self.prefix, key);
-        match self.store.head(&object_key).await {
+        let head = match tokio::time::timeout(HEAD_TIMEOUT, self.store.head(&object_key)).await {
+            Ok(r) => r,
+            Err(_) => return Err(MetaError::Timeout(HEAD_TIMEOUT)),
+        };
+        match head {
             Ok(h) => {
                 if h.metadata.contains_key("ferry-deleted") {
                     return Ok(Meta {
@@ -127,6 +263,8 @@ impl MetaCache {
                         size: 0,
                         sha256: None,
                         local: false,
+                        last_modified: None,
+                        stale: false,
                     });
                 }
                 let sha = h
@@ -148,6 +286,8 @@ impl MetaCache {
                     size: h.size,
                     sha256: sha,
                     local: false,
+                    last_modified: h.last_modified,
+                    stale: false,
                 })
             }
             Err(e) if e.is_not_found() => Ok(Meta {
@@ -155,6 +295,8 @@ impl MetaCache {
                 size: 0,
                 sha256: None,
                 local: false,
+                last_modified: None,
+                stale: false,
             }),
             Err(e) => Err(MetaError::S3(e)),
         }
@@ -168,6 +310,7 @@ impl MetaCache {
                 let old = self.version.swap(v, Ordering::Relaxed);
                 if old != v && old != i64::MIN {
                     self.cache.invalidate_all();
+                    self.records.invalidate_all();
                 }
             }
             tokio::select! {
@@ -175,5 +318,64 @@ impl MetaCache {
                 _ = tokio::time::sleep(POLL) => {}
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const STAT: FileStat = FileStat {
+        size: 10,
+        mtime_ns: 1_700_000_000_000_000_001,
+        ctime_ns: 1_700_000_000_000_000_002,
+        inode: 77,
+    };
+
+    fn record(state: State, sha: Option<&str>) -> Record {
+        Record {
+            state,
+            stat: STAT,
+            sha256: sha.map(str::to_string),
+        }
+    }
+
+    #[test]
+    fn ready_means_the_watcher_recorded_this_very_stat() {
+        for s in [
+            State::Queued,
+            State::Uploading,
+            State::Failed,
+            State::Verified,
+            State::Archived,
+        ] {
+            assert!(record(s, None).ready_for(&STAT), "{s:?}");
+        }
+        for s in [State::Vanished, State::Deleted] {
+            assert!(!record(s, None).ready_for(&STAT), "{s:?}");
+        }
+        let r = record(State::Queued, None);
+        for other in [
+            FileStat { size: 11, ..STAT },
+            FileStat {
+                mtime_ns: 1,
+                ..STAT
+            },
+            FileStat {
+                ctime_ns: 1,
+                ..STAT
+            },
+            FileStat { inode: 78, ..STAT },
+        ] {
+            assert!(!r.ready_for(&other), "{other:?}");
+        }
+    }
+
+    #[test]
+    fn the_sha256_belongs_to_its_stat_only() {
+        let r = record(State::Verified, Some("ab"));
+        assert_eq!(r.sha256_for(&STAT), Some("ab"));
+        assert_eq!(r.sha256_for(&FileStat { size: 11, ..STAT }), None);
+        assert_eq!(record(State::Deleted, Some("ab")).sha256_for(&STAT), None);
     }
 }

@@ -1,10 +1,12 @@
 //! The HTTP front: routes, the listener, and the one place errors become status codes.
 
 pub mod cache;
+pub mod conn;
 pub mod fetch;
 pub mod local;
 pub mod meta;
 pub mod resolve;
+pub mod semantics;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -31,6 +33,9 @@ pub enum ServeError {
     Method,
     #[error("not ready: {0}")]
     NotReady(String),
+    /// S3 holds another version than the metadata describes; nothing was sent yet.
+    #[error("stale metadata: {0}")]
+    Stale(String),
     #[error("bad gateway: S3 and the archive both failed")]
     BadGateway,
     #[error("gateway timeout: S3 and the archive both failed")]
@@ -46,14 +51,16 @@ impl ServeError {
             ServeError::NotFound => StatusCode::NOT_FOUND,
             ServeError::Gone => StatusCode::GONE,
             ServeError::Method => StatusCode::METHOD_NOT_ALLOWED,
-            ServeError::NotReady(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ServeError::NotReady(_) | ServeError::Stale(_) => StatusCode::SERVICE_UNAVAILABLE,
             ServeError::BadGateway => StatusCode::BAD_GATEWAY,
             ServeError::Timeout => StatusCode::GATEWAY_TIMEOUT,
             ServeError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 
-    /// A short plain-text body; a 500 says nothing internal (the log has the detail).
+    /// A short plain-text body that says nothing internal (no S3 error chain, no host
+    /// names, no paths): the log has the detail. Never cacheable downstream: a 404 may be a
+    /// file that lands a second later, a 5xx a moment's outage.
     pub fn into_response(self) -> Response {
         let status = self.status();
         let body = match &self {
@@ -62,7 +69,12 @@ impl ServeError {
                 tracing::error!(error = %detail, "internal error serving a request");
                 "internal server error\n".to_string()
             }
-            ServeError::NotReady(why) => format!("not ready: {why}\n"),
+            ServeError::NotReady(why) | ServeError::Stale(why) => {
+                tracing::warn!(reason = %why, "answering 503");
+                "service unavailable, try again\n".to_string()
+            }
+            ServeError::BadGateway => "bad gateway\n".to_string(),
+            ServeError::Timeout => "gateway timeout\n".to_string(),
             other => format!("{other}\n"),
         };
         let mut r = body.into_response();
@@ -72,11 +84,15 @@ impl ServeError {
             http::header::CONTENT_TYPE,
             HeaderValue::from_static("text/plain; charset=utf-8"),
         );
+        h.insert(
+            http::header::CACHE_CONTROL,
+            HeaderValue::from_static("no-store"),
+        );
         match self {
             ServeError::Method => {
                 h.insert(http::header::ALLOW, HeaderValue::from_static("GET, HEAD"));
             }
-            ServeError::NotReady(_) => {
+            ServeError::NotReady(_) | ServeError::Stale(_) => {
                 h.insert(http::header::RETRY_AFTER, HeaderValue::from_static("1"));
             }
             _ => {}
@@ -92,6 +108,8 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let header_timeout = state.cfg.http.header_read_timeout.0;
+    let send_timeout = state.cfg.http.send_timeout.0;
+    let cap = conn::Cap::new(state.cfg.http.max_connections);
     let node = HeaderValue::from_str(&state.node_name)
         .unwrap_or_else(|_| HeaderValue::from_static("ferry"));
     let filter = warp::method()
@@ -109,7 +127,11 @@ pub async fn serve(
                         Ok(r) => r,
                         Err(e) => e.into_response(),
                     };
-                    resp.headers_mut().insert("x-ferry-node", node);
+                    let h = resp.headers_mut();
+                    h.insert("x-ferry-node", node);
+                    // SECURITY: no browser guesses a type we did not send (an "image" that
+                    // sniffs as HTML would run as the site).
+                    h.insert(semantics::NOSNIFF, HeaderValue::from_static("nosniff"));
                     if path.as_str().starts_with(&state.cfg.http.mount) {
                         let m = crate::telemetry::metrics();
                         let source = resp
@@ -133,6 +155,12 @@ pub async fn serve(
         .keep_alive(true);
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     loop {
+        // At the cap, wait here: new connections queue in the kernel's backlog rather than
+        // being accepted with no descriptor or memory left to serve them.
+        let slot = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            s = cap.slot() => s,
+        };
         let (stream, _peer) = tokio::select! {
             _ = shutdown.cancelled() => break,
             r = listener.accept() => match r {
@@ -159,7 +187,8 @@ pub async fn serve(
             if !spoke {
                 return;
             }
-            let io = hyper_util::rt::TokioIo::new(stream);
+            let _slot = slot;
+            let io = hyper_util::rt::TokioIo::new(conn::SendTimeout::new(stream, send_timeout));
             let conn =
                 http.serve_connection(io, hyper_util::service::TowerToHyperService::new(svc));
             // Boxed: the connection's state machine is several KiB, and inline it would size

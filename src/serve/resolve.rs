@@ -14,11 +14,12 @@ use warp::reply::{Reply, Response};
 
 use super::cache::HotCache;
 use super::fetch::{Fetcher, Started};
-use super::meta::{MetaCache, MetaError, Where};
+use super::meta::{Meta, MetaCache, MetaError, Record, Where};
+use super::semantics::{self as sem, Caching, Etag, Policy, Representation, Streamed};
 use super::{local, ServeError};
 use crate::catalog::Catalog;
 use crate::config::{Config, ServeMode};
-use crate::key::Key;
+use crate::key::{IgnoreSet, Key};
 use crate::store::Store;
 
 pub struct Resolver {
@@ -35,14 +36,25 @@ pub struct Resolver {
     archive: Arc<File>,
     fallback: Option<FallbackClient>,
     allow: Option<regex::Regex>,
+    /// `spool.ignore`: names that are never served.
+    ignore: IgnoreSet,
     redirect_base: String,
-    cache_control: String,
+    policy: Policy,
     /// Presigned URLs reused for half their TTL, so every client gets at least half.
     presigned: Mutex<HashMap<String, (String, Instant)>>,
+    /// The last readiness check and when it ran (an async lock: probes wait for the one
+    /// check in flight instead of starting their own).
+    readiness: tokio::sync::Mutex<Option<(Instant, Result<(), String>)>>,
 }
+
+/// How long a readiness answer is reused.
+const READY_MEMORY: Duration = Duration::from_secs(1);
 
 /// Most presigned URLs remembered.
 const MAX_PRESIGNED: usize = 100_000;
+
+/// How long S3 or the archive server may take to start answering a HEAD-less ranged GET.
+const FIRST_BYTE_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl Resolver {
     pub fn new(cfg: Arc<Config>, catalog: Catalog, store: Store) -> anyhow::Result<Resolver> {
@@ -68,18 +80,18 @@ impl Resolver {
                 cfg.cache.hot_hits,
                 cfg.cache.hot_window.0,
             )
-            .map_err(|e| anyhow::anyhow!("cache.dir {}: {e}", cfg.cache.dir.display()))?,
+            .map_err(|e| anyhow::anyhow!("cache.dir {}: {e}", cfg.cache.dir.display()))?
+            .with_max_object(cfg.cache.max_object()),
         );
-        let tmp_dir = if cache.enabled() {
-            cfg.cache.dir.clone()
-        } else {
-            std::env::temp_dir()
-        };
+        // Fill temp files live under cache.dir even with the cache off: never in /tmp,
+        // which may be small, shared, or another filesystem than the cache.
+        let tmp_dir = cfg.cache.dir.clone();
         let fetcher = Arc::new(Fetcher::new(
             store.clone(),
             cfg.s3.prefix.clone(),
             cache.clone(),
             tmp_dir,
+            cfg.cache.fill_limit.0,
         ));
         let fallback = if cfg.http.fallback_url.is_empty() {
             None
@@ -105,12 +117,17 @@ impl Resolver {
                 store.clone(),
                 cfg.s3.prefix.clone(),
                 cfg.http.metadata_ttl.0,
+                cfg.http.metadata_grace(),
             )),
             cache,
             fetcher,
             archive: Arc::new(archive),
             fallback,
-            cache_control: cfg.http.cache_control.clone(),
+            policy: Policy {
+                cache_control: cfg.http.cache_control.clone(),
+                active_content: cfg.http.active_content,
+            },
+            ignore: IgnoreSet::new(&cfg.spool.ignore)?,
             cfg,
             catalog,
             store,
@@ -118,10 +135,36 @@ impl Resolver {
             allow,
             redirect_base,
             presigned: Mutex::new(HashMap::new()),
+            readiness: tokio::sync::Mutex::new(None),
         })
     }
 
+    /// Answers one request. When S3 turns out to hold another version than the metadata
+    /// said (deleted, or re-uploaded elsewhere), nothing of it has been sent: the metadata is
+    /// dropped and the key resolved once more, so the answer is a 410 or the new version,
+    /// never the new bytes under the old ETag.
     pub async fn handle(
+        &self,
+        method: &Method,
+        path: &str,
+        headers: &HeaderMap,
+    ) -> Result<Response, ServeError> {
+        match self.handle_once(method, path, headers).await {
+            Err(ServeError::Stale(why)) => {
+                tracing::info!(reason = %why, "metadata was stale; resolving again");
+                if let Some(key) = path
+                    .strip_prefix(self.cfg.http.mount.as_str())
+                    .and_then(|raw| Key::from_url_path(raw, &self.cfg.s3.prefix).ok())
+                {
+                    self.meta.forget(key.as_str()).await;
+                }
+                Box::pin(self.handle_once(method, path, headers)).await
+            }
+            other => other,
+        }
+    }
+
+    async fn handle_once(
         &self,
         method: &Method,
         path: &str,
@@ -147,6 +190,11 @@ impl Resolver {
                 return Err(ServeError::NotFound);
             }
         }
+        // SECURITY: names the uploader ignores (`*.part`, `*.tmp`, dot files) are work in
+        // progress, never content: not public from any source.
+        if self.ignore.is_ignored(std::path::Path::new(key.as_str())) {
+            return Err(ServeError::NotFound);
+        }
 
         // 1. The spool.
         let head = method == Method::HEAD;
@@ -169,18 +217,33 @@ impl Resolver {
             }
         };
         if let Some(lf) = found {
-            let ct = crate::sync::upload::content_type(key.as_str());
-            return Ok(local::respond(lf, method, headers, &ct, &self.cache_control).await);
+            // A catalog that cannot answer costs the file its public status, not its bytes:
+            // served as not ready (no-store, weak tag) rather than a 500.
+            let record = match self.meta.record(key.as_str()).await {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::warn!(key = %key, error = %e, "catalog unreadable; serving the spool file as not ready");
+                    None
+                }
+            };
+            let rep = spool_representation(&key, &lf, record.as_ref());
+            return Ok(sem::respond_file(lf, method, headers, &rep, &self.policy, "local").await);
         }
 
         // 2. Metadata: this host's catalog, else S3.
         let meta = match self.meta.get(key.as_str()).await {
             Ok(m) => m,
             Err(e) => {
-                return Err(match &*e {
-                    MetaError::S3(se) => ServeError::NotReady(format!("S3: {}", se.message)),
-                    MetaError::Catalog(ce) => ServeError::Internal(format!("catalog: {ce}")),
-                })
+                return match &*e {
+                    MetaError::S3(_) | MetaError::Timeout(_) => {
+                        tracing::warn!(key = %key, error = %e, "S3 metadata failed; trying the archive");
+                        match Box::pin(self.serve_archive(&key, None, method, headers)).await {
+                            Ok(r) => Ok(r),
+                            Err(_) => Err(ServeError::NotReady(format!("{e}"))),
+                        }
+                    }
+                    MetaError::Catalog(ce) => Err(ServeError::Internal(format!("catalog: {ce}"))),
+                };
             }
         };
         match meta.at {
@@ -191,9 +254,12 @@ impl Resolver {
             Where::Unknown => return Err(ServeError::NotFound),
             // The catalog knows it but S3 does not hold it, and the spool has no copy (the
             // app removed it): the archive may still.
-            Where::NotInS3 => return Box::pin(self.serve_archive(&key, method, headers)).await,
+            Where::NotInS3 => {
+                return Box::pin(self.serve_archive(&key, Some(&meta), method, headers)).await
+            }
             Where::InS3 => {}
         }
+        let rep = meta_representation(&key, &meta);
 
         // 3. The hot cache, only for this exact version.
         let count = if self.cache.enabled() {
@@ -203,7 +269,6 @@ impl Resolver {
         };
         if let Some(sha) = meta.sha256.clone() {
             if self.cache.may_have(key.as_str(), &sha) {
-                let head = method == Method::HEAD;
                 // Fast path: a checked entry whose file opens from the dentry cache and reads
                 // from the page cache, with no thread hop; else the checks on a blocking thread.
                 let hit = match self.cache.try_hit_cached(key.as_str(), &sha, !head) {
@@ -223,15 +288,22 @@ impl Resolver {
                         .flatten()
                     }
                 };
-                if let Some(lf) = hit {
+                // The entry was checked against this SHA-256; its length is the version's.
+                if let Some(lf) = hit.filter(|lf| lf.len == rep.len) {
                     crate::telemetry::metrics().cache_hits.inc();
-                    let ct = crate::sync::upload::content_type(key.as_str());
-                    let r = local::respond(lf, method, headers, &ct, &self.cache_control).await;
-                    return Ok(with_source(r, "cache"));
+                    return Ok(
+                        sem::respond_file(lf, method, headers, &rep, &self.policy, "cache").await,
+                    );
                 }
             }
         }
-        let hot = meta.sha256.is_some() && self.cache.wants(key.as_str(), count);
+        let hot = meta.sha256.is_some() && self.cache.wants(key.as_str(), count) && {
+            let fits = self.cache.fits(meta.size);
+            if !fits {
+                self.cache.refuse(key.as_str());
+            }
+            fits
+        };
         if self.cache.enabled() {
             crate::telemetry::metrics().cache_misses.inc();
         }
@@ -240,38 +312,59 @@ impl Resolver {
         if !hot && self.cfg.http.mode == ServeMode::Redirect {
             return self.redirect(&key).await;
         }
-        if method == Method::HEAD {
-            return Ok(self.s3_head_response(&key, meta.size, meta.sha256.as_deref()));
+        let range = match sem::streamed(method, headers, &rep, &self.policy, "s3") {
+            Streamed::Answer(r) => return Ok(r),
+            Streamed::Fetch(range) => range,
+        };
+        if head {
+            let empty = Response::new(Default::default());
+            return Ok(sem::streamed_response(
+                empty,
+                &rep,
+                range.as_ref(),
+                &self.policy,
+                "s3",
+            ));
         }
-        if !hot && headers.contains_key(http::header::RANGE) {
-            return Box::pin(self.proxy_range(&key, method, headers)).await;
+        if let Some(range) = range {
+            if hot {
+                // The cache fills from a whole-object fetch of its own; this client gets its
+                // range now rather than waiting for (or downloading) all of it.
+                let fill = self
+                    .fetcher
+                    .fetch(key.as_str(), meta.sha256.clone(), meta.size, true);
+                if let Err(e) = fill {
+                    tracing::warn!(key = %key, error = %e, "could not start a cache fill");
+                }
+            }
+            return Box::pin(self.proxy_direct(&key, &meta, &rep, Some(range), method, headers))
+                .await;
         }
         let reader = self
             .fetcher
-            .fetch(key.as_str(), meta.sha256.clone(), hot)
+            .fetch(key.as_str(), meta.sha256.clone(), meta.size, hot)
             .map_err(|e| ServeError::Internal(format!("fill temp file: {e}")))?;
+        let Some(reader) = reader else {
+            // The fills in flight are at their bound: this one goes straight through.
+            return Box::pin(self.proxy_direct(&key, &meta, &rep, None, method, headers)).await;
+        };
         match reader.started().await {
-            Started::Body(len, reader) => {
-                let mut r = warp::reply::stream(reader.into_stream()).into_response();
-                let h = r.headers_mut();
-                h.insert("x-ferry-source", HeaderValue::from_static("s3"));
-                let ct = crate::sync::upload::content_type(key.as_str());
-                if let Ok(v) = HeaderValue::from_str(&ct) {
-                    h.insert(http::header::CONTENT_TYPE, v);
-                }
-                if let Some(n) = len {
-                    h.insert(http::header::CONTENT_LENGTH, HeaderValue::from(n));
-                }
-                if let Some(sha) = &meta.sha256 {
-                    if let Ok(v) = HeaderValue::from_str(&format!("\"{sha}\"")) {
-                        h.insert(http::header::ETAG, v);
-                    }
-                }
-                Ok(r)
+            Started::Body(len, reader) if len.is_none_or(|n| n == rep.len) => {
+                let r = warp::reply::stream(reader.into_stream()).into_response();
+                Ok(sem::streamed_response(r, &rep, None, &self.policy, "s3"))
             }
-            Started::Failed { error, timed_out } => {
+            Started::Body(len, _) => Err(ServeError::Stale(format!(
+                "{key}: S3 sent {len:?} bytes, the metadata says {}",
+                rep.len
+            ))),
+            Started::Failed {
+                error, stale: true, ..
+            } => Err(ServeError::Stale(format!("{key}: {error}"))),
+            Started::Failed {
+                error, timed_out, ..
+            } => {
                 tracing::warn!(key = %key, error = %error, "S3 fetch failed; trying the archive");
-                match Box::pin(self.serve_archive(&key, method, headers)).await {
+                match Box::pin(self.serve_archive(&key, Some(&meta), method, headers)).await {
                     Ok(r) => Ok(r),
                     Err(_) if timed_out => Err(ServeError::Timeout),
                     Err(_) => Err(ServeError::BadGateway),
@@ -280,88 +373,93 @@ impl Resolver {
         }
     }
 
-    fn s3_head_response(&self, key: &Key, size: u64, sha: Option<&str>) -> Response {
-        let mut r = Response::new(Default::default());
-        let h = r.headers_mut();
-        h.insert("x-ferry-source", HeaderValue::from_static("s3"));
-        h.insert(http::header::CONTENT_LENGTH, HeaderValue::from(size));
-        let ct = crate::sync::upload::content_type(key.as_str());
-        if let Ok(v) = HeaderValue::from_str(&ct) {
-            h.insert(http::header::CONTENT_TYPE, v);
-        }
-        if let Some(sha) = sha {
-            if let Ok(v) = HeaderValue::from_str(&format!("\"{sha}\"")) {
-                h.insert(http::header::ETAG, v);
-            }
-        }
-        r
-    }
-
-    /// Proxy mode with a Range: passed through to S3 (no coalescing, nothing cached).
-    async fn proxy_range(
+    /// One range of the object, or all of it, passed straight through from S3 (no
+    /// coalescing, no temp file, nothing cached): ranges, and whole objects when the fills
+    /// in flight are at their bound.
+    async fn proxy_direct(
         &self,
         key: &Key,
+        meta: &Meta,
+        rep: &Representation,
+        range: Option<std::ops::Range<u64>>,
         method: &Method,
         headers: &HeaderMap,
     ) -> Result<Response, ServeError> {
-        let range = headers
-            .get(http::header::RANGE)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_string);
         let obj = key.object_key(&self.cfg.s3.prefix);
-        let out = match self.store.get(&obj, range).await {
-            Ok(o) => o,
-            Err(e) if e.status == Some(416) => {
-                let mut r = Response::new(Default::default());
-                *r.status_mut() = StatusCode::RANGE_NOT_SATISFIABLE;
-                return Ok(r);
+        let get = self.store.get(&obj, range.as_ref().map(sem::range_header));
+        let out = match tokio::time::timeout(FIRST_BYTE_TIMEOUT, get).await {
+            Ok(Ok(o)) => o,
+            Ok(Err(e)) if e.status == Some(416) => {
+                return Err(ServeError::Stale(format!(
+                    "{key}: S3 refused a range inside the metadata's length"
+                )));
             }
-            Err(e) => {
+            Ok(Err(e)) => {
                 tracing::warn!(key = %key, error = %e, "S3 range GET failed; trying the archive");
                 return self
-                    .serve_archive(key, method, headers)
+                    .serve_archive(key, Some(meta), method, headers)
                     .await
                     .map_err(|_| ServeError::BadGateway);
             }
+            Err(_) => {
+                tracing::warn!(key = %key, "S3 range GET timed out; trying the archive");
+                return self
+                    .serve_archive(key, Some(meta), method, headers)
+                    .await
+                    .map_err(|_| ServeError::Timeout);
+            }
         };
-        let content_range = out.content_range().map(str::to_string);
-        let len = out.content_length();
+        // Checked before anything is sent: the range S3 answered for, the object's length,
+        // its deletion marker and its sha256 metadata must all be this version's, or these
+        // bytes belong to another one.
+        let total = match &range {
+            Some(range) => {
+                let want = format!("bytes {}-{}/", range.start, range.end - 1);
+                let total = out
+                    .content_range()
+                    .and_then(|cr| cr.strip_prefix(want.as_str()))
+                    .and_then(|t| t.parse::<u64>().ok());
+                let Some(total) = total else {
+                    return Err(ServeError::Stale(format!(
+                        "{key}: S3 answered {:?} for {want}",
+                        out.content_range()
+                    )));
+                };
+                total
+            }
+            None => out.content_length().map_or(u64::MAX, |n| n.max(0) as u64),
+        };
+        if let Some(why) = super::fetch::other_version_of(
+            meta.sha256.as_deref(),
+            meta.size,
+            Some(total),
+            out.metadata(),
+        ) {
+            return Err(ServeError::Stale(format!("{key}: {why}")));
+        }
         let stream = tokio_util::io::ReaderStream::new(out.body.into_async_read());
-        let mut r = warp::reply::stream(stream).into_response();
-        if content_range.is_some() {
-            *r.status_mut() = StatusCode::PARTIAL_CONTENT;
-        }
-        let h = r.headers_mut();
-        h.insert("x-ferry-source", HeaderValue::from_static("s3"));
-        h.insert(
-            http::header::ACCEPT_RANGES,
-            HeaderValue::from_static("bytes"),
-        );
-        if let Some(cr) = content_range.and_then(|c| HeaderValue::from_str(&c).ok()) {
-            h.insert(http::header::CONTENT_RANGE, cr);
-        }
-        if let Some(n) = len {
-            h.insert(
-                http::header::CONTENT_LENGTH,
-                HeaderValue::from(n.max(0) as u64),
-            );
-        }
-        let ct = crate::sync::upload::content_type(key.as_str());
-        if let Ok(v) = HeaderValue::from_str(&ct) {
-            h.insert(http::header::CONTENT_TYPE, v);
-        }
-        Ok(r)
+        let r = warp::reply::stream(stream).into_response();
+        Ok(sem::streamed_response(
+            r,
+            rep,
+            range.as_ref(),
+            &self.policy,
+            "s3",
+        ))
     }
 
-    /// The archive copy: the local archive dir, or the archive file server.
+    /// The archive copy: the local archive dir, or the archive file server. `meta` is `None`
+    /// when S3 could not be asked.
     async fn serve_archive(
         &self,
         key: &Key,
+        meta: Option<&Meta>,
         method: &Method,
         headers: &HeaderMap,
     ) -> Result<Response, ServeError> {
+        let rep = meta.map(|m| meta_representation(key, m));
         if let Some(fb) = &self.fallback {
-            return fb.get(key, method, headers).await;
+            return fb.get(key, rep, method, headers, &self.policy).await;
         }
         let dir = self.archive.clone();
         let k = key.as_str().to_string();
@@ -369,14 +467,22 @@ impl Resolver {
             .await
             .map_err(|e| ServeError::Internal(format!("open task: {e}")))?
             .map_err(|e| ServeError::Internal(format!("open archive {key}: {e}")))?;
-        match found {
-            Some(lf) => {
-                let ct = crate::sync::upload::content_type(key.as_str());
-                let r = local::respond(lf, method, headers, &ct, &self.cache_control).await;
-                Ok(with_source(r, "archive"))
-            }
-            None => Err(ServeError::NotFound),
-        }
+        let Some(lf) = found else {
+            return Err(ServeError::NotFound);
+        };
+        // The archive copy is the current version when its length agrees; without metadata
+        // (S3 down) it is described by its own stat.
+        let rep = match rep {
+            Some(r) if r.len == lf.len => r,
+            _ => Representation {
+                len: lf.len,
+                etag: Some(Etag::local(lf.len, lf.mtime, lf.inode)),
+                last_modified: Some(lf.mtime),
+                content_type: crate::media::content_type(key.as_str()),
+                caching: Caching::Public,
+            },
+        };
+        Ok(sem::respond_file(lf, method, headers, &rep, &self.policy, "archive").await)
     }
 
     /// The Location for a key in S3: built only from config and the validated key.
@@ -458,26 +564,77 @@ impl Resolver {
         Ok(r)
     }
 
+    /// Ready when the catalog answers and the bucket is reachable. The answer is kept for
+    /// a second and concurrent probes share one check: a load balancer polling every node
+    /// often, or anyone hammering it, costs one HeadBucket a second at most.
     async fn readyz(&self) -> Result<Response, ServeError> {
+        let mut last = self.readiness.lock().await;
+        let fresh = last
+            .as_ref()
+            .filter(|(at, _)| at.elapsed() < READY_MEMORY)
+            .map(|(_, r)| r.clone());
+        let result = match fresh {
+            Some(r) => r,
+            None => {
+                let r = self.check_ready().await;
+                *last = Some((Instant::now(), r.clone()));
+                r
+            }
+        };
+        drop(last);
+        result
+            .map(|()| "ready\n".into_response())
+            .map_err(ServeError::NotReady)
+    }
+
+    async fn check_ready(&self) -> Result<(), String> {
         self.catalog
             .read(|c| Ok(c.query_row("SELECT 1", [], |r| r.get::<_, i64>(0))?))
             .await
-            .map_err(|e| ServeError::NotReady(format!("catalog: {e}")))?;
+            .map_err(|e| format!("catalog: {e}"))?;
         match tokio::time::timeout(Duration::from_secs(3), self.store.head_bucket()).await {
-            Ok(Ok(())) => Ok("ready\n".into_response()),
-            Ok(Err(e)) => Err(ServeError::NotReady(format!("S3: {}", e.message))),
-            Err(_) => Err(ServeError::NotReady("S3: timed out".into())),
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(format!("S3: {}", e.message)),
+            Err(_) => Err("S3: timed out".into()),
         }
     }
 }
 
-/// Replaces X-Ferry-Source on a success response (local::respond marks its answers "local").
-fn with_source(mut r: Response, source: &'static str) -> Response {
-    if r.headers().contains_key("x-ferry-source") {
-        r.headers_mut()
-            .insert("x-ferry-source", HeaderValue::from_static(source));
+/// The representation of the version the metadata describes: the same ETag, length and
+/// Last-Modified whichever source ends up sending it (cache, S3, archive).
+fn meta_representation(key: &Key, meta: &Meta) -> Representation {
+    Representation {
+        len: meta.size,
+        etag: meta.sha256.as_deref().map(Etag::sha256),
+        last_modified: meta.last_modified,
+        content_type: crate::media::content_type(key.as_str()),
+        caching: Caching::Public,
     }
-    r
+}
+
+/// A spool file's representation. Ready (the catalog holds a row for exactly this stat): a
+/// finished version, public, tagged by its SHA-256 once the uploader hashed it, else by its
+/// stat. Not ready: a weak tag and `no-store`, so nothing downstream keeps a file that is
+/// still being written.
+fn spool_representation(
+    key: &Key,
+    lf: &local::LocalFile,
+    record: Option<&Record>,
+) -> Representation {
+    let ready = record.is_some_and(|r| r.ready_for(&lf.stat));
+    let local_tag = Etag::local(lf.len, lf.mtime, lf.inode);
+    let (etag, caching) = match record.and_then(|r| r.sha256_for(&lf.stat)) {
+        Some(sha) => (Etag::sha256(sha), Caching::Public),
+        None if ready => (local_tag, Caching::Public),
+        None => (local_tag.weaken(), Caching::NoStore),
+    };
+    Representation {
+        len: lf.len,
+        etag: Some(etag),
+        last_modified: Some(lf.mtime),
+        content_type: crate::media::content_type(key.as_str()),
+        caching,
+    }
 }
 
 /// Opens a cache file we wrote ourselves (no user-controlled path).
@@ -489,6 +646,7 @@ fn open_path(p: &std::path::Path) -> std::io::Result<Option<local::LocalFile>> {
         len: md.len(),
         mtime: md.modified()?,
         inode: md.ino(),
+        stat: crate::catalog::FileStat::of(&md),
         file,
         preloaded: None,
     }))
@@ -519,38 +677,49 @@ impl FallbackClient {
         }
     }
 
+    /// The archive server's copy, answered with our own semantics: the plan is made here
+    /// from `rep` (the metadata's version), and only a plain GET, or one range, is asked of
+    /// the server. Without metadata the server's length describes the copy.
     async fn get(
         &self,
         key: &Key,
+        rep: Option<Representation>,
         method: &Method,
         headers: &HeaderMap,
+        policy: &Policy,
     ) -> Result<Response, ServeError> {
+        let range = match &rep {
+            Some(rep) => match sem::streamed(method, headers, rep, policy, "archive") {
+                Streamed::Answer(r) => return Ok(r),
+                Streamed::Fetch(range) => range,
+            },
+            None => None,
+        };
         // SECURITY: built from config and the validated, percent-encoded key only.
         let url = format!("{}{}", self.base, key.encoded_object_path(""));
         let mut req = http::Request::builder().method(method.clone()).uri(&url);
-        for h in [
-            http::header::RANGE,
-            http::header::IF_NONE_MATCH,
-            http::header::IF_MODIFIED_SINCE,
-        ] {
-            if let Some(v) = headers.get(&h) {
-                req = req.header(h, v.clone());
-            }
+        if let Some(r) = &range {
+            req = req.header(http::header::RANGE, sem::range_header(r));
         }
         let req = req
             .body(http_body_util::Empty::new())
             .map_err(|e| ServeError::Internal(format!("fallback request: {e}")))?;
-        let resp =
-            match tokio::time::timeout(Duration::from_secs(10), self.client.request(req)).await {
-                Ok(Ok(r)) => r,
-                Ok(Err(e)) => {
-                    tracing::warn!(url, error = %e, "archive file server failed");
-                    return Err(ServeError::BadGateway);
-                }
-                Err(_) => return Err(ServeError::Timeout),
-            };
+        let resp = match tokio::time::timeout(FIRST_BYTE_TIMEOUT, self.client.request(req)).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => {
+                tracing::warn!(url, error = %e, "archive file server failed");
+                return Err(ServeError::BadGateway);
+            }
+            Err(_) => return Err(ServeError::Timeout),
+        };
         let status = resp.status();
-        if !(status.is_success() || status == StatusCode::NOT_MODIFIED) {
+        let want = if range.is_some() {
+            StatusCode::PARTIAL_CONTENT
+        } else {
+            StatusCode::OK
+        };
+        if status != want {
+            tracing::warn!(url, %status, %want, "archive file server answered otherwise");
             return Err(if status == StatusCode::NOT_FOUND {
                 ServeError::NotFound
             } else {
@@ -558,6 +727,49 @@ impl FallbackClient {
             });
         }
         let (parts, body) = resp.into_parts();
+        let header_len = parts
+            .headers
+            .get(http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        let rep = match rep {
+            Some(rep) => rep,
+            None => {
+                let Some(len) = header_len else {
+                    tracing::warn!(url, "archive file server sent no length");
+                    return Err(ServeError::BadGateway);
+                };
+                let last_modified = parts
+                    .headers
+                    .get(http::header::LAST_MODIFIED)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| httpdate::parse_http_date(v).ok());
+                let rep = Representation {
+                    len,
+                    etag: None,
+                    last_modified,
+                    content_type: crate::media::content_type(key.as_str()),
+                    caching: Caching::Public,
+                };
+                // Only the bodiless answers can still be chosen: the whole body is on its way.
+                if let Streamed::Answer(r) = sem::streamed(method, headers, &rep, policy, "archive")
+                {
+                    return Ok(r);
+                }
+                rep
+            }
+        };
+        // Checked before sent: a copy of another length is another version.
+        let expect = range.as_ref().map_or(rep.len, |r| r.end - r.start);
+        if header_len != Some(expect) {
+            tracing::warn!(
+                url,
+                ?header_len,
+                expect,
+                "archive file server copy has another length"
+            );
+            return Err(ServeError::BadGateway);
+        }
         let stream = http_body_util::BodyStream::new(body);
         let stream = futures_util::StreamExt::filter_map(stream, |f| async move {
             match f {
@@ -565,22 +777,262 @@ impl FallbackClient {
                 Err(e) => Some(Err(e)),
             }
         });
-        let mut r = warp::reply::stream(stream).into_response();
-        *r.status_mut() = parts.status;
-        for h in [
-            http::header::CONTENT_TYPE,
-            http::header::CONTENT_LENGTH,
-            http::header::CONTENT_RANGE,
-            http::header::ETAG,
-            http::header::LAST_MODIFIED,
-            http::header::ACCEPT_RANGES,
-        ] {
-            if let Some(v) = parts.headers.get(&h) {
-                r.headers_mut().insert(h, v.clone());
+        let r = warp::reply::stream(stream).into_response();
+        Ok(sem::streamed_response(
+            r,
+            &rep,
+            range.as_ref(),
+            policy,
+            "archive",
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::catalog::State;
+    use crate::config::ActiveContent;
+    use proptest::prelude::*;
+    use sha2::Digest;
+    use std::pin::Pin;
+
+    type Answer = (StatusCode, Vec<(String, String)>, Vec<u8>);
+
+    /// Status, headers (sorted; the source left out, since naming it is its job) and body.
+    async fn answer(resp: Response) -> Answer {
+        let (parts, mut body) = resp.into_parts();
+        let mut out = Vec::new();
+        while let Some(frame) =
+            std::future::poll_fn(|cx| warp::hyper::body::Body::poll_frame(Pin::new(&mut body), cx))
+                .await
+        {
+            if let Ok(data) = frame.expect("body frame").into_data() {
+                out.extend_from_slice(&data);
             }
         }
-        r.headers_mut()
-            .insert("x-ferry-source", HeaderValue::from_static("archive"));
-        Ok(r)
+        let mut headers: Vec<(String, String)> = parts
+            .headers
+            .iter()
+            .filter(|(k, _)| k.as_str() != "x-ferry-source")
+            .map(|(k, v)| {
+                (
+                    k.to_string(),
+                    String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                )
+            })
+            .collect();
+        headers.sort();
+        (parts.status, headers, out)
+    }
+
+    /// A header value chosen by index, in terms of this version's tag and mtime, so the
+    /// random cases hit matches and near misses alike.
+    fn tag_value(i: u8, tag: &str) -> String {
+        match i % 6 {
+            0 => tag.to_string(),
+            1 => format!("W/{tag}"),
+            2 => "\"another\"".into(),
+            3 => "*".into(),
+            4 => format!("\"another\", {tag}"),
+            _ => "garbage".into(),
+        }
+    }
+
+    fn date_value(i: u8, mtime: std::time::SystemTime) -> String {
+        let t = match i % 4 {
+            0 => mtime,
+            1 => mtime - Duration::from_secs(5),
+            2 => mtime + Duration::from_secs(5),
+            _ => return "not a date".into(),
+        };
+        httpdate::fmt_http_date(t)
+    }
+
+    fn range_value(kind: u8, a: u64, b: u64) -> String {
+        match kind % 4 {
+            0 => format!("bytes={}-{}", a.min(b), a.max(b)),
+            1 => format!("bytes={a}-"),
+            2 => format!("bytes=-{b}"),
+            _ => "bytes=oops".into(),
+        }
+    }
+
+    #[derive(Debug, Clone)]
+    struct Case {
+        head: bool,
+        inm: Option<u8>,
+        im: Option<u8>,
+        ims: Option<u8>,
+        ius: Option<u8>,
+        if_range: Option<(bool, u8)>,
+        range: Option<(u8, u64, u64)>,
+    }
+
+    fn cases() -> impl Strategy<Value = Case> {
+        (
+            any::<bool>(),
+            proptest::option::of(any::<u8>()),
+            proptest::option::of(any::<u8>()),
+            proptest::option::of(any::<u8>()),
+            proptest::option::of(any::<u8>()),
+            proptest::option::of((any::<bool>(), any::<u8>())),
+            proptest::option::of((any::<u8>(), 0u64..3100, 0u64..3100)),
+        )
+            .prop_map(|(head, inm, im, ims, ius, if_range, range)| Case {
+                head,
+                inm,
+                im,
+                ims,
+                ius,
+                if_range,
+                range,
+            })
+    }
+
+    fn request(c: &Case, tag: &str, mtime: std::time::SystemTime) -> (Method, HeaderMap) {
+        let mut h = HeaderMap::new();
+        let mut put = |name: http::header::HeaderName, v: String| {
+            h.insert(name, HeaderValue::from_str(&v).expect("test header"));
+        };
+        if let Some(i) = c.inm {
+            put(http::header::IF_NONE_MATCH, tag_value(i, tag));
+        }
+        if let Some(i) = c.im {
+            put(http::header::IF_MATCH, tag_value(i, tag));
+        }
+        if let Some(i) = c.ims {
+            put(http::header::IF_MODIFIED_SINCE, date_value(i, mtime));
+        }
+        if let Some(i) = c.ius {
+            put(http::header::IF_UNMODIFIED_SINCE, date_value(i, mtime));
+        }
+        if let Some((by_tag, i)) = c.if_range {
+            let v = if by_tag {
+                tag_value(i, tag)
+            } else {
+                date_value(i, mtime)
+            };
+            put(http::header::IF_RANGE, v);
+        }
+        if let Some((kind, a, b)) = c.range {
+            put(http::header::RANGE, range_value(kind, a, b));
+        }
+        let m = if c.head { Method::HEAD } else { Method::GET };
+        (m, h)
+    }
+
+    /// One version on disk three times (spool, cache, archive) and "in S3".
+    struct Version {
+        _dir: tempfile::TempDir,
+        root: File,
+        bytes: Vec<u8>,
+        key: Key,
+        meta: Meta,
+        record: Record,
+    }
+
+    fn version(bytes: Vec<u8>) -> Version {
+        let dir = tempfile::tempdir().expect("tempdir");
+        for name in ["spool.bin", "cache.bin", "archive.bin"] {
+            std::fs::write(dir.path().join(name), &bytes).expect("write");
+        }
+        let root = File::open(dir.path()).expect("dir");
+        let spool = local::open_beneath(&root, "spool.bin")
+            .expect("open")
+            .expect("file");
+        let sha = hex::encode(sha2::Sha256::digest(&bytes));
+        // As the uploader leaves the row: verified with the spool file's stat and SHA-256;
+        // the metadata other sources use is read from that row.
+        let record = Record {
+            state: State::Verified,
+            stat: spool.stat,
+            sha256: Some(sha.clone()),
+        };
+        let meta = Meta {
+            at: Where::InS3,
+            size: spool.stat.size,
+            sha256: Some(sha),
+            local: true,
+            last_modified: super::super::meta::system_time(spool.stat.mtime_ns),
+            stale: false,
+        };
+        Version {
+            _dir: dir,
+            root,
+            bytes,
+            key: Key::new("v/photo.svg", "").expect("key"),
+            meta,
+            record,
+        }
+    }
+
+    async fn every_source(
+        v: &Version,
+        method: &Method,
+        h: &HeaderMap,
+    ) -> Vec<(&'static str, Answer)> {
+        let policy = Policy {
+            cache_control: "public, max-age=60".into(),
+            active_content: ActiveContent::Sandbox,
+        };
+        let open = |name: &str| {
+            local::open_beneath(&v.root, name)
+                .expect("open")
+                .expect("file")
+        };
+        let mut out = Vec::new();
+
+        let lf = open("spool.bin");
+        let rep = spool_representation(&v.key, &lf, Some(&v.record));
+        out.push((
+            "local",
+            answer(sem::respond_file(lf, method, h, &rep, &policy, "local").await).await,
+        ));
+
+        for (name, source) in [("cache.bin", "cache"), ("archive.bin", "archive")] {
+            let rep = meta_representation(&v.key, &v.meta);
+            let lf = open(name);
+            out.push((
+                source,
+                answer(sem::respond_file(lf, method, h, &rep, &policy, source).await).await,
+            ));
+        }
+
+        let rep = meta_representation(&v.key, &v.meta);
+        let resp = match sem::streamed(method, h, &rep, &policy, "s3") {
+            Streamed::Answer(r) => r,
+            Streamed::Fetch(range) => {
+                let body = match (&range, *method == Method::HEAD) {
+                    (_, true) => Vec::new(),
+                    (Some(r), false) => v.bytes[r.start as usize..r.end as usize].to_vec(),
+                    (None, false) => v.bytes.clone(),
+                };
+                let r = http::Response::new(bytes::Bytes::from(body)).into_response();
+                sem::streamed_response(r, &rep, range.as_ref(), &policy, "s3")
+            }
+        };
+        out.push(("s3", answer(resp).await));
+        out
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+
+        /// DESIGN.md "HTTP semantics": for the same bytes, every source answers a random set
+        /// of conditional and (single) range headers with the same status, headers and body.
+        #[test]
+        fn every_source_answers_alike(len in 0usize..3000, c in cases()) {
+            let rt = tokio::runtime::Builder::new_current_thread().build().expect("runtime");
+            let v = version((0..len).map(|i| (i * 13 % 251) as u8).collect());
+            let tag = format!("\"{}\"", v.record.sha256.clone().unwrap_or_default());
+            let mtime = v.meta.last_modified.unwrap_or(std::time::UNIX_EPOCH);
+            let (method, h) = request(&c, &tag, mtime);
+            let answers = rt.block_on(every_source(&v, &method, &h));
+            let (first, want) = &answers[0];
+            for (source, got) in &answers[1..] {
+                prop_assert_eq!(got, want, "{} differs from {} for {:?}", source, first, c);
+            }
+        }
     }
 }

@@ -372,12 +372,7 @@ pub struct Ctx {
 }
 
 /// Content-Type from the extension.
-pub fn content_type(key: &str) -> String {
-    mime_guess::from_path(key)
-        .first_or_octet_stream()
-        .essence_str()
-        .to_string()
-}
+pub use crate::media::content_type;
 
 /// How one attempt ended, for the catalog.
 pub enum Attempt {

@@ -8,9 +8,14 @@
 //! process, on every machine and after every restart, ranks alike.
 //!
 //! Health: every backend starts up. A `/healthz` probe every `router.health_interval` marks
-//! it down after 2 failures in a row and up after 2 successes in a row. A connect error
-//! while proxying marks it down at once, and a GET/HEAD without a body is retried once on the
-//! next-ranked healthy backend, so clients do not see the failover.
+//! it down after 2 failures in a row and up after 2 successes in a row; 3 connect errors
+//! within 10 s while proxying mark it down at once. A GET/HEAD without a body is retried
+//! once on the next-ranked healthy backend, so clients do not see the failover; with none
+//! believed healthy the ranked list is tried anyway.
+//!
+//! Here: the `Router` (config, the client connections' bounds, the accept loop) and its own
+//! endpoints. `ring` ranks, `health` probes and keeps each backend's counters, `proxy`
+//! forwards one request.
 
 use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
@@ -34,14 +39,22 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
 
+mod health;
+mod proxy;
+mod ring;
+
+use health::Backend;
+pub use health::Health;
+pub use proxy::{add_forwarded, strip_hop_by_hop};
+use proxy::{empty, text};
+pub use ring::{host_key, path_key, rank, rank_indices, weight, HashBy};
+
 /// The body type on both sides of the proxy: a client's or backend's stream, or our own text.
 pub type Body = UnsyncBoxBody<Bytes, hyper::Error>;
 
 /// The router's own endpoints live under this prefix; everything else is proxied, including
 /// `/healthz`, which belongs to the nodes.
 const OWN_PREFIX: &str = "/-/router/";
-/// A client that has not sent its headers by then is holding a connection for nothing.
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// Connections get this long to finish after shutdown starts.
 const DRAIN: Duration = Duration::from_secs(10);
 /// A backend that accepts no connection by then is treated as unreachable (failover).
@@ -51,6 +64,14 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 const RESPONSE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Consecutive probe results needed to change a backend's state.
 const FLIP_AFTER: u32 = 2;
+/// Connect failures while proxying that mark a backend down at once (before the probes
+/// agree), when they all fall within CONNECT_FAIL_WINDOW. One is not enough: a single
+/// connect timeout (a full accept queue, a lost SYN) would move a node's sites to the next
+/// node, whose extra load could then make it time out in turn.
+pub const CONNECT_FAILS_TO_DOWN: u32 = 3;
+const CONNECT_FAIL_WINDOW: Duration = Duration::from_secs(10);
+/// The longest a pooled connection to a node may sit idle.
+const POOL_IDLE_MAX: Duration = Duration::from_secs(10);
 /// Below this, probes would be a load of their own (and a zero interval cannot tick).
 const MIN_HEALTH_INTERVAL: Duration = Duration::from_millis(10);
 
@@ -76,214 +97,6 @@ pub enum RouteError {
     },
 }
 
-/// What a request is ranked by.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum HashBy {
-    /// The Host header, lower-cased, without port: one site, one node.
-    Host,
-    /// The first path segment after `http.mount` (`/static/<blog>/...`): for sites that
-    /// share one Host.
-    Path,
-}
-
-impl HashBy {
-    pub fn parse(s: &str) -> Result<HashBy, RouteError> {
-        match s {
-            "host" => Ok(HashBy::Host),
-            "path" => Ok(HashBy::Path),
-            other => Err(RouteError::Hash(other.to_string())),
-        }
-    }
-}
-
-/// The rendezvous weight of `backend` for `key`: the first 8 bytes of
-/// SHA-256(backend + "\0" + key). The NUL keeps ("ab", "c") and ("a", "bc") apart.
-pub fn weight(backend: &str, key: &str) -> u64 {
-    let mut h = Sha256::new();
-    h.update(backend.as_bytes());
-    h.update([0u8]);
-    h.update(key.as_bytes());
-    let digest = h.finalize();
-    let mut first = [0u8; 8];
-    first.copy_from_slice(&digest[..8]);
-    u64::from_be_bytes(first)
-}
-
-/// Indices into `backends`, best first, for `key`.
-pub fn rank_indices(backends: &[String], key: &str) -> Vec<usize> {
-    let mut w: Vec<(u64, usize)> = backends
-        .iter()
-        .enumerate()
-        .map(|(i, b)| (weight(b, key), i))
-        .collect();
-    // Ties (astronomically rare) break on the name, so the order of the config list never
-    // matters.
-    w.sort_by(|a, b| {
-        b.0.cmp(&a.0)
-            .then_with(|| backends[a.1].cmp(&backends[b.1]))
-    });
-    w.into_iter().map(|(_, i)| i).collect()
-}
-
-/// `backends` ranked for `key`, best first.
-pub fn rank<'a>(backends: &'a [String], key: &str) -> Vec<&'a str> {
-    rank_indices(backends, key)
-        .into_iter()
-        .map(|i| backends[i].as_str())
-        .collect()
-}
-
-/// The Host a request is ranked by: lower-cased, without port or trailing dot, so
-/// `Example.com:80`, `example.com` and `example.com.` are one site. Falls back to the URI's
-/// authority (absolute-form requests); "" when there is neither.
-pub fn host_key(headers: &HeaderMap, uri: &Uri) -> String {
-    let raw = headers
-        .get(header::HOST)
-        .and_then(|v| v.to_str().ok())
-        .or_else(|| uri.authority().map(Authority::as_str))
-        .unwrap_or("")
-        .trim();
-    let host = if raw.starts_with('[') {
-        // An IPv6 literal: the port, if any, follows the bracket.
-        match raw.find(']') {
-            Some(end) => &raw[..=end],
-            None => raw,
-        }
-    } else {
-        match raw.rsplit_once(':') {
-            Some((h, port)) if port.bytes().all(|b| b.is_ascii_digit()) => h,
-            _ => raw,
-        }
-    };
-    let host = host.strip_suffix('.').unwrap_or(host);
-    host.to_ascii_lowercase()
-}
-
-/// The first path segment after `mount` (`/static/<blog>/a.jpg` -> `<blog>`), as sent
-/// (not decoded: the same bytes always rank alike); "" outside the mount.
-pub fn path_key<'p>(mount: &str, path: &'p str) -> &'p str {
-    match path.strip_prefix(mount) {
-        Some(rest) => rest.split_once('/').map_or(rest, |(first, _)| first),
-        None => "",
-    }
-}
-
-/// One backend's health as the probes and the proxy saw it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Health {
-    pub healthy: bool,
-    /// Failed probes in a row; 2 mark an up backend down.
-    pub fails: u32,
-    /// Successful probes in a row; 2 mark a down backend up.
-    pub successes: u32,
-}
-
-impl Default for Health {
-    /// Every backend starts up: routing begins at once, and a dead one is found by the first
-    /// request (connect error) or the first two probes.
-    fn default() -> Self {
-        Health {
-            healthy: true,
-            fails: 0,
-            successes: 0,
-        }
-    }
-}
-
-impl Health {
-    /// Counts one probe result; returns the new state when it changed.
-    pub fn record(&mut self, ok: bool) -> Option<bool> {
-        if ok {
-            self.fails = 0;
-            self.successes = self.successes.saturating_add(1);
-            if !self.healthy && self.successes >= FLIP_AFTER {
-                self.healthy = true;
-                return Some(true);
-            }
-        } else {
-            self.successes = 0;
-            self.fails = self.fails.saturating_add(1);
-            if self.healthy && self.fails >= FLIP_AFTER {
-                self.healthy = false;
-                return Some(false);
-            }
-        }
-        None
-    }
-
-    /// A connect error while proxying: down now, without waiting for probes (the request
-    /// that found it is being retried elsewhere). Returns whether it was up.
-    pub fn mark_down(&mut self) -> bool {
-        let was = self.healthy;
-        self.healthy = false;
-        self.successes = 0;
-        self.fails = self.fails.max(FLIP_AFTER);
-        was
-    }
-}
-
-struct Backend {
-    /// `http://host:port`, the form that is hashed, so "http://a:1/" and "http://a:1" rank
-    /// alike.
-    name: String,
-    authority: Authority,
-    healthz: Uri,
-    /// A std Mutex: held only to read or update the counters, never across an await.
-    health: Mutex<Health>,
-}
-
-impl Backend {
-    fn parse(raw: &str) -> Result<Backend, RouteError> {
-        let bad = |reason| RouteError::Backend {
-            backend: raw.to_string(),
-            reason,
-        };
-        let uri: Uri = raw
-            .trim()
-            .parse()
-            .map_err(|_| bad("is not a URL like http://10.0.0.2:8080"))?;
-        if uri.scheme_str() != Some("http") {
-            return Err(bad(
-                "must start with http:// (the router speaks plain HTTP to its nodes)",
-            ));
-        }
-        let authority = uri.authority().cloned().ok_or(bad("has no host:port"))?;
-        if authority.port_u16().is_none() || authority.host().is_empty() {
-            return Err(bad(
-                "must name a host and a port, like http://10.0.0.2:8080",
-            ));
-        }
-        if authority.as_str().contains('@') {
-            return Err(bad("must not contain credentials"));
-        }
-        if uri.query().is_some() || !matches!(uri.path(), "" | "/") {
-            return Err(bad("must not have a path or query"));
-        }
-        let name = format!("http://{authority}");
-        let healthz = format!("{name}/healthz")
-            .parse()
-            .map_err(|_| bad("is not a URL like http://10.0.0.2:8080"))?;
-        Ok(Backend {
-            name,
-            authority,
-            healthz,
-            health: Mutex::new(Health::default()),
-        })
-    }
-
-    fn health(&self) -> Health {
-        *self.health.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn is_healthy(&self) -> bool {
-        self.health().healthy
-    }
-
-    fn update<T>(&self, f: impl FnOnce(&mut Health) -> T) -> T {
-        f(&mut self.health.lock().unwrap_or_else(|p| p.into_inner()))
-    }
-}
-
 /// The router's state: backends with their health, and the one pooled client.
 pub struct Router {
     backends: Vec<Backend>,
@@ -293,6 +106,12 @@ pub struct Router {
     mount: String,
     interval: Duration,
     client: Client<HttpConnector, Body>,
+    /// `http.header_read_timeout`: a client gets this long to send its first request head.
+    header_timeout: Duration,
+    /// `http.send_timeout`: a response write may stall this long.
+    send_timeout: Duration,
+    /// `router.max_connections`.
+    max_connections: usize,
 }
 
 impl Router {
@@ -324,7 +143,10 @@ impl Router {
         connector.set_connect_timeout(Some(CONNECT_TIMEOUT));
         let client = Client::builder(TokioExecutor::new())
             .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(Duration::from_secs(30))
+            // Well below the nodes' idle close (http.header_read_timeout, when they share
+            // the setting): a pooled connection the node is about to close is dropped here
+            // first, instead of failing the request that reuses it.
+            .pool_idle_timeout((cfg.http.header_read_timeout.0 / 3).min(POOL_IDLE_MAX))
             .build(connector);
         Ok(Router {
             names: backends.iter().map(|b| b.name.clone()).collect(),
@@ -333,6 +155,9 @@ impl Router {
             mount: cfg.http.mount.clone(),
             interval: r.health_interval.0,
             client,
+            header_timeout: cfg.http.header_read_timeout.0,
+            send_timeout: cfg.http.send_timeout.0,
+            max_connections: r.max_connections,
         })
     }
 
@@ -358,56 +183,6 @@ impl Router {
             HashBy::Host => host_key(headers, uri),
             HashBy::Path => path_key(&self.mount, uri.path()).to_string(),
         }
-    }
-
-    /// Probes every backend each `health_interval` until `shutdown`.
-    pub async fn check_health(self: Arc<Self>, shutdown: CancellationToken) {
-        let mut tick = tokio::time::interval(self.interval);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        // A slow probe must not outlive the next round by much, nor fail a healthy backend
-        // on a short interval.
-        let limit = self
-            .interval
-            .clamp(Duration::from_millis(500), Duration::from_secs(5));
-        loop {
-            tokio::select! {
-                _ = shutdown.cancelled() => return,
-                _ = tick.tick() => {}
-            }
-            let round =
-                futures_util::future::join_all(self.backends.iter().map(|b| self.probe(b, limit)));
-            let results = tokio::select! {
-                _ = shutdown.cancelled() => return,
-                r = round => r,
-            };
-            for (b, ok) in self.backends.iter().zip(results) {
-                match b.update(|h| h.record(ok)) {
-                    Some(true) => tracing::info!(backend = %b.name, "backend up"),
-                    Some(false) => {
-                        tracing::warn!(backend = %b.name, "backend down: /healthz failed twice")
-                    }
-                    None => {}
-                }
-            }
-        }
-    }
-
-    async fn probe(&self, b: &Backend, limit: Duration) -> bool {
-        let req = match Request::get(b.healthz.clone())
-            .header(header::USER_AGENT, "ferry-router")
-            .body(empty())
-        {
-            Ok(r) => r,
-            Err(_) => return false,
-        };
-        let attempt = async {
-            let resp = self.client.request(req).await.ok()?;
-            let ok = resp.status().is_success();
-            // Read the (tiny) body so the connection goes back to the pool.
-            let _ = Limited::new(resp.into_body(), 4096).collect().await;
-            Some(ok)
-        };
-        matches!(tokio::time::timeout(limit, attempt).await, Ok(Some(true)))
     }
 
     /// Answers one client request: the router's own endpoints, else the proxy.
@@ -447,86 +222,29 @@ impl Router {
         }
     }
 
-    async fn proxy(&self, req: Request<Incoming>, peer: IpAddr) -> Response<Body> {
-        let (parts, body) = req.into_parts();
-        let key = self.key_for(&parts.headers, &parts.uri);
-        let order = rank_indices(&self.names, &key);
-        let mut headers = parts.headers;
-        strip_hop_by_hop(&mut headers);
-        add_forwarded(&mut headers, peer);
-        let path = parts
-            .uri
-            .path_and_query()
-            .map_or("/", |p| p.as_str())
-            .to_string();
-        // Only a request whose whole body is known (none) can be sent twice; GET and HEAD are
-        // safe to repeat, and nothing has reached the client yet when we retry.
-        let replayable = matches!(parts.method, Method::GET | Method::HEAD) && body.is_end_stream();
-        let mut body = Some(body);
-        let mut attempts = 0;
-        for i in order {
-            let b = &self.backends[i];
-            if !b.is_healthy() {
-                continue;
-            }
-            let send_body = if replayable {
-                empty()
-            } else {
-                match body.take() {
-                    Some(incoming) => incoming.boxed_unsync(),
-                    None => break,
-                }
-            };
-            attempts += 1;
-            let out = match upstream_request(b, &parts.method, &path, &headers, send_body) {
-                Ok(r) => r,
-                Err(e) => {
-                    tracing::warn!(backend = %b.name, error = %e, "cannot build the upstream request");
-                    return text(StatusCode::BAD_REQUEST, "bad request\n");
-                }
-            };
-            match tokio::time::timeout(RESPONSE_TIMEOUT, self.client.request(out)).await {
-                Ok(Ok(resp)) => {
-                    let (mut rp, rb) = resp.into_parts();
-                    strip_hop_by_hop(&mut rp.headers);
-                    return Response::from_parts(rp, rb.boxed_unsync());
-                }
-                Ok(Err(e)) => {
-                    if e.is_connect() && b.update(Health::mark_down) {
-                        tracing::warn!(backend = %b.name, error = %e, "backend down: connect failed");
-                    } else {
-                        tracing::warn!(backend = %b.name, error = %e, "proxying failed");
-                    }
-                    if !replayable || attempts >= 2 {
-                        break;
-                    }
-                    // A non-connect error (a pooled connection that died under us) leaves
-                    // the backend up, so skip it explicitly: the retry goes to the next one.
-                }
-                Err(_) => {
-                    tracing::warn!(backend = %b.name, "no response headers within {RESPONSE_TIMEOUT:?}");
-                    return text(StatusCode::GATEWAY_TIMEOUT, "gateway timeout\n");
-                }
-            }
-        }
-        if attempts == 0 {
-            text(StatusCode::BAD_GATEWAY, "no healthy backend\n")
-        } else {
-            text(StatusCode::BAD_GATEWAY, "backend unreachable\n")
-        }
-    }
-
     /// Accepts on `listener` until `shutdown`, then lets open connections finish for up to
     /// 10 s.
     pub async fn serve(self: Arc<Self>, listener: TcpListener, shutdown: CancellationToken) {
-        let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+        // HTTP/1 only: hyper-util's auto builder reads an HTTP/2 preface with no deadline
+        // (its header timeout covers HTTP/1 only), so one byte of "PRI * HTTP/2.0" held a
+        // connection forever. Here every connection is under one deadline until its first
+        // complete request head.
+        let mut builder = hyper::server::conn::http1::Builder::new();
         builder
-            .http1()
             .timer(TokioTimer::new())
-            .header_read_timeout(HEADER_READ_TIMEOUT);
+            .header_read_timeout(self.header_timeout)
+            .keep_alive(true);
         let builder = Arc::new(builder);
+        let header_timeout = self.header_timeout;
+        let send_timeout = self.send_timeout;
+        let cap = crate::serve::conn::Cap::new(self.max_connections);
         let tracker = TaskTracker::new();
         loop {
+            // At the cap, wait: the kernel's backlog holds newcomers until a slot frees.
+            let slot = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                s = cap.slot() => s,
+            };
             let (stream, peer) = tokio::select! {
                 _ = shutdown.cancelled() => break,
                 r = listener.accept() => match r {
@@ -547,7 +265,7 @@ impl Router {
             tracker.spawn(async move {
                 // A silent client holds no hyper buffers, and does not hold up shutdown.
                 let spoke = tokio::select! {
-                    ok = crate::serve::first_byte(&stream, HEADER_READ_TIMEOUT) => ok,
+                    ok = crate::serve::first_byte(&stream, header_timeout) => ok,
                     _ = stop.cancelled() => false,
                 };
                 if !spoke {
@@ -558,7 +276,9 @@ impl Router {
                     let router = router.clone();
                     async move { Ok::<_, Infallible>(router.handle(req, ip).await) }
                 });
-                let conn = builder.serve_connection(TokioIo::new(stream), svc);
+                let _slot = slot;
+                let io = crate::serve::conn::SendTimeout::new(stream, send_timeout);
+                let conn = builder.serve_connection(TokioIo::new(io), svc);
                 tokio::pin!(conn);
                 let res = tokio::select! {
                     r = conn.as_mut() => r,
@@ -581,108 +301,6 @@ impl Router {
             );
         }
     }
-}
-
-fn empty() -> Body {
-    Empty::<Bytes>::new()
-        .map_err(|never| match never {})
-        .boxed_unsync()
-}
-
-/// A short plain-text answer from the router itself (never cached: it describes a moment).
-fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {
-    let mut r = Response::new(
-        Full::new(body.into())
-            .map_err(|never| match never {})
-            .boxed_unsync(),
-    );
-    *r.status_mut() = status;
-    let h = r.headers_mut();
-    h.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
-    if status != StatusCode::OK {
-        h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    }
-    r
-}
-
-fn upstream_request(
-    b: &Backend,
-    method: &Method,
-    path_and_query: &str,
-    headers: &HeaderMap,
-    body: Body,
-) -> Result<Request<Body>, http::Error> {
-    let uri = Uri::builder()
-        .scheme("http")
-        .authority(b.authority.clone())
-        .path_and_query(path_and_query)
-        .build()?;
-    let mut req = Request::builder()
-        .method(method.clone())
-        .uri(uri)
-        .body(body)?;
-    // The client's Host goes through unchanged: the nodes see the site that was asked for.
-    *req.headers_mut() = headers.clone();
-    Ok(req)
-}
-
-/// Removes the headers that describe one connection (RFC 9110 7.6.1), including any the
-/// Connection header names: they must not leak onto our connection to the other side.
-pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
-        .collect();
-    for n in named {
-        // The Host routes the request; "Connection: host" must not take it away.
-        if n != header::HOST {
-            headers.remove(n);
-        }
-    }
-    for n in [
-        header::CONNECTION,
-        header::TE,
-        header::TRAILER,
-        header::TRANSFER_ENCODING,
-        header::UPGRADE,
-        header::PROXY_AUTHORIZATION,
-        header::PROXY_AUTHENTICATE,
-    ] {
-        headers.remove(n);
-    }
-    headers.remove("keep-alive");
-    headers.remove("proxy-connection");
-}
-
-/// Appends the client's address to X-Forwarded-For and sets X-Forwarded-Proto.
-pub fn add_forwarded(headers: &mut HeaderMap, client: IpAddr) {
-    // Earlier hops' values are kept (joined into one line); a value that is not visible
-    // ASCII cannot be passed on faithfully, so it is dropped rather than mangled.
-    let prior: Vec<String> = headers
-        .get_all("x-forwarded-for")
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .map(str::trim)
-        .filter(|s| !s.is_empty())
-        .map(str::to_string)
-        .collect();
-    let value = if prior.is_empty() {
-        client.to_string()
-    } else {
-        format!("{}, {client}", prior.join(", "))
-    };
-    let value = HeaderValue::from_str(&value).unwrap_or_else(|_| {
-        HeaderValue::from_str(&client.to_string()).unwrap_or(HeaderValue::from_static("unknown"))
-    });
-    headers.insert("x-forwarded-for", value);
-    // SECURITY: set, not appended: a client must not be able to claim it came over https.
-    headers.insert("x-forwarded-proto", HeaderValue::from_static("http"));
 }
 
 /// Runs the router on `router.listen` until `shutdown`.
@@ -809,6 +427,36 @@ mod tests {
     }
 
     #[test]
+    fn a_backend_goes_down_on_connect_failures_only_when_they_come_close_together() {
+        let t0 = std::time::Instant::now();
+        let mut h = Health::default();
+        // Failures spread wider than the window never add up.
+        for i in 0..10u32 {
+            assert!(!h.connect_failed(t0 + (CONNECT_FAIL_WINDOW + Duration::from_secs(1)) * i));
+            assert!(h.healthy);
+        }
+        let t1 = t0 + CONNECT_FAIL_WINDOW * 20;
+        for i in 1..CONNECT_FAILS_TO_DOWN {
+            assert!(!h.connect_failed(t1 + Duration::from_millis(u64::from(i))));
+            assert!(h.healthy, "{i} failure(s) are not enough");
+        }
+        assert!(h.connect_failed(t1 + Duration::from_secs(1)));
+        assert!(!h.healthy);
+        // Back up through the probes as before.
+        assert_eq!(h.record(true), None);
+        assert_eq!(h.record(true), Some(true));
+    }
+
+    #[test]
+    fn backend_names_are_case_insensitive() {
+        let a = Backend::parse("http://NODE-A.example:8080").unwrap();
+        assert_eq!(a.name, "http://node-a.example:8080");
+        let mut cfg = Config::default();
+        cfg.router.backends = names(&["http://A:1", "http://a:1"]);
+        assert!(Router::new(&cfg).is_err(), "one backend named twice");
+    }
+
+    #[test]
     fn backends_are_validated_and_named() {
         let ok = Backend::parse("http://127.0.0.1:8080/").unwrap();
         assert_eq!(ok.name, "http://127.0.0.1:8080");
@@ -892,7 +540,7 @@ mod tests {
 
     #[test]
     fn example_router_config_parses() {
-        let text = include_str!("../config/router.toml");
+        let text = include_str!("../../config/router.toml");
         let c = Config::from_toml_with_env(text, "config/router.toml", Vec::new()).unwrap();
         let r = Router::new(&c).unwrap();
         assert_eq!(r.backend_health().len(), c.router.backends.len());

@@ -1,0 +1,184 @@
+//! Proxying one request: hop-by-hop headers out, forwarding headers in, the ranked
+//! backends tried in order with one retry of a replayable request, and the router's own
+//! plain-text answers.
+
+use super::*;
+
+impl Router {
+    /// Sends one request to the first backend of its ranking that answers.
+    pub(super) async fn proxy(&self, req: Request<Incoming>, peer: IpAddr) -> Response<Body> {
+        let (parts, body) = req.into_parts();
+        let key = self.key_for(&parts.headers, &parts.uri);
+        let order = rank_indices(&self.names, &key);
+        let mut headers = parts.headers;
+        strip_hop_by_hop(&mut headers);
+        add_forwarded(&mut headers, peer);
+        let path = parts
+            .uri
+            .path_and_query()
+            .map_or("/", |p| p.as_str())
+            .to_string();
+        // Only a request whose whole body is known (none) can be sent twice; GET and HEAD are
+        // safe to repeat, and nothing has reached the client yet when we retry.
+        let replayable = matches!(parts.method, Method::GET | Method::HEAD) && body.is_end_stream();
+        let mut body = Some(body);
+        let mut attempts = 0;
+        // With every backend believed down, the belief is what is most likely wrong (a
+        // probe lost, a node back before its next probe): try them in rank order anyway
+        // rather than answer 502 without asking anyone.
+        let any_up = order.iter().any(|&i| self.backends[i].is_healthy());
+        for i in order {
+            let b = &self.backends[i];
+            if any_up && !b.is_healthy() {
+                continue;
+            }
+            let send_body = if replayable {
+                empty()
+            } else {
+                match body.take() {
+                    Some(incoming) => incoming.boxed_unsync(),
+                    None => break,
+                }
+            };
+            attempts += 1;
+            let out = match upstream_request(b, &parts.method, &path, &headers, send_body) {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::warn!(backend = %b.name, error = %e, "cannot build the upstream request");
+                    return text(StatusCode::BAD_REQUEST, "bad request\n");
+                }
+            };
+            match tokio::time::timeout(RESPONSE_TIMEOUT, self.client.request(out)).await {
+                Ok(Ok(resp)) => {
+                    let (mut rp, rb) = resp.into_parts();
+                    strip_hop_by_hop(&mut rp.headers);
+                    return Response::from_parts(rp, rb.boxed_unsync());
+                }
+                Ok(Err(e)) => {
+                    let now = std::time::Instant::now();
+                    if e.is_connect() && b.update(|h| h.connect_failed(now)) {
+                        tracing::warn!(backend = %b.name, error = %e, "backend down: connect failed");
+                    } else {
+                        tracing::warn!(backend = %b.name, error = %e, "proxying failed");
+                    }
+                    if !replayable || attempts >= 2 {
+                        break;
+                    }
+                    // A non-connect error (a pooled connection that died under us) leaves
+                    // the backend up, so skip it explicitly: the retry goes to the next one.
+                }
+                Err(_) => {
+                    tracing::warn!(backend = %b.name, "no response headers within {RESPONSE_TIMEOUT:?}");
+                    return text(StatusCode::GATEWAY_TIMEOUT, "gateway timeout\n");
+                }
+            }
+        }
+        if attempts == 0 {
+            text(StatusCode::BAD_GATEWAY, "no healthy backend\n")
+        } else {
+            text(StatusCode::BAD_GATEWAY, "backend unreachable\n")
+        }
+    }
+}
+
+pub(super) fn empty() -> Body {
+    Empty::<Bytes>::new()
+        .map_err(|never| match never {})
+        .boxed_unsync()
+}
+
+/// A short plain-text answer from the router itself (never cached: it describes a moment).
+pub(super) fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {
+    let mut r = Response::new(
+        Full::new(body.into())
+            .map_err(|never| match never {})
+            .boxed_unsync(),
+    );
+    *r.status_mut() = status;
+    let h = r.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    if status != StatusCode::OK {
+        h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    }
+    r
+}
+
+fn upstream_request(
+    b: &Backend,
+    method: &Method,
+    path_and_query: &str,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<Request<Body>, http::Error> {
+    let uri = Uri::builder()
+        .scheme("http")
+        .authority(b.authority.clone())
+        .path_and_query(path_and_query)
+        .build()?;
+    let mut req = Request::builder()
+        .method(method.clone())
+        .uri(uri)
+        .body(body)?;
+    // The client's Host goes through unchanged: the nodes see the site that was asked for.
+    *req.headers_mut() = headers.clone();
+    Ok(req)
+}
+
+/// Removes the headers that describe one connection (RFC 9110 7.6.1), including any the
+/// Connection header names: they must not leak onto our connection to the other side.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    for n in named {
+        // The Host routes the request; "Connection: host" must not take it away.
+        if n != header::HOST {
+            headers.remove(n);
+        }
+    }
+    for n in [
+        header::CONNECTION,
+        header::TE,
+        header::TRAILER,
+        header::TRANSFER_ENCODING,
+        header::UPGRADE,
+        header::PROXY_AUTHORIZATION,
+        header::PROXY_AUTHENTICATE,
+    ] {
+        headers.remove(n);
+    }
+    headers.remove("keep-alive");
+    headers.remove("proxy-connection");
+}
+
+/// Appends the client's address to X-Forwarded-For and sets X-Forwarded-Proto.
+pub fn add_forwarded(headers: &mut HeaderMap, client: IpAddr) {
+    // Earlier hops' values are kept (joined into one line); a value that is not visible
+    // ASCII cannot be passed on faithfully, so it is dropped rather than mangled.
+    let prior: Vec<String> = headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(str::to_string)
+        .collect();
+    let value = if prior.is_empty() {
+        client.to_string()
+    } else {
+        format!("{}, {client}", prior.join(", "))
+    };
+    let value = HeaderValue::from_str(&value).unwrap_or_else(|_| {
+        HeaderValue::from_str(&client.to_string()).unwrap_or(HeaderValue::from_static("unknown"))
+    });
+    headers.insert("x-forwarded-for", value);
+    // SECURITY: set, not appended: a client must not be able to claim it came over https.
+    headers.insert("x-forwarded-proto", HeaderValue::from_static("http"));
+}
