@@ -223,6 +223,30 @@ const MIGRATIONS: &[&str] = &[
         message TEXT NOT NULL,
         at_ms INTEGER NOT NULL
      );",
+    // 5: a change log of keys (serve invalidates its metadata per key, not wholesale; the
+    //    newest 10,000 changes are kept, and a reader that fell further behind clears all)
+    //    and the count of rows per state (`/metrics` and `ferry status` read it instead of
+    //    counting every row), both kept by triggers in the writer's own transactions.
+    "CREATE TABLE changes (seq INTEGER PRIMARY KEY AUTOINCREMENT, key TEXT NOT NULL);
+     CREATE TABLE state_counts (state TEXT PRIMARY KEY NOT NULL, n INTEGER NOT NULL);
+     INSERT INTO state_counts (state, n) SELECT state, COUNT(*) FROM files GROUP BY state;
+     CREATE TRIGGER files_ins AFTER INSERT ON files BEGIN
+        INSERT INTO changes (key) VALUES (NEW.key);
+        DELETE FROM changes WHERE seq <= (SELECT MAX(seq) FROM changes) - 10000;
+        INSERT OR IGNORE INTO state_counts (state, n) VALUES (NEW.state, 0);
+        UPDATE state_counts SET n = n + 1 WHERE state = NEW.state;
+     END;
+     CREATE TRIGGER files_upd AFTER UPDATE ON files BEGIN
+        INSERT INTO changes (key) VALUES (NEW.key);
+        DELETE FROM changes WHERE seq <= (SELECT MAX(seq) FROM changes) - 10000;
+        UPDATE state_counts SET n = n - 1 WHERE state = OLD.state;
+        INSERT OR IGNORE INTO state_counts (state, n) VALUES (NEW.state, 0);
+        UPDATE state_counts SET n = n + 1 WHERE state = NEW.state;
+     END;
+     CREATE TRIGGER files_del AFTER DELETE ON files BEGIN
+        INSERT INTO changes (key) VALUES (OLD.key);
+        UPDATE state_counts SET n = n - 1 WHERE state = OLD.state;
+     END;",
 ];
 
 fn open_conn(path: &Path) -> Result<Connection> {
@@ -664,6 +688,40 @@ pub mod ops {
         Ok(())
     }
 
+    /// Keys changed after `after` (a change-log sequence number), oldest first, at most
+    /// `limit`; and whether entries after `after` were already pruned (the reader fell
+    /// behind and must forget everything). Returns the last sequence number seen.
+    pub fn changes_since(
+        c: &Connection,
+        after: i64,
+        limit: usize,
+    ) -> Result<(Vec<String>, i64, bool)> {
+        let oldest: Option<i64> = c
+            .prepare_cached("SELECT MIN(seq) FROM changes")?
+            .query_row([], |r| r.get(0))?;
+        let gap = oldest.is_some_and(|o| o > after + 1);
+        let mut stmt =
+            c.prepare_cached("SELECT seq, key FROM changes WHERE seq > ?1 ORDER BY seq LIMIT ?2")?;
+        let mut last = after;
+        let mut keys = Vec::new();
+        for r in stmt.query_map(params![after, limit as i64], |r| {
+            Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?))
+        })? {
+            let (seq, key) = r?;
+            last = seq;
+            keys.push(key);
+        }
+        Ok((keys, last, gap))
+    }
+
+    /// The newest change-log sequence number (0 when empty).
+    pub fn last_change(c: &Connection) -> Result<i64> {
+        Ok(
+            c.prepare_cached("SELECT COALESCE(MAX(seq), 0) FROM changes")?
+                .query_row([], |r| r.get(0))?,
+        )
+    }
+
     /// Archived rows whose copy is still kept, archived at or after `since_ms`; with
     /// `sample`, that many chosen at random.
     pub fn archived_rows(c: &Connection, since_ms: i64, sample: Option<usize>) -> Result<Vec<Row>> {
@@ -725,7 +783,8 @@ pub mod ops {
         for s in State::ALL {
             counts.insert(s.as_str().to_string(), 0u64);
         }
-        let mut stmt = c.prepare("SELECT state, COUNT(*) FROM files GROUP BY state")?;
+        // Kept by triggers: counting every row per scrape cost a full scan of millions.
+        let mut stmt = c.prepare_cached("SELECT state, n FROM state_counts")?;
         for r in stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))? {
             let (s, n) = r?;
             counts.insert(s, n as u64);
@@ -1048,6 +1107,59 @@ mod tests {
             ctime_ns: i as i64,
             inode: i,
         }
+    }
+
+    /// The per-state counts kept by triggers (what `/metrics` and `ferry status` read instead
+    /// of counting every row) equal a real count after every kind of state change.
+    #[test]
+    fn state_counts_follow_every_change() {
+        let t = tempfile::tempdir().unwrap();
+        let cat = Catalog::open(&t.path().join("c.db")).unwrap();
+        cat.write_blocking(|c| {
+            let real = |c: &Connection| -> Result<BTreeMap<String, u64>> {
+                let mut stmt = c.prepare("SELECT state, COUNT(*) FROM files GROUP BY state")?;
+                let v = stmt
+                    .query_map([], |r| {
+                        Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64))
+                    })?
+                    .collect::<rusqlite::Result<BTreeMap<_, _>>>()?;
+                Ok(v)
+            };
+            let check = |c: &Connection, when: &str| -> Result<()> {
+                let want = real(c)?;
+                let got: BTreeMap<String, u64> = ops::status(c)?
+                    .counts
+                    .into_iter()
+                    .filter(|(_, n)| *n > 0)
+                    .collect();
+                assert_eq!(got, want, "after {when}");
+                Ok(())
+            };
+            for i in 0..20u64 {
+                ops::note_ready(c, &Key::new(&format!("k{i:02}"), "").unwrap(), stat(i))?;
+            }
+            check(c, "queueing")?;
+            let rows = ops::claim_due(c, now_ms(), 10, &Default::default())?;
+            check(c, "claims")?;
+            for r in &rows[..5] {
+                ops::mark_verified(c, &r.key, r.gen, r.stat, "00", None)?;
+            }
+            check(c, "verified")?;
+            for r in &rows[..3] {
+                ops::mark_archived(c, &r.key, r.gen)?;
+            }
+            ops::mark_archive_failed(c, &rows[3].key, rows[3].gen, 0, "EROFS")?;
+            ops::mark_failed(c, &rows[5].key, rows[5].gen, 0, "denied")?;
+            ops::mark_vanished(c, &rows[6].key, rows[6].gen)?;
+            check(c, "outcomes")?;
+            ops::mark_deleted(c, &rows[0].key)?;
+            // A new version of an archived key.
+            ops::note_ready(c, &Key::new(&rows[1].key, "").unwrap(), stat(99))?;
+            ops::reset_uploading(c)?;
+            check(c, "delete, re-drop, recovery")?;
+            Ok(())
+        })
+        .unwrap();
     }
 
     /// The uploader takes due rows oldest-due first, skipping those in flight and not yet due,

@@ -1,7 +1,7 @@
 //! The metadata cache: key → {state, size, sha256}, for `http.metadata_ttl` (unknown keys a
 //! few seconds only). Loaded from the local catalog, else from an S3 HEAD, so serving nodes
 //! need no shared database. Concurrent lookups of one key share one load. Dropped whole
-//! within 200 ms of any catalog commit on this host (SQLite's `data_version`).
+//! per key within 200 ms of a catalog commit on this host (the catalog's change log).
 //!
 //! When S3 cannot be asked (an error, or no answer to a HEAD within 10 s), the last answer S3
 //! gave is served for up to `http.metadata_grace` past its TTL, re-asked every few seconds.
@@ -302,15 +302,46 @@ impl MetaCache {
         }
     }
 
-    /// Clears the cache whenever the catalog changes; runs until `shutdown`.
+    /// Forgets the cached metadata of each key the catalog changes, within `POLL` of the
+    /// commit (the catalog's change log; its `data_version` says cheaply whether to look).
+    /// Runs until `shutdown`.
     pub async fn watch(self: Arc<Self>, shutdown: CancellationToken) {
+        let c = self.catalog.clone();
+        let mut seen = tokio::task::spawn_blocking(move || c.read_blocking(ops::last_change))
+            .await
+            .ok()
+            .and_then(|r| r.ok())
+            .unwrap_or(0);
         loop {
             let c = self.catalog.clone();
             if let Ok(Ok(v)) = tokio::task::spawn_blocking(move || c.data_version()).await {
                 let old = self.version.swap(v, Ordering::Relaxed);
                 if old != v && old != i64::MIN {
-                    self.cache.invalidate_all();
-                    self.records.invalidate_all();
+                    let c = self.catalog.clone();
+                    let after = seen;
+                    let got = tokio::task::spawn_blocking(move || {
+                        c.read_blocking(|c| ops::changes_since(c, after, 100_000))
+                    })
+                    .await;
+                    match got {
+                        Ok(Ok((keys, last, gap))) => {
+                            if gap {
+                                // Fell behind the kept log: forget everything once.
+                                self.cache.invalidate_all();
+                                self.records.invalidate_all();
+                            } else {
+                                for k in &keys {
+                                    self.cache.invalidate(k).await;
+                                    self.records.invalidate(k).await;
+                                }
+                            }
+                            seen = last;
+                        }
+                        _ => {
+                            self.cache.invalidate_all();
+                            self.records.invalidate_all();
+                        }
+                    }
                 }
             }
             tokio::select! {
@@ -338,6 +369,67 @@ mod tests {
             stat: STAT,
             sha256: sha.map(str::to_string),
         }
+    }
+
+    /// A catalog change to one key forgets that key's cached record only: on a busy upload
+    /// node every commit used to clear the whole cache.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_change_forgets_only_its_own_key() {
+        std::env::set_var("AWS_EC2_METADATA_DISABLED", "true");
+        std::env::set_var("AWS_ACCESS_KEY_ID", "test");
+        std::env::set_var("AWS_SECRET_ACCESS_KEY", "test");
+        let t = tempfile::tempdir().unwrap();
+        let db = t.path().join("ferry.db");
+        let catalog = Catalog::open(&db).unwrap();
+        let stat = FileStat {
+            size: 1,
+            mtime_ns: 1,
+            ctime_ns: 1,
+            inode: 1,
+        };
+        for k in ["a.jpg", "b.jpg"] {
+            let key = crate::key::Key::new(k, "").unwrap();
+            catalog
+                .write(move |c| ops::note_ready(c, &key, stat).map(|_| ()))
+                .await
+                .unwrap();
+        }
+        let mut cfg = crate::config::Config::default();
+        cfg.s3.endpoint = "http://127.0.0.1:9".into();
+        let store = Store::new(&cfg).await;
+        let meta = Arc::new(MetaCache::new(
+            catalog.clone(),
+            store,
+            String::new(),
+            Duration::from_secs(300),
+            Duration::from_secs(300),
+        ));
+        let stop = CancellationToken::new();
+        let w = tokio::spawn(meta.clone().watch(stop.clone()));
+        tokio::time::sleep(POLL * 2).await;
+        assert!(meta.record("a.jpg").await.unwrap().is_some());
+        assert!(meta.record("b.jpg").await.unwrap().is_some());
+        // Another process (here: another connection) changes a.jpg.
+        let other = Catalog::open(&db).unwrap();
+        other
+            .write(|c| ops::mark_vanished(c, "a.jpg", 1).map(|_| ()))
+            .await
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while meta.records.contains_key("a.jpg") {
+            assert!(Instant::now() < deadline, "a.jpg was never forgotten");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(
+            meta.records.contains_key("b.jpg"),
+            "an unrelated key was forgotten too"
+        );
+        assert_eq!(
+            meta.record("a.jpg").await.unwrap().map(|r| r.state),
+            Some(State::Vanished)
+        );
+        stop.cancel();
+        w.await.unwrap();
     }
 
     #[test]
