@@ -213,8 +213,7 @@ const MIGRATIONS: &[&str] = &[
      WHERE state IN ('queued', 'failed');",
     // 4: rows whose archive move failed are claimed again (for the move only), so the queue
     //    index holds them too; notices are conditions `ferry status` shows that belong to no
-    //    row (files read without a lease, unreadable spool folders, unverified bytes put
-    //    aside).
+    //    row (files read without a lease, unreadable spool folders, conflict names).
     "DROP INDEX files_due_order;
      CREATE INDEX files_due_order ON files(next_attempt_ms, queued_at_ms) \
      WHERE state IN ('queued', 'failed', 'archive_failed');
@@ -390,8 +389,12 @@ pub mod ops {
                     // the file is the verified file itself, not a new version (requeueing it
                     // would mark a row vanished whose bytes S3 and the archive hold). A new
                     // file under the key has another inode or ctime.
-                    State::Queued | State::Uploading | State::Failed => same(&r),
-                    State::Verified | State::ArchiveFailed | State::Archived => same_file(&r),
+                    // Archived keeps the full stat: its spool inode may be freed and reused
+                    // by a new file with the same size and a preserved mtime (`cp -p`).
+                    State::Queued | State::Uploading | State::Failed | State::Archived => same(&r),
+                    // Still in the spool (or at its reserved name), so the inode cannot have
+                    // been reused.
+                    State::Verified | State::ArchiveFailed => same_file(&r),
                     // A file in the spool under a vanished or deleted key is a new version.
                     State::Vanished | State::Deleted => false,
                 };
@@ -688,6 +691,7 @@ pub mod ops {
         exec(
             c,
             "UPDATE files SET state = CASE state WHEN 'failed' THEN 'queued' ELSE state END, \
+             last_error = CASE state WHEN 'archive_failed' THEN NULL ELSE last_error END, \
              next_attempt_ms = 0 WHERE key = ?1 AND state IN ('queued', 'failed', 'archive_failed')",
             [key],
         )?;

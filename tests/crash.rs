@@ -329,3 +329,53 @@ fn a_replace_by_rename_during_the_move_then_a_crash_keeps_both_versions() {
     assert_eq!(std::fs::read(&versions[0]).unwrap(), one);
     assert_eq!(env.count("vanished"), 0);
 }
+
+/// The application replaces the file by rename between ferry's final check and its rename
+/// to the reserved name, and ferry dies right after that rename: the new file, carried to
+/// ferry's reserved name, gets its spool name back at the restart and is uploaded; it is
+/// never hidden, never called vanished or archived unseen.
+#[test]
+fn a_file_carried_to_a_reserved_name_by_a_crash_gets_its_name_back() {
+    if !cfg!(debug_assertions) {
+        eprintln!("SKIPPED: crash points exist in debug builds only");
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let s3 = S3::start(t.path());
+    let mut env = Env::for_s3(&s3);
+    let key = "carried/photo.jpg";
+    let one = content("carried one", 30_000);
+    let two = content("carried two", 33_000);
+    drop_by_rename(&env, key, &one);
+    let spool = env.spool();
+    let tmpdir = env.dir.path().to_path_buf();
+    let d = crash_with_pause(&mut env, "final-stat", "reserved", || {
+        let tmp = tmpdir.join("v2.tmp");
+        std::fs::write(&tmp, &two).unwrap();
+        std::fs::rename(&tmp, spool.join(key)).unwrap();
+    });
+    drop(d);
+    let archive = env.archive();
+    let d = env.spawn(&["sync"]);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !(env.spool_files().is_empty()
+        && std::fs::read(archive.join(key)).is_ok_and(|b| b == two)
+        && env.count("archived") == 1)
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the new file was not uploaded; spool {:?}; status {}\n{}",
+            walk(&env.spool()),
+            env.status(),
+            d.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(s3_sha(&s3, key), Some((two.len() as u64, sha256_hex(&two))));
+    assert_eq!(env.count("vanished"), 0);
+    let hidden: Vec<_> = walk(&env.spool())
+        .into_iter()
+        .filter(|p| p.to_string_lossy().contains(".ferry-move."))
+        .collect();
+    assert!(hidden.is_empty(), "{hidden:?}");
+}

@@ -891,3 +891,28 @@ fn emptied_spool_folders_are_removed() {
     });
     assert!(env.spool().exists());
 }
+
+/// A row the daemon left `archive_failed` (its next try far away) is tried again by
+/// `sync --once` once the archive is writable, and its stale error does not stop the run.
+#[test]
+fn sync_once_retries_a_row_left_archive_failed() {
+    let t = tempfile::tempdir().unwrap();
+    let s3 = S3::start(t.path());
+    let mut env = Env::for_s3(&s3);
+    let Some(m) = BindMount::new(&t.path().join("real-archive"), &env.archive()) else {
+        return;
+    };
+    m.read_only(true);
+    env.set("FERRY_RETRY_MAX_INTERVAL", "1h");
+    let d = env.spawn(&["sync"]);
+    env.drop_file("later.jpg", &content("later", 2000));
+    wait_for(Duration::from_secs(30), "archive_failed", || {
+        env.count("archive_failed") == 1
+    });
+    drop(d);
+    m.read_only(false);
+    let (code, out, err) = env.run(&["sync", "--once", "--timeout", "60s"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert_eq!(env.count("archived"), 1);
+    assert!(env.archive().join("later.jpg").exists());
+}

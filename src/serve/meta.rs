@@ -77,7 +77,7 @@ impl Record {
         }
         // For rows whose bytes S3 holds, size, mtime and inode decide, as in the catalog's
         // note_ready: ferry's own undone move to the archive sets the ctime.
-        if self.state.in_s3() {
+        if matches!(self.state, State::Verified | State::ArchiveFailed) {
             return (self.stat.size, self.stat.mtime_ns, self.stat.inode)
                 == (stat.size, stat.mtime_ns, stat.inode);
         }

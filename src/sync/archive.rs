@@ -27,9 +27,6 @@ use crate::sync::lease;
 
 /// Where earlier archive copies of a re-dropped key go.
 pub const VERSIONS_DIR: &str = ".ferry-versions";
-/// Where bytes go that came back from the archive when a new file already held their
-/// spool name: never counted as archived, listed in `ferry status`.
-pub const UNVERIFIED_DIR: &str = ".ferry-unverified";
 /// Prefix of the archive side's temp copies (removed at start-up by [`remove_stale_temps`]).
 pub const TMP_PREFIX: &str = ".ferry-tmp.";
 /// The longest file name Linux filesystems take.
@@ -45,8 +42,8 @@ pub enum Outcome {
     Busy,
     /// The spool file is gone; if `archive/KEY` holds it, a crash interrupted a move.
     Missing,
-    /// The bytes came back from the archive but a new file held their spool name: they are
-    /// at this path under `archive/.ferry-unverified/`.
+    /// The bytes came back but a new file held their spool name: they are at this conflict
+    /// name beside it, still in the spool.
     PutAside(PathBuf),
 }
 
@@ -355,11 +352,11 @@ fn locate(
         Ok(md) if md.ino() == expect.inode => return Ok(Found::Changed),
         Ok(_) | Err(_) => {}
     }
-    if reserved
-        .symlink_metadata()
-        .is_ok_and(|m| m.is_file() && m.ino() == expect.inode)
-    {
-        return Ok(Found::Reserved);
+    match reserved.symlink_metadata() {
+        Ok(m) if m.is_file() && m.ino() == expect.inode => return Ok(Found::Reserved),
+        // Someone else's file, carried to our reserved name: it goes back (Changed).
+        Ok(_) => return Ok(Found::Changed),
+        Err(_) => {}
     }
     // A move that finished before a crash: the archive holds our inode (same filesystem)
     // or a copy; either way only its bytes decide.
@@ -404,7 +401,8 @@ pub fn archive(
     let at = match locate(&src, &reserved, &natural, expect, sha256_hex)? {
         Found::Missing => return Ok(Outcome::Missing),
         Found::Changed => {
-            // A changed file at the reserved name goes back to the spool name.
+            // A changed file at the reserved name goes back to the spool name, and so
+            // does a foreign one (a file that took the spool name just before our rename).
             if reserved.symlink_metadata().is_ok() {
                 return put_back(archive, key, &reserved, &src).map(|a| match a {
                     Some(p) => Outcome::PutAside(p),
@@ -473,6 +471,9 @@ pub fn archive(
     // (1) Take the name: from here only this inode can travel to the archive.
     if at == src {
         hook("before-reserve");
+        // Not a crash step (nothing durable happened): a pause point for tests of the
+        // window between the check and the rename.
+        crashpoint::hit("final-stat");
         rename_noreplace(&src, &reserved)?;
         crashpoint::hit("reserved");
     }
@@ -578,36 +579,102 @@ pub fn archive(
     Ok(Outcome::Archived)
 }
 
+/// A free name beside `src` for bytes that cannot have `src` back because a new file took
+/// it: `NAME~conflict-20261201T093000Z` (shortened to fit 255 bytes). It is a visible,
+/// valid spool name, so the bytes stay in the spool and go up under it; nothing that S3
+/// does not hold ever leaves the spool this way.
+pub fn conflict_path(src: &Path) -> PathBuf {
+    let stamp = humantime::format_rfc3339_seconds(SystemTime::now())
+        .to_string()
+        .replace(['-', ':'], "");
+    let parent = src.parent().map(Path::to_path_buf).unwrap_or_default();
+    let name = src
+        .file_name()
+        .map(|n| n.as_bytes().to_vec())
+        .unwrap_or_default();
+    let mut n = 0;
+    loop {
+        let full = stamped_name(&name, &format!("conflict-{stamp}"), n);
+        // stamped_name joins with '@'; a conflict copy is marked with '~' instead.
+        let mut v = full;
+        if let Some(i) = v.iter().rposition(|&b| b == b'@') {
+            v[i] = b'~';
+        }
+        let p = parent.join(std::ffi::OsStr::from_bytes(&v));
+        if p.symlink_metadata().is_err() {
+            return p;
+        }
+        n += 1;
+    }
+}
+
 /// Moves `from` back to the spool name `src` without replacing a file that took the name
-/// meanwhile; if one did, the bytes go to `archive/.ferry-unverified/` instead (returned).
-fn put_back(archive: &Path, key: &Key, from: &Path, src: &Path) -> io::Result<Option<PathBuf>> {
+/// meanwhile; if one did, `from` gets a conflict name beside it (returned), in the spool.
+/// `from` is always on the spool's filesystem here (a reserved name, or an archive path a
+/// same-filesystem rename just reached), so this is a rename, never a copy.
+fn put_back(_archive: &Path, key: &Key, from: &Path, src: &Path) -> io::Result<Option<PathBuf>> {
     hook("before-put-back");
     match rename_noreplace(from, src) {
         Ok(()) => Ok(None),
         Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {
-            let aside = stamped_path(archive, UNVERIFIED_DIR, key, SystemTime::now());
-            if let Some(parent) = aside.parent() {
-                fs::create_dir_all(parent)?;
-            }
-            match rename_noreplace(from, &aside) {
-                Ok(()) => {}
-                // The reserved name is on the spool's filesystem: copy it over, keep the
-                // spool copy hidden no more than needed.
-                Err(e) if e.raw_os_error() == Some(libc::EXDEV) => {
-                    fs::copy(from, &aside)?;
-                    File::open(&aside)?.sync_all()?;
-                    fs::remove_file(from)?;
-                }
-                Err(e) => return Err(e),
-            }
+            let aside = conflict_path(src);
+            rename_noreplace(from, &aside)?;
             if let Some(parent) = aside.parent() {
                 fsync_dir(parent)?;
             }
-            tracing::warn!(key = %key, path = %aside.display(), "a file changed while it was archived and a new one took its spool name; its bytes were put aside unverified");
+            tracing::warn!(key = %key, path = %aside.display(), "a file changed while it was archived and a new one took its spool name; it stays in the spool under a conflict name and goes up under that name");
             Ok(Some(aside))
         }
         Err(e) => Err(e),
     }
+}
+
+/// Reserved names in `dir` (`.ferry-move.*`) whose inode is not the one their name gives:
+/// a file that took the spool name between ferry's check and its rename, and was carried
+/// along by a crash at the wrong moment. Each is given back a visible spool name: the
+/// name of the row whose stat has its inode, else a conflict name for that row's key, else
+/// `ferry-recovered-<inode>`. Returns what was put back, for the log.
+pub fn return_foreign_reserved(
+    dir: &Path,
+    names_by_inode: &std::collections::HashMap<u64, PathBuf>,
+) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let Ok(rd) = fs::read_dir(dir) else {
+        return out;
+    };
+    for e in rd.flatten() {
+        let name = e.file_name();
+        let Some(named) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix(MOVE_PREFIX))
+            .and_then(|n| n.parse::<u64>().ok())
+        else {
+            continue;
+        };
+        let Ok(m) = e.path().symlink_metadata() else {
+            continue;
+        };
+        if m.ino() == named {
+            continue; // ours: the archive step goes on from there
+        }
+        let target = names_by_inode
+            .get(&m.ino())
+            .cloned()
+            .unwrap_or_else(|| dir.join(format!("ferry-recovered-{}", m.ino())));
+        let dest = match rename_noreplace(&e.path(), &target) {
+            Ok(()) => target,
+            Err(_) => {
+                let c = conflict_path(&target);
+                if rename_noreplace(&e.path(), &c).is_err() {
+                    continue;
+                }
+                c
+            }
+        };
+        let _ = fsync_dir(dir);
+        out.push(dest);
+    }
+    out
 }
 
 /// The cross-device path, from the reserved spool name: copy from the leased descriptor to
@@ -820,7 +887,7 @@ mod tests {
     }
 
     /// A new file that takes the spool name while a changed file is being put back is
-    /// never replaced: the returned bytes go to `.ferry-unverified/`.
+    /// never replaced: the returned bytes take a conflict name beside it, in the spool.
     #[test]
     fn putting_back_never_replaces_a_new_file() {
         let t = tempfile::tempdir().unwrap();
@@ -872,7 +939,14 @@ mod tests {
             "the new file was replaced"
         );
         assert_eq!(fs::read(&aside).unwrap(), b"verified bytes");
-        assert!(aside.starts_with(arch.join(UNVERIFIED_DIR)));
+        assert!(
+            aside.starts_with(&spool),
+            "unverified bytes must stay in the spool"
+        );
+        assert!(
+            aside.to_string_lossy().contains("race.jpg~conflict-"),
+            "{aside:?}"
+        );
         assert!(!dst.exists(), "changed bytes must not count as archived");
     }
 

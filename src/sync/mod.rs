@@ -83,11 +83,33 @@ pub async fn recover(ctx: &Ctx) -> anyhow::Result<()> {
             tracing::info!(removed = n, archive = %archive.display(), "removed temp copies left by a crash");
         }
     });
-    // Queued or failed rows whose file is gone have nothing left to do.
+    // Queued or failed rows whose file is gone have nothing left to do, unless the file
+    // is at a reserved name: a crash between ferry's check and its rename can carry a file
+    // that had just taken the spool name there. Such files get their names back first.
     let waiting = ctx
         .catalog
         .read(|c| ops::rows_in(c, &[State::Queued, State::Failed]))
         .await?;
+    let mut by_dir: HashMap<std::path::PathBuf, HashMap<u64, std::path::PathBuf>> = HashMap::new();
+    for row in &waiting {
+        let Ok(key) = Key::new(&row.key, &ctx.cfg.s3.prefix) else {
+            continue;
+        };
+        let path = key.path_in(&ctx.spool);
+        if path.symlink_metadata().is_err() {
+            if let Some(dir) = path.parent() {
+                by_dir
+                    .entry(dir.to_path_buf())
+                    .or_default()
+                    .insert(row.stat.inode, path.clone());
+            }
+        }
+    }
+    for (dir, names) in &by_dir {
+        for p in archive::return_foreign_reserved(dir, names) {
+            tracing::warn!(path = %p.display(), "a file carried to a reserved name by a crash got a spool name back");
+        }
+    }
     for row in waiting {
         let Ok(key) = Key::new(&row.key, &ctx.cfg.s3.prefix) else {
             continue;

@@ -750,10 +750,10 @@ impl Ctx {
             }
             Ok(Ok(Outcome::PutAside(p))) => {
                 let (topic, msg) = (
-                    format!("unverified:{}", key.as_str()),
+                    format!("conflict:{}", key.as_str()),
                     format!(
-                        "bytes that changed while being archived were put aside at {} (a new \
-                         file had taken the spool name); they are not in S3",
+                        "bytes that changed while being archived stay in the spool as {} (a \
+                         new file had taken the name); they go up under that name",
                         p.display()
                     ),
                 );
