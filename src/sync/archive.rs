@@ -341,10 +341,12 @@ enum Found {
 fn locate(
     src: &Path,
     reserved: &Path,
-    dst: &Path,
+    (archive, key): (&Path, &Key),
     expect: FileStat,
     sha256_hex: &str,
 ) -> io::Result<Found> {
+    let natural = key.path_in(archive);
+    let dst = natural.as_path();
     match src.symlink_metadata() {
         Ok(md) if md.file_type().is_file() && same_version(&FileStat::of(&md), &expect) => {
             return Ok(Found::AtName)
@@ -368,6 +370,12 @@ fn locate(
             // Our inode, written to after the move (a writer whose open waited on our
             // lease when the process died): its bytes are not the verified ones.
             return Ok(Found::Changed);
+        }
+    }
+    // Or under `.ferry-versions/`, where a copy goes whose archive path another key holds.
+    if let Some(p) = find_copy(archive, key, expect.size).filter(|p| p != dst) {
+        if sha256_of(&p)? == sha256_hex {
+            return Ok(Found::InArchive);
         }
     }
     if src.symlink_metadata().is_ok() {
@@ -398,7 +406,7 @@ pub fn archive(
     let src_parent = src.parent().unwrap_or(spool).to_path_buf();
     let reserved = reserved_name(&src, expect.inode);
     let natural = key.path_in(archive);
-    let at = match locate(&src, &reserved, &natural, expect, sha256_hex)? {
+    let at = match locate(&src, &reserved, (archive, key), expect, sha256_hex)? {
         Found::Missing => return Ok(Outcome::Missing),
         Found::Changed => {
             // A changed file at the reserved name goes back to the spool name, and so
