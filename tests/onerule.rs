@@ -916,3 +916,27 @@ fn sync_once_retries_a_row_left_archive_failed() {
     assert_eq!(env.count("archived"), 1);
     assert!(env.archive().join("later.jpg").exists());
 }
+
+/// A file renamed into the spool while its writer still holds it open (write to a temp
+/// name, rename, keep writing): a rename event makes a file ready at once, so only the
+/// lease keeps it back until the writer closes it.
+#[test]
+fn a_file_renamed_in_while_still_open_waits_for_its_writer() {
+    let t = tempfile::tempdir().unwrap();
+    let s3 = S3::start(t.path());
+    let env = Env::for_s3(&s3);
+    let d = env.spawn(&["sync"]);
+    std::thread::sleep(Duration::from_millis(500));
+    let key = "renamed-open.jpg";
+    let bytes = content(key, 90_000);
+    let tmp = env.dir.path().join("incoming.part");
+    let mut f = std::fs::File::create(&tmp).unwrap();
+    f.write_all(&bytes[..30_000]).unwrap();
+    std::fs::rename(&tmp, env.spool().join(key)).unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(s3_bytes(&s3, key), None, "went up while open\n{}", d.log());
+    f.write_all(&bytes[30_000..]).unwrap();
+    drop(f);
+    wait_archived(&env, &d, 1, Duration::from_secs(30));
+    assert_in_s3(&s3, key, &bytes);
+}

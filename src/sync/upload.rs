@@ -625,33 +625,7 @@ impl Ctx {
         let read_back = self.cfg.s3.verify == VerifyMode::ReadBack || row.attempts > 1;
         let (etag, by) = match verify(&self.store, &object_key, &path, &h, read_back).await {
             Ok(v) => v,
-            Err(VerifyError::Mismatch(m)) => {
-                return Attempt::Retry {
-                    class: Class::Transient,
-                    error: format!("verification failed: {m}"),
-                    retry_after: None,
-                }
-            }
-            // Not found right after a PUT that succeeded: a store that is not yet
-            // read-after-write consistent (or a proxy's stale view). Transient, and soon.
-            Err(VerifyError::Store(e)) if e.is_not_found() => {
-                return Attempt::Retry {
-                    class: Class::Transient,
-                    error: format!("verification failed: S3 does not show the object yet: {e}"),
-                    retry_after: None,
-                }
-            }
-            Err(VerifyError::Store(e)) => return store_retry(e),
-            Err(VerifyError::Hash(HashError::Changed)) => {
-                return Attempt::Changed("changed during verification")
-            }
-            Err(VerifyError::Hash(e)) => {
-                return Attempt::Retry {
-                    class: Class::Transient,
-                    error: e.to_string(),
-                    retry_after: None,
-                }
-            }
+            Err(e) => return verify_failed(e),
         };
 
         crate::crashpoint::hit("verified-check");
@@ -940,6 +914,45 @@ impl Ctx {
     }
 }
 
+/// What a failed verification means for the row.
+fn verify_failed(e: VerifyError) -> Attempt {
+    match e {
+        VerifyError::Mismatch(m) => Attempt::Retry {
+            class: Class::Transient,
+            error: format!("verification failed: {m}"),
+            retry_after: None,
+        },
+        // Not found right after a PUT that succeeded: a store that is not yet
+        // read-after-write consistent (or a proxy's stale view). Transient, and soon; a
+        // 404 is otherwise permanent (retried only at `retry.max_interval`).
+        VerifyError::Store(e) if e.is_not_found() => Attempt::Retry {
+            class: Class::Transient,
+            error: format!("verification failed: S3 does not show the object yet: {e}"),
+            retry_after: None,
+        },
+        VerifyError::Store(e) => store_retry(e),
+        VerifyError::Hash(HashError::Changed) => Attempt::Changed("changed during verification"),
+        VerifyError::Hash(e) => Attempt::Retry {
+            class: Class::Transient,
+            error: e.to_string(),
+            retry_after: None,
+        },
+    }
+}
+
+/// How long the scheduler sleeps when it looked for work: until the next row is due, but
+/// not at all in a loop when a due row could not be claimed (its key is in flight, a
+/// re-drop, or every permit is taken): a finishing upload wakes it then.
+fn scheduler_wait(next_due: Option<i64>, now: i64, claimed: usize) -> Duration {
+    let ms = match next_due {
+        Some(t) if t > now => (t - now).clamp(10, 1000),
+        Some(_) if claimed == 0 => 1000,
+        Some(_) => 10,
+        None => 1000,
+    };
+    Duration::from_millis(ms as u64)
+}
+
 fn store_retry(e: StoreError) -> Attempt {
     Attempt::Retry {
         class: e.class,
@@ -1014,19 +1027,11 @@ pub async fn run(ctx: Arc<Ctx>, shutdown: CancellationToken) -> anyhow::Result<(
         }
         // Sleep until something is due, a file arrives, an upload finishes, or shutdown.
         let next = ctx.catalog.read(ops::next_due).await.ok().flatten();
-        let now = now_ms();
-        let wait_ms = match next {
-            Some(t) if t > now => (t - now).clamp(10, 1000),
-            // Due now but nothing was claimed: the row's key is in flight (a re-drop) or
-            // every permit is taken. A finishing upload wakes us; no need to spin.
-            Some(_) if claimed == 0 => 1000,
-            Some(_) => 10,
-            None => 1000,
-        } as u64;
+        let wait = scheduler_wait(next, now_ms(), claimed);
         tokio::select! {
             _ = shutdown.cancelled() => break,
             _ = ctx.wake.notified() => {}
-            _ = tokio::time::sleep(Duration::from_millis(wait_ms)) => {}
+            _ = tokio::time::sleep(wait) => {}
         }
     }
     // Stop taking work; let uploads in flight finish within the deadline.
@@ -1050,6 +1055,47 @@ pub const SHUTDOWN_DEADLINE: Duration = Duration::from_secs(10);
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A due row the scheduler could not claim (its key in flight: a re-drop) makes it wait
+    /// for a wake-up, not poll every 10 ms.
+    #[test]
+    fn the_scheduler_does_not_spin_on_a_row_it_cannot_claim() {
+        let now = 1_000_000;
+        assert_eq!(
+            scheduler_wait(Some(now - 5), now, 0),
+            Duration::from_secs(1)
+        );
+        assert_eq!(
+            scheduler_wait(Some(now - 5), now, 3),
+            Duration::from_millis(10)
+        );
+        assert_eq!(
+            scheduler_wait(Some(now + 300), now, 0),
+            Duration::from_millis(300)
+        );
+        assert_eq!(scheduler_wait(None, now, 0), Duration::from_secs(1));
+    }
+
+    /// A 404 on the HEAD right after a successful PUT is transient and retried soon: a
+    /// 404 is otherwise permanent and would wait `retry.max_interval`.
+    #[test]
+    fn not_found_after_a_put_is_transient() {
+        let e = StoreError {
+            op: "head",
+            key: "k".into(),
+            class: Class::Permanent,
+            code: Some("NotFound".into()),
+            status: Some(404),
+            message: "not found (HTTP 404)".into(),
+            retry_after: None,
+        };
+        match verify_failed(VerifyError::Store(e)) {
+            Attempt::Retry { class, error, .. } => {
+                assert_eq!(class, Class::Transient, "{error}");
+            }
+            _ => panic!("not a retry"),
+        }
+    }
 
     #[test]
     fn part_size_grows_to_fit_10000_parts() {
