@@ -225,10 +225,10 @@ const MIGRATIONS: &[&str] = &[
     // 5: a change log of keys (serve invalidates its metadata per key, not wholesale; the
     //    newest 10,000 changes are kept, and a reader that fell further behind clears all)
     //    and the count of rows per state (`/metrics` and `ferry status` read it instead of
-    //    counting every row), both kept by triggers in the writer's own transactions. A new
-    //    row needs no log entry: its file is in the spool, which serve looks at first, and
-    //    it leaves the spool only through updates, which are logged. Triggers cost per
-    //    statement, so the insert path (100,000 files queued at start-up) has one.
+    //    counting every row), both kept by triggers in the writer's own transactions. New
+    //    rows are logged too: serve caches "no row" for a spool file (not ready yet).
+    //    Triggers cost per statement, so the insert path (100,000 files queued at start-up)
+    //    has two and the log is pruned only every 1,000 entries.
     "CREATE TABLE changes (seq INTEGER PRIMARY KEY, key TEXT NOT NULL);
      CREATE TABLE state_counts (state TEXT PRIMARY KEY NOT NULL, n INTEGER NOT NULL);
      INSERT INTO state_counts (state, n) VALUES ('queued', 0), ('uploading', 0),
@@ -239,6 +239,7 @@ const MIGRATIONS: &[&str] = &[
         DELETE FROM changes WHERE seq <= NEW.seq - 10000;
      END;
      CREATE TRIGGER files_ins AFTER INSERT ON files BEGIN
+        INSERT INTO changes (key) VALUES (NEW.key);
         UPDATE state_counts SET n = n + 1 WHERE state = NEW.state;
      END;
      CREATE TRIGGER files_upd AFTER UPDATE ON files BEGIN
