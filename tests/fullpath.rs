@@ -759,3 +759,45 @@ fn past_the_fill_limit_a_proxied_object_streams_without_a_temp_file() {
     assert!(head_text.contains(&tag), "{head_text}");
     assert!(all[split..] == bytes[..], "the whole object, unchanged");
 }
+
+/// The object in S3 changed its bytes but not its length or metadata (bit rot, a PUT by
+/// something else). A proxied or hot-filled answer can only check the SHA-256 at the end:
+/// its last byte waits for that check, so wrong bytes never make a complete 200 under the
+/// version's ETag (the body ends short of its Content-Length; no client or CDN keeps it).
+#[test]
+fn other_bytes_from_s3_never_make_a_complete_body_under_the_versions_etag() {
+    let t = tempfile::tempdir().unwrap();
+    let s3 = S3::start(t.path());
+    let good = blob(3, 200_000);
+    let env = uploaded(&s3, &[("x.jpg", &good), ("h.jpg", &good)], &[]);
+    let mut bad = good.clone();
+    bad[199_990] ^= 0xff; // near the end: only the final hash can tell
+    for key in ["x.jpg", "h.jpg"] {
+        let f = walk(&s3.data)
+            .into_iter()
+            .find(|p| p.to_string_lossy().ends_with(&format!("/{key}")))
+            .unwrap_or_else(|| panic!("no s3s-fs file for {key}"));
+        std::fs::write(&f, &bad).unwrap();
+    }
+    let tag = format!("\"{}\"", sha256_hex(&good));
+    for (mode, hot_hits, key) in [("proxy", "1000", "x.jpg"), ("redirect", "1", "h.jpg")] {
+        let mut env = Env {
+            dir: tempfile::tempdir().unwrap(),
+            vars: env.vars.clone(),
+        };
+        env.set("FERRY_HTTP_MODE", mode);
+        env.set("FERRY_CACHE_HOT_HITS", hot_hits);
+        let d = env.spawn(&["serve"]);
+        let r = get(d.addr(), &format!("/static/{key}"));
+        let cl: usize = r
+            .header("content-length")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        let complete = r.status == 200 && cl == r.body.len();
+        assert!(
+            !(complete && r.header("etag") == Some(tag.as_str())),
+            "{mode}: a complete 200 of other bytes went out under the version's ETag"
+        );
+        assert_ne!(r.body, bad, "{mode}: the wrong bytes were delivered whole");
+    }
+}

@@ -100,6 +100,10 @@ pub(super) fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Body>
         header::CONTENT_TYPE,
         HeaderValue::from_static("text/plain; charset=utf-8"),
     );
+    h.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
     if status != StatusCode::OK {
         h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     }

@@ -368,8 +368,16 @@ impl FillReader {
         futures_util::stream::unfold(self, |mut r| async move {
             loop {
                 let p = r.rx.borrow_and_update().clone();
-                if p.written > r.pos {
-                    let want = (p.written - r.pos).min(256 * 1024) as usize;
+                // The last byte waits until the fill has checked the SHA-256: bytes that do
+                // not match never make a complete body (the response ends short of its
+                // Content-Length, so no client or cache takes it for the version).
+                let limit = if p.done {
+                    p.written
+                } else {
+                    p.written.saturating_sub(1)
+                };
+                if limit > r.pos {
+                    let want = (limit - r.pos).min(256 * 1024) as usize;
                     let pos = r.pos;
                     let mut file = match r.file.try_clone() {
                         Ok(f) => f,

@@ -85,8 +85,14 @@ impl Record {
     }
 
     /// The SHA-256 of exactly the file with `stat`, once the uploader hashed it.
+    ///
+    /// The full stat, ctime included: readiness forgives the ctime ferry's own undone
+    /// archive move sets, but a file replaced with the same size, mtime and a reused inode
+    /// differs only there, and must not be served under the old version's SHA-256.
     pub fn sha256_for(&self, stat: &FileStat) -> Option<&str> {
-        self.sha256.as_deref().filter(|_| self.ready_for(stat))
+        self.sha256
+            .as_deref()
+            .filter(|_| self.ready_for(stat) && self.stat == *stat)
     }
 }
 
@@ -461,6 +467,27 @@ mod tests {
         ] {
             assert!(!r.ready_for(&other), "{other:?}");
         }
+    }
+
+    /// A verified row whose spool file was replaced with the same size, mtime and a reused
+    /// inode (only the ctime differs) is still ready, but not under the old SHA-256.
+    #[test]
+    fn a_replaced_file_never_gets_the_old_sha256() {
+        let mut r = record(State::Verified, Some("ab"));
+        r.stat = FileStat {
+            size: 5,
+            mtime_ns: 7,
+            ctime_ns: 9,
+            inode: 11,
+        };
+        let replaced = FileStat {
+            ctime_ns: 10,
+            ..r.stat
+        };
+        assert!(r.ready_for(&replaced));
+        assert_eq!(r.sha256_for(&replaced), None);
+        let own = r.stat;
+        assert_eq!(r.sha256_for(&own), Some("ab"));
     }
 
     #[test]
