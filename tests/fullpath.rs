@@ -801,3 +801,38 @@ fn other_bytes_from_s3_never_make_a_complete_body_under_the_versions_etag() {
         assert_ne!(r.body, bad, "{mode}: the wrong bytes were delivered whole");
     }
 }
+
+/// With S3 down, the archive fallback serves a copy under the version's SHA-256 ETag only
+/// if its bytes are that version: a copy of the same length with other bytes (an older
+/// same-size version, bit rot) gets its own tag and `no-store`; the true copy keeps the ETag.
+#[test]
+fn the_archive_fallback_never_serves_other_bytes_under_the_versions_etag() {
+    let t = tempfile::tempdir().unwrap();
+    let mut s3 = S3::start(t.path());
+    let good = blob(5, 50_000);
+    let mut env = uploaded(&s3, &[("a.jpg", &good), ("b.jpg", &good)], &[]);
+    env.set("FERRY_HTTP_MODE", "proxy");
+    let mut other = good.clone();
+    other[10] ^= 0xff;
+    std::fs::write(env.archive().join("a.jpg"), &other).unwrap();
+    s3.down();
+    let d = env.spawn(&["serve"]);
+    let tag = format!("\"{}\"", sha256_hex(&good));
+    let r = get(d.addr(), "/static/a.jpg");
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("x-ferry-source"), Some("archive"));
+    assert_ne!(
+        r.header("etag"),
+        Some(tag.as_str()),
+        "other bytes under the version's ETag"
+    );
+    assert_eq!(r.header("cache-control"), Some("no-store"));
+    let r = get(d.addr(), "/static/b.jpg");
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        r.header("etag"),
+        Some(tag.as_str()),
+        "the true copy keeps the ETag"
+    );
+    assert_eq!(r.body, good);
+}

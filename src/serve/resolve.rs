@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::os::unix::fs::OpenOptionsExt;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use http::{HeaderMap, HeaderValue, Method, StatusCode};
 use warp::reply::{Reply, Response};
@@ -45,6 +45,9 @@ pub struct Resolver {
     /// The last readiness check and when it ran (an async lock: probes wait for the one
     /// check in flight instead of starting their own).
     readiness: tokio::sync::Mutex<Option<(Instant, Result<(), String>)>>,
+    /// SHA-256 of archive copies by (inode, length, mtime): the fallback serves a copy under
+    /// the version's ETag only once its bytes were seen to be that version.
+    archive_sha: moka::sync::Cache<(u64, u64, SystemTime), String>,
 }
 
 /// How long a readiness answer is reused.
@@ -136,6 +139,7 @@ impl Resolver {
             redirect_base,
             presigned: Mutex::new(HashMap::new()),
             readiness: tokio::sync::Mutex::new(None),
+            archive_sha: moka::sync::Cache::new(10_000),
         })
     }
 
@@ -470,16 +474,62 @@ impl Resolver {
         let Some(lf) = found else {
             return Err(ServeError::NotFound);
         };
-        // The archive copy is the current version when its length agrees; without metadata
-        // (S3 down) it is described by its own stat.
+        // The archive copy is the current version when its bytes hash to the version's
+        // SHA-256 (checked once per inode, length and mtime; an older copy of the same
+        // length is not). Anything else is described by its own stat, and kept by no cache
+        // when the metadata names another version; without metadata (S3 down, nothing
+        // known) it is all there is.
+        let want = meta.and_then(|m| m.sha256.clone());
+        let same = match (&rep, &want) {
+            (Some(r), Some(want)) if r.len == lf.len => {
+                let id = (lf.inode, lf.len, lf.mtime);
+                let got = match self.archive_sha.get(&id) {
+                    Some(s) => Some(s),
+                    None => {
+                        let f = lf.file.try_clone();
+                        let len = lf.len;
+                        let h = tokio::task::spawn_blocking(move || -> std::io::Result<String> {
+                            use sha2::Digest;
+                            let f = f?;
+                            let mut h = sha2::Sha256::new();
+                            let mut buf = vec![0u8; (len as usize).clamp(4096, 1 << 20)];
+                            let mut off = 0u64;
+                            loop {
+                                let n = std::os::unix::fs::FileExt::read_at(&f, &mut buf, off)?;
+                                if n == 0 {
+                                    break;
+                                }
+                                h.update(&buf[..n]);
+                                off += n as u64;
+                            }
+                            Ok(hex::encode(h.finalize()))
+                        })
+                        .await
+                        .ok()
+                        .and_then(|r| r.ok());
+                        if let Some(h) = &h {
+                            self.archive_sha.insert(id, h.clone());
+                        }
+                        h
+                    }
+                };
+                got.as_deref() == Some(want.as_str())
+            }
+            (Some(r), None) => r.len == lf.len,
+            _ => false,
+        };
         let rep = match rep {
-            Some(r) if r.len == lf.len => r,
-            _ => Representation {
+            Some(r) if same => r,
+            other => Representation {
                 len: lf.len,
                 etag: Some(Etag::local(lf.len, lf.mtime, lf.inode)),
                 last_modified: Some(lf.mtime),
                 content_type: crate::media::content_type(key.as_str()),
-                caching: Caching::Public,
+                caching: if other.is_some() {
+                    Caching::NoStore
+                } else {
+                    Caching::Public
+                },
             },
         };
         Ok(sem::respond_file(lf, method, headers, &rep, &self.policy, "archive").await)
@@ -839,7 +889,7 @@ mod tests {
         }
     }
 
-    fn date_value(i: u8, mtime: std::time::SystemTime) -> String {
+    fn date_value(i: u8, mtime: SystemTime) -> String {
         let t = match i % 4 {
             0 => mtime,
             1 => mtime - Duration::from_secs(5),
