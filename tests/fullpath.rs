@@ -836,3 +836,45 @@ fn the_archive_fallback_never_serves_other_bytes_under_the_versions_etag() {
     );
     assert_eq!(r.body, good);
 }
+
+/// One version, one Last-Modified on every node: the node whose catalog knows the key and
+/// a node that learns it from an S3 HEAD both send the file's own mtime (stored with the
+/// object), so If-Range and If-Modified-Since by date work across nodes. The file keeps an
+/// old mtime, as `cp -p` or `rsync -t` leave it.
+#[test]
+fn one_version_has_one_last_modified_on_every_node() {
+    let t = tempfile::tempdir().unwrap();
+    let s3 = S3::start(t.path());
+    let bytes = blob(6, 10_000);
+    let mut env = Env::for_s3(&s3);
+    env.set("FERRY_HTTP_MODE", "proxy");
+    env.drop_file("m.jpg", &bytes);
+    let f = std::fs::File::options()
+        .write(true)
+        .open(env.spool().join("m.jpg"))
+        .unwrap();
+    f.set_modified(std::time::SystemTime::now() - Duration::from_secs(3600))
+        .unwrap();
+    drop(f);
+    let (code, _, err) = env.run(&["sync", "--once"]);
+    assert_eq!(code, 0, "{err}");
+    let a = env.spawn(&["serve"]);
+    let mut other = Env::for_s3(&s3);
+    other.set("FERRY_HTTP_MODE", "proxy");
+    let b = other.spawn(&["serve"]);
+    let ra = get(a.addr(), "/static/m.jpg");
+    let rb = get(b.addr(), "/static/m.jpg");
+    assert_eq!(ra.header("etag"), rb.header("etag"), "one ETag");
+    let lm = ra
+        .header("last-modified")
+        .expect("Last-Modified")
+        .to_string();
+    assert_eq!(rb.header("last-modified"), Some(lm.as_str()));
+    let r = raw_request(
+        b.addr(),
+        "GET",
+        b"/static/m.jpg",
+        &[("Range", "bytes=0-9"), ("If-Range", &lm)],
+    );
+    assert_eq!(r.status, 206, "If-Range with the other node's date");
+}

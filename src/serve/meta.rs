@@ -287,12 +287,22 @@ impl MetaCache {
                             .filter(|b| b.len() == 32)
                             .map(hex::encode)
                     });
+                // The file's own mtime, which the uploader stores with the object: the node
+                // whose catalog knows the key sends the same Last-Modified for this version
+                // (If-Range and If-Modified-Since by date then work across nodes). S3's
+                // upload time only when the object carries none.
+                let last_modified = h
+                    .metadata
+                    .get("mtime")
+                    .and_then(|s| s.parse::<u64>().ok())
+                    .map(|secs| UNIX_EPOCH + Duration::from_secs(secs))
+                    .or(h.last_modified);
                 Ok(Meta {
                     at: Where::InS3,
                     size: h.size,
                     sha256: sha,
                     local: false,
-                    last_modified: h.last_modified,
+                    last_modified,
                     stale: false,
                 })
             }
