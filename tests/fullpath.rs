@@ -769,10 +769,14 @@ fn other_bytes_from_s3_never_make_a_complete_body_under_the_versions_etag() {
     let t = tempfile::tempdir().unwrap();
     let s3 = S3::start(t.path());
     let good = blob(3, 200_000);
-    let env = uploaded(&s3, &[("x.jpg", &good), ("h.jpg", &good)], &[]);
+    let env = uploaded(
+        &s3,
+        &[("x.jpg", &good), ("h.jpg", &good), ("d.jpg", &good)],
+        &[],
+    );
     let mut bad = good.clone();
     bad[199_990] ^= 0xff; // near the end: only the final hash can tell
-    for key in ["x.jpg", "h.jpg"] {
+    for key in ["x.jpg", "h.jpg", "d.jpg"] {
         let f = walk(&s3.data)
             .into_iter()
             .find(|p| p.to_string_lossy().ends_with(&format!("/{key}")))
@@ -780,13 +784,20 @@ fn other_bytes_from_s3_never_make_a_complete_body_under_the_versions_etag() {
         std::fs::write(&f, &bad).unwrap();
     }
     let tag = format!("\"{}\"", sha256_hex(&good));
-    for (mode, hot_hits, key) in [("proxy", "1000", "x.jpg"), ("redirect", "1", "h.jpg")] {
+    // Proxied through a shared fetch, filled into the hot cache, and proxied straight from
+    // S3 (past `cache.fill_limit`).
+    for (mode, hot_hits, fill_limit, key) in [
+        ("proxy", "1000", "1GiB", "x.jpg"),
+        ("redirect", "1", "1GiB", "h.jpg"),
+        ("proxy", "1000", "1KiB", "d.jpg"),
+    ] {
         let mut env = Env {
             dir: tempfile::tempdir().unwrap(),
             vars: env.vars.clone(),
         };
         env.set("FERRY_HTTP_MODE", mode);
         env.set("FERRY_CACHE_HOT_HITS", hot_hits);
+        env.set("FERRY_CACHE_FILL_LIMIT", fill_limit);
         let d = env.spawn(&["serve"]);
         let r = get(d.addr(), &format!("/static/{key}"));
         let cl: usize = r

@@ -50,6 +50,66 @@ pub struct Resolver {
     archive_sha: moka::sync::Cache<(u64, u64, SystemTime), String>,
 }
 
+/// Passes `inner` through while hashing it, one chunk behind: the last chunk goes out only
+/// if the whole hashes to `want`, else the stream ends with an error (the response is cut
+/// short of its Content-Length, so nobody keeps it as this version).
+fn hashed_stream<S>(
+    inner: S,
+    want: String,
+    key: String,
+) -> impl futures_util::Stream<Item = std::io::Result<bytes::Bytes>> + Send
+where
+    S: futures_util::Stream<Item = std::io::Result<bytes::Bytes>> + Send + Unpin,
+{
+    use futures_util::StreamExt;
+    use sha2::Digest;
+    struct St<S> {
+        inner: S,
+        h: sha2::Sha256,
+        held: Option<bytes::Bytes>,
+        finished: bool,
+        want: String,
+        key: String,
+    }
+    let st = St {
+        inner,
+        h: sha2::Sha256::new(),
+        held: None,
+        finished: false,
+        want,
+        key,
+    };
+    futures_util::stream::unfold(st, |mut st| async move {
+        if st.finished {
+            return None;
+        }
+        loop {
+            match st.inner.next().await {
+                Some(Ok(b)) => {
+                    st.h.update(&b);
+                    if let Some(prev) = st.held.replace(b) {
+                        return Some((Ok(prev), st));
+                    }
+                }
+                Some(Err(e)) => {
+                    st.finished = true;
+                    return Some((Err(e), st));
+                }
+                None => {
+                    st.finished = true;
+                    let got = hex::encode(std::mem::take(&mut st.h).finalize());
+                    if got == st.want {
+                        let held = st.held.take();
+                        return held.map(|b| (Ok(b), st));
+                    }
+                    tracing::warn!(key = %st.key, "S3 returned bytes that do not match the catalog's SHA-256; the response was cut short");
+                    return Some((Err(std::io::Error::other("SHA-256 mismatch")), st));
+                }
+            }
+        }
+    })
+}
+
 /// How long a readiness answer is reused.
 const READY_MEMORY: Duration = Duration::from_secs(1);
 
@@ -442,7 +502,15 @@ impl Resolver {
             return Err(ServeError::Stale(format!("{key}: {why}")));
         }
         let stream = tokio_util::io::ReaderStream::new(out.body.into_async_read());
-        let r = warp::reply::stream(stream).into_response();
+        // A whole object with a known SHA-256 is hashed on its way through, its last chunk
+        // held until the hash is known: other bytes end short of their Content-Length.
+        let r = match (&range, meta.sha256.clone()) {
+            (None, Some(want)) => {
+                warp::reply::stream(hashed_stream(stream, want, key.as_str().to_string()))
+                    .into_response()
+            }
+            _ => warp::reply::stream(stream).into_response(),
+        };
         Ok(sem::streamed_response(
             r,
             rep,
