@@ -441,3 +441,19 @@ fn systemd_analyze(destdir: &Path) {
         );
     }
 }
+
+/// The unit grants CAP_LEASE and nothing else, in both the bounding and the ambient set: a
+/// read lease on the web application's spool files needs it (README, "The one rule"), and
+/// nothing else may be granted.
+#[test]
+fn the_service_grants_cap_lease_and_nothing_else() {
+    let unit = fs::read_to_string(repo().join("systemd/ferry.service")).unwrap();
+    for setting in ["CapabilityBoundingSet=", "AmbientCapabilities="] {
+        let lines: Vec<&str> = unit
+            .lines()
+            .map(str::trim)
+            .filter(|l| l.starts_with(setting))
+            .collect();
+        assert_eq!(lines, vec![format!("{setting}CAP_LEASE")], "{setting} in ferry.service");
+    }
+}
