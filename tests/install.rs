@@ -454,6 +454,10 @@ fn the_service_grants_cap_lease_and_nothing_else() {
             .map(str::trim)
             .filter(|l| l.starts_with(setting))
             .collect();
-        assert_eq!(lines, vec![format!("{setting}CAP_LEASE")], "{setting} in ferry.service");
+        assert_eq!(
+            lines,
+            vec![format!("{setting}CAP_LEASE")],
+            "{setting} in ferry.service"
+        );
     }
 }
