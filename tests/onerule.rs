@@ -940,3 +940,24 @@ fn a_file_renamed_in_while_still_open_waits_for_its_writer() {
     wait_archived(&env, &d, 1, Duration::from_secs(30));
     assert_in_s3(&s3, key, &bytes);
 }
+
+/// A file renamed into the spool with no writer is finished at once: it needs no
+/// `spool.settle` (set to 20 s here; a file finished by its close would wait that long).
+#[test]
+fn a_file_renamed_in_needs_no_settle_time() {
+    let t = tempfile::tempdir().unwrap();
+    let s3 = S3::start(t.path());
+    let mut env = Env::for_s3(&s3);
+    env.set("FERRY_SPOOL_SETTLE", "20s");
+    env.set("FERRY_SPOOL_RESCAN_INTERVAL", "60s");
+    let d = env.spawn(&["sync"]);
+    std::thread::sleep(Duration::from_millis(500));
+    let key = "renamed-whole.jpg";
+    let bytes = content(key, 20_000);
+    let tmp = env.dir.path().join("whole.tmp");
+    std::fs::write(&tmp, &bytes).unwrap();
+    std::fs::rename(&tmp, env.spool().join(key)).unwrap();
+    // Far below the 20 s settle time (a generous margin over the usual well under 1 s).
+    wait_archived(&env, &d, 1, Duration::from_secs(6));
+    assert_in_s3(&s3, key, &bytes);
+}
