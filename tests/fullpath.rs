@@ -766,6 +766,12 @@ fn past_the_fill_limit_a_proxied_object_streams_without_a_temp_file() {
 /// version's ETag (the body ends short of its Content-Length; no client or CDN keeps it).
 #[test]
 fn other_bytes_from_s3_never_make_a_complete_body_under_the_versions_etag() {
+    // The object's bytes are changed in s3s-fs's own files; Garage keeps content-addressed
+    // blocks that cannot be changed behind its back.
+    if backend() != Backend::S3sFs {
+        eprintln!("SKIPPED on Garage: the test changes an object's bytes in s3s-fs's files");
+        return;
+    }
     let t = tempfile::tempdir().unwrap();
     let s3 = S3::start(t.path());
     let good = blob(3, 200_000);
