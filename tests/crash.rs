@@ -12,18 +12,6 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-fn content(name: &str, len: usize) -> Vec<u8> {
-    let seed = sha256_hex(name.as_bytes());
-    let mut out = Vec::with_capacity(len + 64);
-    let mut i = 0u64;
-    while out.len() < len {
-        out.extend_from_slice(sha256_hex(format!("{seed}{i}").as_bytes()).as_bytes());
-        i += 1;
-    }
-    out.truncate(len);
-    out
-}
-
 fn s3_sha(s3: &S3, key: &str) -> Option<(u64, String)> {
     rt().block_on(async { s3.store().await.read_back(key).await })
         .ok()

@@ -8,20 +8,6 @@ use std::time::Duration;
 
 use common::*;
 
-/// Bytes that differ per name, so a mix-up between files cannot pass.
-fn content(name: &str, len: usize) -> Vec<u8> {
-    let seed = sha256_hex(name.as_bytes());
-    let mut out = Vec::with_capacity(len);
-    let mut i = 0u64;
-    while out.len() < len {
-        let block = sha256_hex(format!("{seed}{i}").as_bytes());
-        out.extend_from_slice(block.as_bytes());
-        i += 1;
-    }
-    out.truncate(len);
-    out
-}
-
 /// Asserts S3 holds exactly `bytes` under `key` (read back and hashed through the S3 API).
 fn assert_in_s3(s3: &S3, key: &str, bytes: &[u8]) {
     let rt = rt();

@@ -90,65 +90,55 @@ pub async fn check_archive(
 
 /// Why S3's copy of `row` is not the catalog's, if it is not.
 async fn s3_problem(ctx: &Ctx, key: &str, size: u64, sha: &str) -> Option<String> {
-    let obj = format!("{}{}", ctx.cfg.s3.prefix, key);
-    match ctx.store.head(&obj).await {
-        Err(e) if e.is_not_found() => Some("missing in S3".into()),
-        Err(e) => Some(format!("cannot HEAD: {}", e.message)),
-        Ok(h) => {
-            if h.metadata.contains_key("ferry-deleted") {
-                return Some("S3 holds a deletion marker".into());
-            }
-            if h.size != size {
-                return Some(format!("S3 has {} bytes, catalog {}", h.size, size));
-            }
-            let b64 = hex::decode(sha)
-                .map(|b| base64::engine::general_purpose::STANDARD.encode(b))
-                .unwrap_or_default();
-            if let Some(c) = h.checksum_sha256.as_deref().filter(|c| !c.contains('-')) {
-                if c != b64 {
-                    return Some(format!("S3's SHA-256 {c} is not the catalog's {b64}"));
-                }
-                return None;
-            }
-            match h.metadata.get("sha256") {
-                Some(m) if m.eq_ignore_ascii_case(sha) => None,
-                Some(m) => Some(format!(
-                    "S3 object metadata says SHA-256 {m}, catalog {sha}"
-                )),
-                // Nothing cheap to compare: read it back.
-                None => match ctx.store.read_back(&obj).await {
-                    Ok((n, s)) if n == size && s == sha => None,
-                    Ok((_, s)) => Some(format!("S3 holds SHA-256 {s}, catalog {sha}")),
-                    Err(e) => Some(format!("cannot read back: {}", e.message)),
-                },
-            }
-        }
-    }
+    s3_check(ctx, key, size, sha, true).await
 }
 
 /// Like [`s3_problem`], but only S3's own evidence counts: a full-object SHA-256 checksum,
 /// else the object read back and hashed. Our `sha256` user metadata is what we said, not
 /// what S3 holds, so it never licenses deleting a copy.
 async fn s3_strict_problem(ctx: &Ctx, key: &str, size: u64, sha: &str) -> Option<String> {
+    s3_check(ctx, key, size, sha, false).await
+}
+
+/// HEAD (size, deletion marker, full-object checksum), then our `sha256` metadata when
+/// `trust_metadata`, else the object read back.
+async fn s3_check(
+    ctx: &Ctx,
+    key: &str,
+    size: u64,
+    sha: &str,
+    trust_metadata: bool,
+) -> Option<String> {
     let obj = format!("{}{}", ctx.cfg.s3.prefix, key);
-    match ctx.store.head(&obj).await {
+    let h = match ctx.store.head(&obj).await {
         Err(e) if e.is_not_found() => return Some("missing in S3".into()),
         Err(e) => return Some(format!("cannot HEAD: {}", e.message)),
-        Ok(h) => {
-            if h.metadata.contains_key("ferry-deleted") {
-                return Some("S3 holds a deletion marker".into());
+        Ok(h) => h,
+    };
+    if h.metadata.contains_key("ferry-deleted") {
+        return Some("S3 holds a deletion marker".into());
+    }
+    if h.size != size {
+        return Some(format!("S3 has {} bytes, catalog {}", h.size, size));
+    }
+    let b64 = hex::decode(sha)
+        .map(|b| base64::engine::general_purpose::STANDARD.encode(b))
+        .unwrap_or_default();
+    if let Some(c) = h.checksum_sha256.as_deref().filter(|c| !c.contains('-')) {
+        return (c != b64).then(|| format!("S3's SHA-256 {c} is not the catalog's {b64}"));
+    }
+    if trust_metadata {
+        match h.metadata.get("sha256") {
+            Some(m) if m.eq_ignore_ascii_case(sha) => return None,
+            Some(m) => {
+                return Some(format!(
+                    "S3 object metadata says SHA-256 {m}, catalog {sha}"
+                ))
             }
-            if h.size != size {
-                return Some(format!("S3 has {} bytes, catalog {}", h.size, size));
-            }
-            let b64 = hex::decode(sha)
-                .map(|b| base64::engine::general_purpose::STANDARD.encode(b))
-                .unwrap_or_default();
-            if let Some(c) = h.checksum_sha256.as_deref().filter(|c| !c.contains('-')) {
-                return (c != b64).then(|| format!("S3's SHA-256 {c} is not the catalog's {b64}"));
-            }
+            None => {}
         }
     }
+    // Nothing cheap to compare (or nothing we may trust): read it back.
     match ctx.store.read_back(&obj).await {
         Ok((n, s)) if n == size && s == sha => None,
         Ok((_, s)) => Some(format!("S3 holds SHA-256 {s}, catalog {sha}")),

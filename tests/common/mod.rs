@@ -375,6 +375,19 @@ pub fn wait_for(limit: Duration, what: &str, mut f: impl FnMut() -> bool) {
     panic!("timed out after {limit:?} waiting for {what}");
 }
 
+/// Bytes that differ per name, so a mix-up between files cannot pass.
+pub fn content(name: &str, len: usize) -> Vec<u8> {
+    let seed = sha256_hex(name.as_bytes());
+    let mut out = Vec::with_capacity(len + 64);
+    let mut i = 0u64;
+    while out.len() < len {
+        out.extend_from_slice(sha256_hex(format!("{seed}{i}").as_bytes()).as_bytes());
+        i += 1;
+    }
+    out.truncate(len);
+    out
+}
+
 pub fn sha256_hex(b: &[u8]) -> String {
     hex::encode(sha2::Sha256::digest(b))
 }
