@@ -351,6 +351,10 @@ pub struct HttpConfig {
     /// Open client connections at most; at the cap, accepting waits (the listen backlog
     /// holds newcomers) rather than running out of descriptors.
     pub max_connections: usize,
+    /// A body from S3 or the archive server that sends no byte for this long is cut off
+    /// (the proxied response ends short, a cache fill is abandoned): a stalled upstream
+    /// must not hold a client, a connection and a fill slot forever.
+    pub upstream_stall: Dur,
 }
 impl Default for HttpConfig {
     fn default() -> Self {
@@ -371,6 +375,7 @@ impl Default for HttpConfig {
             active_content: ActiveContent::Sandbox,
             send_timeout: Dur(Duration::from_secs(60)),
             max_connections: 16_384,
+            upstream_stall: Dur(Duration::from_secs(30)),
         }
     }
 }
@@ -539,6 +544,9 @@ impl Config {
         }
         if self.router.max_connections == 0 {
             return Err(invalid("router.max_connections", "must be at least 1"));
+        }
+        if self.http.upstream_stall.0.is_zero() {
+            return Err(invalid("http.upstream_stall", "must be more than 0"));
         }
         if self.http.send_timeout.0.is_zero() {
             return Err(invalid("http.send_timeout", "must be more than 0"));

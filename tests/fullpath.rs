@@ -895,3 +895,128 @@ fn one_version_has_one_last_modified_on_every_node() {
     );
     assert_eq!(r.status, 206, "If-Range with the other node's date");
 }
+
+/// An archive file server that lies or stalls: `/wrong.jpg` sends other bytes of the right
+/// length, `/stall.jpg` sends its head and half its body, then nothing.
+const LYING_ARCHIVE_SERVER: &str = r#"
+import http.server, os, sys, time
+root = sys.argv[1]
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        name = self.path.lstrip('/')
+        data = open(os.path.join(root, name), 'rb').read()
+        if name == 'wrong.jpg':
+            data = bytes(b ^ 0xff for b in data)
+        self.send_response(200)
+        self.send_header('Content-Length', str(len(data)))
+        self.end_headers()
+        if name == 'stall.jpg':
+            self.wfile.write(data[:len(data) // 2]); self.wfile.flush()
+            time.sleep(60)
+        self.wfile.write(data)
+    def log_message(self, *a): pass
+s = http.server.ThreadingHTTPServer(('127.0.0.1', 0), H)
+print(s.server_address[1], flush=True)
+s.serve_forever()
+"#;
+
+#[test]
+fn a_fallback_url_that_lies_or_stalls_never_passes_as_the_version() {
+    let t = tempfile::tempdir().unwrap();
+    let mut s3 = S3::start(t.path());
+    let good = blob(21, 200_000);
+    let wrong = blob(22, 200_000);
+    let stall = blob(23, 200_000);
+    let env = uploaded(
+        &s3,
+        &[
+            ("good.jpg", &good),
+            ("wrong.jpg", &wrong),
+            ("stall.jpg", &stall),
+        ],
+        &[],
+    );
+    s3.down();
+    let mut server = Command::new("python3")
+        .args(["-u", "-c", LYING_ARCHIVE_SERVER])
+        .arg(env.archive())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("python3");
+    let mut port = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(server.stdout.take().unwrap()),
+        &mut port,
+    )
+    .unwrap();
+    let port: u16 = port.trim().parse().expect("the server's port");
+    let mut node = Env::for_s3(&s3);
+    node.set("FERRY_HTTP_MODE", "proxy");
+    node.set("FERRY_HTTP_UPSTREAM_STALL", "2s");
+    node.set(
+        "FERRY_HTTP_FALLBACK_URL",
+        &format!("http://127.0.0.1:{port}/"),
+    );
+    // The uploading node's catalog: it knows each version's SHA-256.
+    node.set(
+        "FERRY_CATALOG_PATH",
+        &env.dir.path().join("ferry.db").to_string_lossy(),
+    );
+    let d = node.spawn(&["serve"]);
+    let r = get(d.addr(), "/static/good.jpg");
+    assert_eq!(
+        (r.status, r.header("x-ferry-source")),
+        (200, Some("archive"))
+    );
+    assert!(r.body == good);
+
+    let r = get(d.addr(), "/static/wrong.jpg");
+    assert!(
+        r.body.len() < wrong.len(),
+        "other bytes under this version's ETag must end short of Content-Length, got {} of {}",
+        r.body.len(),
+        wrong.len()
+    );
+    assert!(d.log().contains("do not match"), "{}", d.log());
+
+    let start = Instant::now();
+    let r = get(d.addr(), "/static/stall.jpg");
+    let took = start.elapsed();
+    assert!(r.body.len() < stall.len());
+    assert!(
+        took < Duration::from_secs(10),
+        "a stalled archive server is cut after http.upstream_stall (2 s), took {took:?}"
+    );
+    assert!(d.log().contains("stalled"), "{}", d.log());
+    let _ = server.kill();
+    let _ = server.wait();
+}
+
+#[test]
+fn a_stalled_s3_body_on_the_direct_proxy_path_is_cut_after_upstream_stall() {
+    let t = tempfile::tempdir().unwrap();
+    let s3 = S3::start(t.path());
+    let proxy = FaultProxy::start(s3.port);
+    let bytes = blob(24, 1 << 20);
+    let mut env = uploaded(&s3, &[("s.bin", &bytes)], &[]);
+    env.set("FERRY_S3_ENDPOINT", &proxy.endpoint());
+    env.set("FERRY_HTTP_MODE", "proxy");
+    env.set("FERRY_HTTP_UPSTREAM_STALL", "1s");
+    // No fill slot: the object streams straight from S3 (the uncoalesced path).
+    env.set("FERRY_CACHE_FILL_LIMIT", "1");
+    let d = env.spawn(&["serve"]);
+    // The head still arrives within the 10 s first-byte bound; each body chunk does not.
+    proxy
+        .down_delay_ms
+        .store(4000, std::sync::atomic::Ordering::SeqCst);
+    let start = Instant::now();
+    let r = get(d.addr(), "/static/s.bin");
+    let took = start.elapsed();
+    assert!(r.body.len() < bytes.len(), "got {} bytes", r.body.len());
+    assert!(
+        took < Duration::from_secs(15),
+        "the stalled body was cut, took {took:?}"
+    );
+    assert!(d.log().contains("stalled"), "{}", d.log());
+}

@@ -521,3 +521,69 @@ fn with_every_backend_marked_down_the_ranked_list_is_still_tried() {
     let r = get(router.addr, "a.example", "/static/x.jpg");
     assert_eq!(r.node(), "n1", "tried although marked down: {}", r.status);
 }
+
+/// TCP connections between the two loopback ports, as `ss` sees them: (state, local port,
+/// peer port) for every socket with `port` on either side.
+fn sockets_on(port: u16) -> Vec<(String, u16, u16)> {
+    let out = Command::new("ss")
+        .args(["-Htan"])
+        .output()
+        .expect("ss (iproute2)");
+    let port_of = |a: &str| a.rsplit(':').next().and_then(|p| p.parse::<u16>().ok());
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let (local, peer) = (port_of(f.get(3)?)?, port_of(f.get(4)?)?);
+            (local == port || peer == port).then(|| (f[0].to_string(), local, peer))
+        })
+        .collect()
+}
+
+#[test]
+fn the_router_drops_an_idle_pooled_connection_before_the_node_would() {
+    // The node closes a connection idle for http.header_read_timeout (6 s here). The router,
+    // sharing the setting, must let go first (at a third of it), so a request never reuses a
+    // connection the node is closing at that instant. hyper's idle sweep runs once per idle
+    // timeout, so a connection goes between 2 s and 4 s; at 5 s it must be gone. Whoever
+    // closes first keeps TIME-WAIT: it must sit on the router's side.
+    let dir = tempfile::tempdir().unwrap();
+    let mut vars = node_vars(dir.path(), "n1", "127.0.0.1:0");
+    vars.push(("FERRY_HTTP_HEADER_READ_TIMEOUT", "6s".into()));
+    let node = Proc::start("serve", "http", dir.path(), &vars);
+    let port = node.addr.port();
+    let rdir = tempfile::tempdir().unwrap();
+    let router = start_router(
+        rdir.path(),
+        &[format!("http://{}", node.addr)],
+        // No probes: they would keep the pooled connection busy.
+        &[
+            ("FERRY_ROUTER_HEALTH_INTERVAL", "1h".into()),
+            ("FERRY_HTTP_HEADER_READ_TIMEOUT", "6s".into()),
+        ],
+    );
+    let r = get(router.addr, "idle.example", "/static/x.jpg");
+    assert_eq!(r.node(), "n1");
+    let pooled = sockets_on(port);
+    assert!(
+        pooled.iter().any(|(s, _, p)| s == "ESTAB" && *p == port),
+        "the router keeps the connection pooled after a request: {pooled:?}"
+    );
+    std::thread::sleep(Duration::from_millis(5000));
+    let after = sockets_on(port);
+    assert!(
+        !after
+            .iter()
+            .any(|(s, l, p)| s == "ESTAB" && (*l == port || *p == port)),
+        "5 s idle: the pooled connection must be gone well before the node's 6 s: {after:?}"
+    );
+    assert!(
+        after.iter().any(|(s, _, p)| s == "TIME-WAIT" && *p == port),
+        "the router closed it (TIME-WAIT on its side): {after:?}"
+    );
+    // And the next request simply opens a new one.
+    assert_eq!(
+        get(router.addr, "idle.example", "/static/x.jpg").node(),
+        "n1"
+    );
+}

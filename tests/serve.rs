@@ -647,3 +647,47 @@ fn the_real_watcher_decides_when_a_spool_file_turns_public() {
         get(addr, "/static/renamed.jpg", &[]).header("cache-control") == Some("public, max-age=300")
     });
 }
+
+#[test]
+fn a_catalog_that_cannot_answer_costs_public_status_and_a_head_never_a_500() {
+    let t = tempfile::tempdir().unwrap();
+    let s3 = S3::start(t.path());
+    let mut env = Env::for_s3(&s3);
+    env.drop_file("up.jpg", b"uploaded and archived");
+    let (code, _, err) = env.run(&["sync", "--once"]);
+    assert_eq!(code, 0, "{err}");
+    env.set("FERRY_SPOOL_SETTLE", "1h");
+    env.drop_file("here.jpg", b"still in the spool");
+    record_ready(&env, "here.jpg", None);
+    let d = env.spawn(&["serve"]);
+    let r = get(d.addr(), "/static/here.jpg", &[]);
+    assert_eq!(r.header("cache-control"), Some("public, max-age=300"));
+
+    // The catalog's file turns to garbage under the running server (a disk fault).
+    // Written in place, the shared-memory index too (it is mapped): no connection can
+    // answer from what it read before.
+    for name in ["ferry.db", "ferry.db-wal", "ferry.db-shm"] {
+        let path = env.dir.path().join(name);
+        let len = std::fs::metadata(&path).map_or(0, |m| m.len()).max(8192) as usize;
+        std::fs::write(&path, vec![0xffu8; len]).unwrap();
+    }
+
+    // A fresh key: its record is not cached, so the catalog is asked and fails.
+    env.drop_file("new.jpg", b"dropped after the fault");
+    let r = get(d.addr(), "/static/new.jpg", &[]);
+    assert_eq!(r.status, 200, "the bytes are still served");
+    assert_eq!(r.body, b"dropped after the fault");
+    assert_eq!(
+        r.header("cache-control"),
+        Some("no-store"),
+        "but not as public"
+    );
+    assert!(r.header("etag").is_some_and(|e| e.starts_with("W/")));
+
+    // A key only S3 holds: S3's HEAD answers instead of the catalog.
+    let r = get(d.addr(), "/static/up.jpg", &[]);
+    assert_eq!(r.status, 302, "{:?}", String::from_utf8_lossy(&r.body));
+    let log = d.log();
+    assert!(log.contains("serving the spool file as not ready"), "{log}");
+    assert!(log.contains("catalog unreadable; asking S3"), "{log}");
+}

@@ -75,6 +75,8 @@ pub struct Fetcher {
     inflight: Mutex<HashMap<Version, Arc<Fill>>>,
     /// `cache.fill_limit`: the bytes all fills in flight may hold in temp files.
     fill_limit: u64,
+    /// `http.upstream_stall`: how long a body may sit without a byte.
+    stall: Duration,
 }
 
 /// Fills in flight at most, whatever their size: each holds a descriptor, a task and an S3
@@ -83,8 +85,6 @@ const MAX_FILLS: usize = 256;
 
 /// How long S3 may take to start answering before the archive is tried.
 const FIRST_BYTE_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long a stalled body may sit without a byte.
-const STALL_TIMEOUT: Duration = Duration::from_secs(30);
 
 impl Fetcher {
     pub fn new(
@@ -93,6 +93,7 @@ impl Fetcher {
         cache: Arc<HotCache>,
         tmp_dir: PathBuf,
         fill_limit: u64,
+        stall: Duration,
     ) -> Fetcher {
         Fetcher {
             store,
@@ -101,6 +102,7 @@ impl Fetcher {
             tmp_dir,
             inflight: Mutex::new(HashMap::new()),
             fill_limit,
+            stall,
         }
     }
 
@@ -248,7 +250,7 @@ impl Fetcher {
         let mut n = 0u64;
         let write_err = |e: std::io::Error| FillError::new(format!("writing cache temp file: {e}"));
         loop {
-            let chunk = match tokio::time::timeout(STALL_TIMEOUT, body.try_next()).await {
+            let chunk = match tokio::time::timeout(self.stall, body.try_next()).await {
                 Ok(Ok(Some(c))) => c,
                 Ok(Ok(None)) => break,
                 Ok(Err(e)) => return Err(FillError::new(format!("reading from S3: {e}"))),

@@ -217,7 +217,15 @@ impl MetaCache {
 
     async fn load(&self, key: String) -> Result<Meta, MetaError> {
         let k = key.clone();
-        let row = self.catalog.read(move |c| ops::get(c, &k)).await?;
+        // A catalog that cannot answer is asked no more: S3 holds the truth about what is
+        // there (a deletion marker included), so a broken catalog costs a HEAD, not a 500.
+        let row = match self.catalog.read(move |c| ops::get(c, &k)).await {
+            Ok(row) => row,
+            Err(e) => {
+                tracing::warn!(key, error = %e, "catalog unreadable; asking S3");
+                None
+            }
+        };
         if let Some(r) = row {
             let at = match r.state {
                 State::Verified | State::Archived | State::ArchiveFailed => Where::InS3,

@@ -50,13 +50,18 @@ pub struct Resolver {
     archive_sha: moka::sync::Cache<(u64, u64, SystemTime), String>,
 }
 
-/// Passes `inner` through while hashing it, one chunk behind: the last chunk goes out only
-/// if the whole hashes to `want`, else the stream ends with an error (the response is cut
-/// short of its Content-Length, so nobody keeps it as this version).
-fn hashed_stream<S>(
+/// Passes a proxied body through under two guards. A source that stops sending for
+/// `stall` (`http.upstream_stall`) ends the stream with an error, so neither the client nor the
+/// connection is held by a stalled upstream. With `want` (the version's SHA-256, for a
+/// whole body) it is hashed one chunk behind: the last chunk goes out only if the whole
+/// hashes to `want`, else the stream ends with an error (the response is cut short of its
+/// Content-Length, so nobody keeps it as this version).
+fn guarded_stream<S>(
     inner: S,
-    want: String,
+    want: Option<String>,
     key: String,
+    source: &'static str,
+    stall: Duration,
 ) -> impl futures_util::Stream<Item = std::io::Result<bytes::Bytes>> + Send
 where
     S: futures_util::Stream<Item = std::io::Result<bytes::Bytes>> + Send + Unpin,
@@ -65,28 +70,41 @@ where
     use sha2::Digest;
     struct St<S> {
         inner: S,
-        h: sha2::Sha256,
+        h: Option<sha2::Sha256>,
         held: Option<bytes::Bytes>,
         finished: bool,
-        want: String,
+        want: Option<String>,
         key: String,
+        source: &'static str,
     }
     let st = St {
         inner,
-        h: sha2::Sha256::new(),
+        h: want.as_ref().map(|_| sha2::Sha256::new()),
         held: None,
         finished: false,
         want,
         key,
+        source,
     };
-    futures_util::stream::unfold(st, |mut st| async move {
+    futures_util::stream::unfold(st, move |mut st| async move {
         if st.finished {
             return None;
         }
         loop {
-            match st.inner.next().await {
+            let next = match tokio::time::timeout(stall, st.inner.next()).await {
+                Ok(n) => n,
+                Err(_) => {
+                    st.finished = true;
+                    tracing::warn!(key = %st.key, source = st.source, "the upstream body stalled; the response was cut short");
+                    return Some((Err(std::io::Error::other("upstream body stalled")), st));
+                }
+            };
+            match next {
                 Some(Ok(b)) => {
-                    st.h.update(&b);
+                    let Some(h) = st.h.as_mut() else {
+                        return Some((Ok(b), st));
+                    };
+                    h.update(&b);
                     if let Some(prev) = st.held.replace(b) {
                         return Some((Ok(prev), st));
                     }
@@ -97,12 +115,14 @@ where
                 }
                 None => {
                     st.finished = true;
-                    let got = hex::encode(std::mem::take(&mut st.h).finalize());
-                    if got == st.want {
+                    let (Some(h), Some(want)) = (st.h.take(), st.want.as_deref()) else {
+                        return None;
+                    };
+                    if hex::encode(h.finalize()) == want {
                         let held = st.held.take();
                         return held.map(|b| (Ok(b), st));
                     }
-                    tracing::warn!(key = %st.key, "S3 returned bytes that do not match the catalog's SHA-256; the response was cut short");
+                    tracing::warn!(key = %st.key, source = st.source, "the upstream sent bytes that do not match the catalog's SHA-256; the response was cut short");
                     return Some((Err(std::io::Error::other("SHA-256 mismatch")), st));
                 }
             }
@@ -155,11 +175,15 @@ impl Resolver {
             cache.clone(),
             tmp_dir,
             cfg.cache.fill_limit.0,
+            cfg.http.upstream_stall.0,
         ));
         let fallback = if cfg.http.fallback_url.is_empty() {
             None
         } else {
-            Some(FallbackClient::new(&cfg.http.fallback_url))
+            Some(FallbackClient::new(
+                &cfg.http.fallback_url,
+                cfg.http.upstream_stall.0,
+            ))
         };
         let allow = if cfg.http.allow.is_empty() {
             None
@@ -504,13 +528,19 @@ impl Resolver {
         let stream = tokio_util::io::ReaderStream::new(out.body.into_async_read());
         // A whole object with a known SHA-256 is hashed on its way through, its last chunk
         // held until the hash is known: other bytes end short of their Content-Length.
-        let r = match (&range, meta.sha256.clone()) {
-            (None, Some(want)) => {
-                warp::reply::stream(hashed_stream(stream, want, key.as_str().to_string()))
-                    .into_response()
-            }
-            _ => warp::reply::stream(stream).into_response(),
+        let want = if range.is_none() {
+            meta.sha256.clone()
+        } else {
+            None
         };
+        let r = warp::reply::stream(guarded_stream(
+            stream,
+            want,
+            key.as_str().to_string(),
+            "s3",
+            self.cfg.http.upstream_stall.0,
+        ))
+        .into_response();
         Ok(sem::streamed_response(
             r,
             rep,
@@ -531,7 +561,8 @@ impl Resolver {
     ) -> Result<Response, ServeError> {
         let rep = meta.map(|m| meta_representation(key, m));
         if let Some(fb) = &self.fallback {
-            return fb.get(key, rep, method, headers, &self.policy).await;
+            let sha = meta.and_then(|m| m.sha256.clone());
+            return fb.get(key, rep, sha, method, headers, &self.policy).await;
         }
         let dir = self.archive.clone();
         let k = key.as_str().to_string();
@@ -773,6 +804,8 @@ fn open_path(p: &std::path::Path) -> std::io::Result<Option<local::LocalFile>> {
 /// A client for `http.fallback_url` (the archive file server).
 struct FallbackClient {
     base: String,
+    /// `http.upstream_stall`.
+    stall: Duration,
     client: hyper_util::client::legacy::Client<
         hyper_util::client::legacy::connect::HttpConnector,
         http_body_util::Empty<bytes::Bytes>,
@@ -780,7 +813,7 @@ struct FallbackClient {
 }
 
 impl FallbackClient {
-    fn new(base: &str) -> FallbackClient {
+    fn new(base: &str, stall: Duration) -> FallbackClient {
         let base = if base.ends_with('/') {
             base.to_string()
         } else {
@@ -788,6 +821,7 @@ impl FallbackClient {
         };
         FallbackClient {
             base,
+            stall,
             client: hyper_util::client::legacy::Client::builder(
                 hyper_util::rt::TokioExecutor::new(),
             )
@@ -802,6 +836,7 @@ impl FallbackClient {
         &self,
         key: &Key,
         rep: Option<Representation>,
+        sha256: Option<String>,
         method: &Method,
         headers: &HeaderMap,
         policy: &Policy,
@@ -891,11 +926,21 @@ impl FallbackClient {
         let stream = http_body_util::BodyStream::new(body);
         let stream = futures_util::StreamExt::filter_map(stream, |f| async move {
             match f {
-                Ok(frame) => frame.into_data().ok().map(Ok::<_, hyper::Error>),
-                Err(e) => Some(Err(e)),
+                Ok(frame) => frame.into_data().ok().map(Ok),
+                Err(e) => Some(Err(std::io::Error::other(e))),
             }
         });
-        let r = warp::reply::stream(stream).into_response();
+        // The server's bytes are checked like S3's: a whole copy against the version's
+        // SHA-256, and every body against a stall.
+        let want = if range.is_none() { sha256 } else { None };
+        let r = warp::reply::stream(guarded_stream(
+            Box::pin(stream),
+            want,
+            key.as_str().to_string(),
+            "archive",
+            self.stall,
+        ))
+        .into_response();
         Ok(sem::streamed_response(
             r,
             &rep,
