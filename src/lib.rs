@@ -2,6 +2,7 @@
 //!
 //! - `app`       wiring: open catalog, build store, run subsystems, ordered shutdown
 //! - `crashpoint` debug-build crash points at each durable step (tests)
+//! - `digest`    SHA-256 of whole files, the one hashing loop
 //! - `config`    the Config tree, defaults, env overrides, validation
 //! - `key`       Key: the only way a spool name or URL becomes a path or S3 key
 //! - `media`     content types, and which of them a browser could run
@@ -17,6 +18,7 @@ pub mod app;
 pub mod catalog;
 pub mod config;
 pub mod crashpoint;
+pub mod digest;
 pub mod key;
 pub mod media;
 pub mod retry;

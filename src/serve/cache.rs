@@ -16,7 +16,7 @@
 
 use std::collections::VecDeque;
 use std::fs::{self, File};
-use std::io::{self, Read};
+use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -92,22 +92,6 @@ fn now_ms() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
-}
-
-pub fn sha256_file(path: &Path) -> io::Result<(u64, String)> {
-    let mut f = File::open(path)?;
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    let mut n = 0u64;
-    loop {
-        let r = f.read(&mut buf)?;
-        if r == 0 {
-            break;
-        }
-        n += r as u64;
-        h.update(&buf[..r]);
-    }
-    Ok((n, hex::encode(h.finalize())))
 }
 
 impl HotCache {
@@ -323,7 +307,7 @@ impl HotCache {
         let now = stat_of(&e.data);
         let moved = e.seen.lock().map(|s| *s != now).unwrap_or(true);
         if moved || !e.checked.load(Ordering::Acquire) {
-            match sha256_file(&e.data) {
+            match crate::digest::sha256_path(&e.data) {
                 Ok((n, h)) if n == e.size && h == e.sha256 => {
                     e.checked.store(true, Ordering::Release);
                     if let Ok(mut s) = e.seen.lock() {

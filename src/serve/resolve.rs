@@ -588,20 +588,10 @@ impl Resolver {
                         let f = lf.file.try_clone();
                         let len = lf.len;
                         let h = tokio::task::spawn_blocking(move || -> std::io::Result<String> {
-                            use sha2::Digest;
                             let f = f?;
-                            let mut h = sha2::Sha256::new();
-                            let mut buf = vec![0u8; (len as usize).clamp(4096, 1 << 20)];
-                            let mut off = 0u64;
-                            loop {
-                                let n = std::os::unix::fs::FileExt::read_at(&f, &mut buf, off)?;
-                                if n == 0 {
-                                    break;
-                                }
-                                h.update(&buf[..n]);
-                                off += n as u64;
-                            }
-                            Ok(hex::encode(h.finalize()))
+                            Ok(crate::digest::sha256_fd(&f, len, &|| false)?
+                                .map(|(_, sha)| sha)
+                                .unwrap_or_default())
                         })
                         .await
                         .ok()

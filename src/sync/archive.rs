@@ -12,7 +12,7 @@
 
 use std::ffi::CString;
 use std::fs::{self, File};
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -217,17 +217,7 @@ fn restore_earlier_version(earlier: Option<PathBuf>, dst: &Path) {
 }
 
 fn sha256_of(path: &Path) -> io::Result<String> {
-    let mut f = File::open(path)?;
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = f.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-    }
-    Ok(hex::encode(h.finalize()))
+    Ok(crate::digest::sha256_path(path)?.1)
 }
 
 /// Hashes an archive copy (for `ferry verify --archive` and retention).
@@ -300,24 +290,9 @@ pub fn reserved_name(src: &Path, inode: u64) -> PathBuf {
 /// Prefix of the reserved spool names of files being archived (see [`reserved_name`]).
 pub const MOVE_PREFIX: &str = ".ferry-move.";
 
-/// Hashes an open file from its start (`pread`, so the offset is not shared), giving up as
-/// soon as `stop` says so.
+/// Hashes an open file from its start, giving up as soon as `stop` says so.
 fn sha256_fd(file: &File, size: u64, stop: &dyn Fn() -> bool) -> io::Result<Option<String>> {
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; (size as usize).clamp(4096, 1 << 20)];
-    let mut off = 0u64;
-    loop {
-        if stop() {
-            return Ok(None);
-        }
-        let n = std::os::unix::fs::FileExt::read_at(file, &mut buf, off)?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-        off += n as u64;
-    }
-    Ok(Some(hex::encode(h.finalize())))
+    Ok(crate::digest::sha256_fd(file, size, stop)?.map(|(_, sha)| sha))
 }
 
 /// Whether the stat cannot be trusted to show an in-place rewrite: whole-second timestamps
