@@ -250,7 +250,11 @@ impl Default for CatalogConfig {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum VerifyMode {
+    /// The PUT's own response, else a HEAD, else a read-back (DESIGN "Verification").
     Auto,
+    /// Never trust the PUT's response: a HEAD, else a read-back.
+    Head,
+    /// Always read the object back and hash it.
     ReadBack,
 }
 

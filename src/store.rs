@@ -167,6 +167,16 @@ pub struct PartSpec {
 }
 
 /// What goes on every PUT besides the bytes.
+/// What a single PUT's response says about the stored object.
+#[derive(Debug, Clone, Default)]
+pub struct PutReply {
+    pub etag: Option<String>,
+    /// `x-amz-checksum-sha256` as echoed (base64), if the server echoed one.
+    pub checksum_sha256: Option<String>,
+    /// SSE-KMS or SSE-C: the ETag is then not an MD5 of the body.
+    pub encrypted_by_key: bool,
+}
+
 #[derive(Debug, Clone)]
 pub struct PutMeta {
     pub content_type: String,
@@ -267,7 +277,7 @@ impl Store {
         size: u64,
         sha256_b64: &str,
         meta: &PutMeta,
-    ) -> Result<Option<String>, StoreError> {
+    ) -> Result<PutReply, StoreError> {
         let body = file_body(path, 0, size, "put", object_key).await?;
         let out = self
             .client
@@ -283,7 +293,16 @@ impl Store {
             .send()
             .await
             .map_err(|e| classify("put", object_key, e))?;
-        Ok(out.e_tag().map(str::to_string))
+        // SSE-KMS and SSE-C objects have ETags that are not the MD5 of the body.
+        let encrypted_by_key = out.sse_customer_algorithm().is_some()
+            || out
+                .server_side_encryption()
+                .is_some_and(|s| s.as_str().starts_with("aws:kms"));
+        Ok(PutReply {
+            etag: out.e_tag().map(str::to_string),
+            checksum_sha256: out.checksum_sha256().map(str::to_string),
+            encrypted_by_key,
+        })
     }
 
     pub async fn create_multipart(

@@ -54,8 +54,9 @@ fn many_files_nested_with_spaces_and_unicode_all_verified_and_archived() {
         env.spool_files()
     );
     assert!(env.spool().exists(), "the spool root stays");
-    // Every single PUT was proved by the object's own SHA-256 checksum (both servers keep
-    // it); only a retried upload reads back (an earlier attempt may have left other bytes).
+    // Every single PUT was proved by its own response echoing our SHA-256 (both servers
+    // compute it); only a retried upload reads back (an earlier attempt may have left
+    // other bytes).
     let log = d.log();
     let verified: Vec<&str> = log
         .lines()
@@ -75,7 +76,7 @@ fn many_files_nested_with_spaces_and_unicode_all_verified_and_archived() {
                 "read back without a failed attempt: {line}"
             );
         } else {
-            assert!(line.contains("by=sha256"), "{line}");
+            assert!(line.contains("by=put-sha256"), "{line}");
         }
     }
 }
@@ -569,4 +570,83 @@ fn unfinished_multipart_uploads_are_aborted_at_start_up() {
         })
         .unwrap();
     assert_eq!(left, None, "the catalog forgets it");
+}
+
+/// The `by=` of each "uploaded and verified" line in a log.
+fn verified_by(log: &str) -> Vec<String> {
+    log.lines()
+        .filter(|l| l.contains("uploaded and verified"))
+        .filter_map(|l| l.split(" by=").nth(1))
+        .map(|r| r.split_whitespace().next().unwrap_or("").to_string())
+        .collect()
+}
+
+#[test]
+fn a_single_put_is_proven_by_its_own_response_without_a_head() {
+    let t = tempfile::tempdir().unwrap();
+    let s3 = S3::start(t.path());
+    let proxy = FaultProxy::start(s3.port);
+    let mut env = Env::for_s3(&s3);
+    env.set("FERRY_S3_ENDPOINT", &proxy.endpoint());
+    let files: Vec<(String, Vec<u8>)> = (0..5)
+        .map(|i| (format!("p/{i}.jpg"), content(&format!("p{i}"), 30_000 + i)))
+        .collect();
+    for (k, b) in &files {
+        env.drop_file(k, b);
+    }
+    let (code, _, err) = env.run(&["sync", "--once"]);
+    assert_eq!(code, 0, "{err}");
+    let by = verified_by(&err);
+    eprintln!("this server's PUT proofs: {by:?}");
+    assert_eq!(by.len(), 5, "{err}");
+    assert!(
+        by.iter().all(|b| b == "put-sha256" || b == "put-md5"),
+        "every file proven by its PUT's response: {by:?}"
+    );
+    assert_eq!(
+        proxy.count("HEAD", "/p/"),
+        0,
+        "no verifying HEAD: {:?}",
+        proxy.requests.lock().unwrap()
+    );
+    for (k, b) in &files {
+        assert_in_s3(&s3, k, b);
+    }
+
+    // s3.verify = "head" skips the PUT's response.
+    env.set("FERRY_S3_VERIFY", "head");
+    env.drop_file("h.jpg", &content("h", 20_000));
+    let (code, _, err) = env.run(&["sync", "--once"]);
+    assert_eq!(code, 0, "{err}");
+    let by = verified_by(&err);
+    assert!(
+        by.len() == 1 && !by[0].starts_with("put-"),
+        "verify = head asks with a HEAD: {by:?}"
+    );
+    assert_eq!(proxy.count("HEAD", "/h.jpg"), 1);
+}
+
+#[test]
+fn a_put_response_whose_etag_is_not_our_md5_is_no_proof_and_the_object_is_read_back() {
+    let t = tempfile::tempdir().unwrap();
+    let s3 = S3::start(t.path());
+    let proxy = FaultProxy::start(s3.port);
+    let mut env = Env::for_s3(&s3);
+    env.set("FERRY_S3_ENDPOINT", &proxy.endpoint());
+    let a = content("lie", 40_000);
+    env.drop_file("lie.jpg", &a);
+    // The first response with an ETag is the PUT's.
+    proxy.etag_lies_left.store(1, Ordering::SeqCst);
+    let (code, _, err) = env.run(&["sync", "--once"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        proxy.etag_lies_left.load(Ordering::SeqCst),
+        0,
+        "the lie was told"
+    );
+    assert!(err.contains("contradicts our bytes"), "{err}");
+    assert_eq!(verified_by(&err), vec!["read-back".to_string()], "{err}");
+    assert_eq!(proxy.count("GET", "/lie.jpg"), 1, "read back once");
+    assert_in_s3(&s3, "lie.jpg", &a);
+    assert_eq!(std::fs::read(env.archive().join("lie.jpg")).unwrap(), a);
 }

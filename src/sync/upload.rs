@@ -47,6 +47,8 @@ pub fn part_size_for(size: u64, configured: u64) -> u64 {
 pub struct Hashed {
     pub stat: FileStat,
     pub sha256: [u8; 32],
+    /// MD5 of the whole file, for a single PUT (its plain ETag); `None` for multipart.
+    pub md5: Option<[u8; 16]>,
     /// Per-part SHA-256 when the file goes up in parts: (offset, len, digest).
     pub parts: Vec<(u64, u64, [u8; 32])>,
     /// Why the file was read without a lease, if it was.
@@ -132,6 +134,9 @@ pub fn hash_file(path: &Path, part_size: Option<u64>) -> Result<Hashed, HashErro
         lease::Probe::Unavailable(u) => (None, Some(u)),
     };
     let mut full = Sha256::new();
+    // A single PUT's plain ETag is the MD5 of its body: computed in this one pass, so the
+    // PUT's own response can be checked without reading the file again.
+    let mut md5 = part_size.is_none().then(Md5::new);
     let mut buf = read_buffer(before.size);
     let mut parts = Vec::new();
     let mut part = Sha256::new();
@@ -153,6 +158,9 @@ pub fn hash_file(path: &Path, part_size: Option<u64>) -> Result<Hashed, HashErro
             break;
         }
         full.update(&buf[..n]);
+        if let Some(m) = md5.as_mut() {
+            m.update(&buf[..n]);
+        }
         total += n as u64;
         if let Some(ps) = part_size {
             part.update(&buf[..n]);
@@ -188,6 +196,7 @@ pub fn hash_file(path: &Path, part_size: Option<u64>) -> Result<Hashed, HashErro
     Ok(Hashed {
         stat: before,
         sha256: full.finalize().into(),
+        md5: md5.map(|m| m.finalize().into()),
         parts,
         no_lease,
     })
@@ -251,6 +260,10 @@ pub enum VerifyError {
 /// Which evidence proved that S3 holds our bytes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum VerifiedBy {
+    /// The PUT's response echoed our SHA-256: the server hashed what it received.
+    PutSha256,
+    /// The PUT's response carried a plain MD5 ETag equal to ours.
+    PutMd5,
     /// The object's full SHA-256 checksum (single PUT).
     Sha256,
     /// The composite SHA-256 of the parts' digests (multipart, as AWS and Garage give it).
@@ -264,11 +277,60 @@ pub enum VerifiedBy {
 impl std::fmt::Display for VerifiedBy {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
+            VerifiedBy::PutSha256 => "put-sha256",
+            VerifiedBy::PutMd5 => "put-md5",
             VerifiedBy::Sha256 => "sha256",
             VerifiedBy::CompositeSha256 => "composite-sha256",
             VerifiedBy::EtagMd5 => "etag-md5",
             VerifiedBy::ReadBack => "read-back",
         })
+    }
+}
+
+/// What a single PUT's response proves (DESIGN.md "Verification", step 1).
+#[derive(Debug, PartialEq, Eq)]
+pub enum PutProof {
+    /// The server's proof: no HEAD needed.
+    Proven(VerifiedBy),
+    /// The response contradicts our bytes: the object must be read back.
+    Contradicted(String),
+    /// Nothing usable (no checksum echoed, no plain MD5 ETag): ask with a HEAD.
+    Silent,
+}
+
+/// Judges a single PUT's response. S3 computes the SHA-256 of what it received when the
+/// PUT carries `x-amz-checksum-sha256`, and refuses a mismatch (BadDigest), so a 200 that
+/// echoes ours is as strong as a HEAD's stored checksum. A plain MD5 ETag (32 hex digits,
+/// no `-N`, and no SSE-KMS or SSE-C, whose ETags are not MD5s) was computed by the server
+/// too: where present it must equal ours, whatever the checksum says.
+pub fn put_proof(reply: &crate::store::PutReply, h: &Hashed) -> PutProof {
+    let plain_md5 = reply
+        .etag
+        .as_deref()
+        .map(|t| t.trim_matches('"').to_ascii_lowercase())
+        .filter(|t| t.len() == 32 && t.bytes().all(|b| b.is_ascii_hexdigit()))
+        .filter(|_| !reply.encrypted_by_key);
+    let ours_md5 = h.md5.map(hex::encode);
+    if let (Some(theirs), Some(ours)) = (&plain_md5, &ours_md5) {
+        if theirs != ours {
+            return PutProof::Contradicted(format!(
+                "the PUT's ETag {theirs} is not our MD5 {ours}"
+            ));
+        }
+    }
+    match reply.checksum_sha256.as_deref() {
+        Some(c) if c == h.sha256_b64() => return PutProof::Proven(VerifiedBy::PutSha256),
+        Some(c) => {
+            return PutProof::Contradicted(format!(
+                "the PUT echoed SHA-256 {c}, ours is {}",
+                h.sha256_b64()
+            ))
+        }
+        None => {}
+    }
+    match (plain_md5, ours_md5) {
+        (Some(_), Some(_)) => PutProof::Proven(VerifiedBy::PutMd5),
+        _ => PutProof::Silent,
     }
 }
 
@@ -608,24 +670,42 @@ impl Ctx {
             self.store
                 .put_single(&object_key, &path, h.stat.size, &h.sha256_b64(), &meta)
                 .await
-                .map(|_| ())
+                .map(Some)
         } else {
             self.put_multipart(&row.key, gen, &object_key, &path, &h, &meta)
                 .await
+                .map(|()| None)
         };
-        if let Err(e) = put {
+        let reply = match put {
+            Ok(r) => r,
             // The server may have stored something anyway (s3s-fs keeps rejected bodies); the
             // next attempt reads back whatever it verifies.
-            return store_retry(e);
-        }
+            Err(e) => return store_retry(e),
+        };
         crate::crashpoint::hit("put");
 
         // 3. Verify. Any earlier failed attempt means the object may hold a body that a
-        //    server rejected but kept, so later attempts read back.
-        let read_back = self.cfg.s3.verify == VerifyMode::ReadBack || row.attempts > 1;
-        let (etag, by) = match verify(&self.store, &object_key, &path, &h, read_back).await {
-            Ok(v) => v,
-            Err(e) => return verify_failed(e),
+        //    server rejected but kept, so later attempts read back. Otherwise the PUT's own
+        //    response is the first proof asked for (single PUTs; multipart keeps the HEAD's
+        //    composite check).
+        let mut read_back = self.cfg.s3.verify == VerifyMode::ReadBack || row.attempts > 1;
+        let mut proven = None;
+        if let (Some(reply), VerifyMode::Auto, false) = (&reply, self.cfg.s3.verify, read_back) {
+            match put_proof(reply, &h) {
+                PutProof::Proven(by) => proven = Some((reply.etag.clone(), by)),
+                PutProof::Contradicted(why) => {
+                    tracing::warn!(key = %key, why, "the PUT's response contradicts our bytes; reading the object back");
+                    read_back = true;
+                }
+                PutProof::Silent => {}
+            }
+        }
+        let (etag, by) = match proven {
+            Some(v) => v,
+            None => match verify(&self.store, &object_key, &path, &h, read_back).await {
+                Ok(v) => v,
+                Err(e) => return verify_failed(e),
+            },
         };
 
         crate::crashpoint::hit("verified-check");
@@ -1055,6 +1135,75 @@ pub const SHUTDOWN_DEADLINE: Duration = Duration::from_secs(10);
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// DESIGN "Verification", step 1, case by case.
+    #[test]
+    fn the_put_response_proves_contradicts_or_says_nothing() {
+        use crate::store::PutReply;
+        let body = b"the bytes we sent";
+        let h = Hashed {
+            stat: FileStat {
+                size: body.len() as u64,
+                mtime_ns: 0,
+                ctime_ns: 0,
+                inode: 1,
+            },
+            sha256: Sha256::digest(body).into(),
+            md5: Some(Md5::digest(body).into()),
+            parts: Vec::new(),
+            no_lease: None,
+        };
+        let ours_md5 = format!("\"{}\"", hex::encode(Md5::digest(body)));
+        let other_md5 = format!("\"{}\"", hex::encode(Md5::digest(b"other")));
+        let echo = Some(h.sha256_b64());
+        let reply = |etag: Option<&str>, sha: Option<String>, kms: bool| PutReply {
+            etag: etag.map(str::to_string),
+            checksum_sha256: sha,
+            encrypted_by_key: kms,
+        };
+        use PutProof::*;
+        let cases = [
+            (reply(Some(&ours_md5), echo.clone(), false), "sha256"),
+            (reply(None, echo.clone(), false), "sha256"),
+            // A server-computed MD5 that differs overrules an echoed checksum.
+            (reply(Some(&other_md5), echo.clone(), false), "contradicted"),
+            (
+                reply(Some(&ours_md5), Some(B64.encode([0u8; 32])), false),
+                "contradicted",
+            ),
+            (reply(Some(&ours_md5), None, false), "md5"),
+            (reply(Some(&other_md5), None, false), "contradicted"),
+            // SSE-KMS / SSE-C ETags are not MD5s: neither proof nor contradiction.
+            (reply(Some(&other_md5), None, true), "silent"),
+            (reply(Some(&other_md5), echo.clone(), true), "sha256"),
+            // A multipart-shaped or odd ETag is no MD5 either.
+            (
+                reply(Some("\"0123456789abcdef0123456789abcdef-2\""), None, false),
+                "silent",
+            ),
+            (reply(Some("\"not-hex\""), None, false), "silent"),
+            (reply(None, None, false), "silent"),
+        ];
+        for (r, want) in cases {
+            let got = match put_proof(&r, &h) {
+                Proven(VerifiedBy::PutSha256) => "sha256",
+                Proven(VerifiedBy::PutMd5) => "md5",
+                Proven(other) => panic!("{other:?}"),
+                Contradicted(_) => "contradicted",
+                Silent => "silent",
+            };
+            assert_eq!(got, want, "{r:?}");
+        }
+        // Without our MD5 (never the case for a single PUT) an ETag proves nothing.
+        let no_md5 = Hashed {
+            md5: None,
+            ..h.clone()
+        };
+        assert_eq!(
+            put_proof(&reply(Some(&ours_md5), None, false), &no_md5),
+            Silent
+        );
+    }
 
     /// A due row the scheduler could not claim (its key in flight: a re-drop) makes it wait
     /// for a wake-up, not poll every 10 ms.

@@ -705,6 +705,9 @@ pub struct FaultProxy {
     pub down_delay_ms: Arc<AtomicUsize>,
     /// Request lines seen ("GET /bucket/key HTTP/1.1"), to count what reached S3.
     pub requests: Arc<Mutex<Vec<String>>>,
+    /// How many more responses get an ETag with one hex digit changed (a server whose
+    /// ETag is not the MD5 of what it stored).
+    pub etag_lies_left: Arc<AtomicUsize>,
 }
 
 impl FaultProxy {
@@ -716,8 +719,10 @@ impl FaultProxy {
         let delay_ms = Arc::new(AtomicUsize::new(0));
         let down_delay_ms = Arc::new(AtomicUsize::new(0));
         let requests = Arc::new(Mutex::new(Vec::new()));
+        let etag_lies_left = Arc::new(AtomicUsize::new(0));
         let (cl, cd, dm) = (corrupt_left.clone(), corrupted.clone(), delay_ms.clone());
         let (ddm, reqs) = (down_delay_ms.clone(), requests.clone());
+        let lies = etag_lies_left.clone();
         std::thread::spawn(move || {
             for conn in l.incoming() {
                 let Ok(client) = conn else { continue };
@@ -727,7 +732,7 @@ impl FaultProxy {
                 let (c2, s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
                 let (cl, cd, dm, reqs) = (cl.clone(), cd.clone(), dm.clone(), reqs.clone());
                 std::thread::spawn(move || pump_up(client, server, cl, cd, dm, reqs));
-                let ddm = ddm.clone();
+                let (ddm, lies) = (ddm.clone(), lies.clone());
                 std::thread::spawn(move || {
                     let (mut s, mut c) = (s2, c2);
                     let mut buf = vec![0u8; 64 * 1024];
@@ -736,6 +741,7 @@ impl FaultProxy {
                             Ok(0) | Err(_) => break,
                             Ok(n) => n,
                         };
+                        lie_about_etag(&mut buf[..n], &lies);
                         let d = ddm.load(Ordering::Relaxed);
                         if d > 0 {
                             std::thread::sleep(Duration::from_millis(d as u64));
@@ -755,6 +761,7 @@ impl FaultProxy {
             delay_ms,
             down_delay_ms,
             requests,
+            etag_lies_left,
         }
     }
 
@@ -773,8 +780,33 @@ impl FaultProxy {
     }
 }
 
-/// Client → server: flips the first body byte of a PUT with a non-empty body while
-/// `corrupt_left` > 0.
+/// Server → client: while `lies` > 0, changes the first hex digit of an `ETag` header in
+/// this chunk (a response head arrives in one read on loopback).
+fn lie_about_etag(chunk: &mut [u8], lies: &AtomicUsize) {
+    if lies.load(Ordering::SeqCst) == 0 {
+        return;
+    }
+    let lower = chunk.to_ascii_lowercase();
+    let Some(at) = lower.windows(7).position(|w| w == b"\r\netag:") else {
+        return;
+    };
+    let Some(q) = chunk[at + 7..].iter().position(|&b| b == b'"') else {
+        return;
+    };
+    let i = at + 7 + q + 1;
+    if i < chunk.len()
+        && chunk[i].is_ascii_hexdigit()
+        && lies
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |v| v.checked_sub(1))
+            .is_ok()
+    {
+        chunk[i] = if chunk[i] == b'0' { b'1' } else { b'0' };
+    }
+}
+
+/// Client → server: records each request line and flips the first body byte of a PUT with
+/// a non-empty body while `corrupt_left` > 0. Bodies are skipped by their Content-Length, so
+/// requests that follow a body on a kept-alive connection are seen as requests.
 fn pump_up(
     mut client: TcpStream,
     mut server: TcpStream,
@@ -785,51 +817,55 @@ fn pump_up(
 ) {
     let mut buf = vec![0u8; 64 * 1024];
     let mut window: Vec<u8> = Vec::new();
-    let mut want_flip = false;
+    let mut body_left = 0u64;
+    let mut flip_pending = false;
     loop {
         let n = match client.read(&mut buf) {
             Ok(0) | Err(_) => break,
             Ok(n) => n,
         };
         let chunk = &mut buf[..n];
-        if want_flip && !chunk.is_empty() {
-            chunk[0] ^= 0xff;
-            want_flip = false;
-            corrupted.fetch_add(1, Ordering::SeqCst);
-        } else {
-            window.extend_from_slice(chunk);
-            if let Some(end) = window.windows(4).position(|w| w == b"\r\n\r\n") {
-                let raw_head = String::from_utf8_lossy(&window[..end]).into_owned();
-                if let Some(line) = raw_head.lines().next() {
-                    requests.lock().unwrap().push(line.to_string());
+        let mut pos = 0;
+        while pos < n {
+            if body_left > 0 {
+                let k = (body_left as usize).min(n - pos);
+                if flip_pending {
+                    chunk[pos] ^= 0xff;
+                    flip_pending = false;
+                    corrupted.fetch_add(1, Ordering::SeqCst);
                 }
-                let head = raw_head.to_ascii_lowercase();
-                let is_put = head.starts_with("put ");
-                let has_body = head
-                    .lines()
-                    .find_map(|l| l.strip_prefix("content-length:"))
-                    .and_then(|v| v.trim().parse::<u64>().ok())
-                    .is_some_and(|n| n > 0);
-                if is_put
-                    && has_body
-                    && corrupt_left
-                        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |v| v.checked_sub(1))
-                        .is_ok()
-                {
-                    let body_start_in_window = end + 4;
-                    let offset_in_chunk =
-                        body_start_in_window as isize - (window.len() - n) as isize;
-                    if offset_in_chunk >= 0 && (offset_in_chunk as usize) < n {
-                        chunk[offset_in_chunk as usize] ^= 0xff;
-                        corrupted.fetch_add(1, Ordering::SeqCst);
-                    } else {
-                        want_flip = true;
-                    }
-                }
-                window.clear();
-            } else if window.len() > 64 * 1024 {
-                window.drain(..window.len() - 4);
+                body_left -= k as u64;
+                pos += k;
+                continue;
             }
+            let before = window.len();
+            window.extend_from_slice(&chunk[pos..]);
+            let Some(end) = window.windows(4).position(|w| w == b"\r\n\r\n") else {
+                if window.len() > 64 * 1024 {
+                    window.drain(..window.len() - 4);
+                }
+                break;
+            };
+            let raw_head = String::from_utf8_lossy(&window[..end]).into_owned();
+            if let Some(line) = raw_head.lines().next() {
+                requests.lock().unwrap().push(line.to_string());
+            }
+            let head = raw_head.to_ascii_lowercase();
+            body_left = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .unwrap_or(0);
+            if head.starts_with("put ")
+                && body_left > 0
+                && corrupt_left
+                    .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |v| v.checked_sub(1))
+                    .is_ok()
+            {
+                flip_pending = true;
+            }
+            pos += end + 4 - before;
+            window.clear();
         }
         let d = delay_ms.load(Ordering::Relaxed);
         if d > 0 {
