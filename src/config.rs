@@ -359,6 +359,9 @@ pub struct HttpConfig {
     /// (the proxied response ends short, a cache fill is abandoned): a stalled upstream
     /// must not hold a client, a connection and a fill slot forever.
     pub upstream_stall: Dur,
+    /// Runtime worker threads (serving, routing and syncing share them); 0 = one per core.
+    /// Where a load generator or the local S3 server shares the cores, fewer can win.
+    pub workers: usize,
 }
 impl Default for HttpConfig {
     fn default() -> Self {
@@ -380,6 +383,7 @@ impl Default for HttpConfig {
             send_timeout: Dur(Duration::from_secs(60)),
             max_connections: 16_384,
             upstream_stall: Dur(Duration::from_secs(30)),
+            workers: 0,
         }
     }
 }
@@ -548,6 +552,12 @@ impl Config {
         }
         if self.router.max_connections == 0 {
             return Err(invalid("router.max_connections", "must be at least 1"));
+        }
+        if self.http.workers > 1024 {
+            return Err(invalid(
+                "http.workers",
+                "must be at most 1024 (0 = one per core)",
+            ));
         }
         if self.http.upstream_stall.0.is_zero() {
             return Err(invalid("http.upstream_stall", "must be more than 0"));

@@ -81,11 +81,13 @@ fn main() -> ExitCode {
             return ExitCode::from(78);
         }
     };
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .thread_name("ferry")
-        .build()
-    {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    builder.enable_all().thread_name("ferry");
+    // `http.workers`: 0 keeps tokio's default, one worker per core.
+    if cfg.http.workers > 0 {
+        builder.worker_threads(cfg.http.workers);
+    }
+    let rt = match builder.build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the runtime: {e}");

@@ -11,10 +11,9 @@ pub mod semantics;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use http::{HeaderMap, HeaderValue, Method, StatusCode};
+use http::{HeaderValue, StatusCode};
 use tokio_util::sync::CancellationToken;
 use warp::reply::{Reply, Response};
-use warp::Filter;
 
 use crate::catalog::Catalog;
 use crate::config::Config;
@@ -112,43 +111,42 @@ pub async fn serve(
     let cap = conn::Cap::new(state.cfg.http.max_connections);
     let node = HeaderValue::from_str(&state.node_name)
         .unwrap_or_else(|_| HeaderValue::from_static("ferry"));
-    let filter = warp::method()
-        .and(warp::path::full())
-        .and(warp::header::headers_cloned())
-        .then(
-            move |method: Method, path: warp::path::FullPath, headers: HeaderMap| {
-                let state = state.clone();
-                let node = node.clone();
-                // Boxed: hyper moves the service's future into place on every request, and
-                // inline this state machine is kilobytes of memcpy per request.
-                Box::pin(async move {
-                    let started = std::time::Instant::now();
-                    let mut resp = match state.handle(&method, path.as_str(), &headers).await {
-                        Ok(r) => r,
-                        Err(e) => e.into_response(),
-                    };
-                    let h = resp.headers_mut();
-                    h.insert("x-ferry-node", node);
-                    // SECURITY: no browser guesses a type we did not send (an "image" that
-                    // sniffs as HTML would run as the site).
-                    h.insert(semantics::NOSNIFF, HeaderValue::from_static("nosniff"));
-                    if path.as_str().starts_with(&state.cfg.http.mount) {
-                        let m = crate::telemetry::metrics();
-                        let source = resp
-                            .headers()
-                            .get("x-ferry-source")
-                            .and_then(|v| v.to_str().ok())
-                            .unwrap_or("none");
-                        m.http(source, resp.status().as_u16());
-                        m.http_seconds.observe(started.elapsed().as_secs_f64());
-                    }
-                    resp
-                })
-            },
-        );
-    // Our own accept loop (warp's `serve` has no header-read timeout): a client that never
-    // finishes its headers is cut off, and shutdown drains connections with a deadline.
-    let svc = warp::service(filter);
+    // A plain hyper service: the request's parts are taken, not copied (warp's filter chain
+    // cloned the whole header map per request), and the header values every response gets
+    // are built once, here.
+    let svc = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+        let state = state.clone();
+        let node = node.clone();
+        // Boxed: hyper moves the service's future into place on every request, and inline
+        // this state machine is kilobytes of memcpy per request.
+        Box::pin(async move {
+            let started = std::time::Instant::now();
+            let (parts, _body) = req.into_parts();
+            let path = parts.uri.path();
+            let mut resp = match state.handle(&parts.method, path, &parts.headers).await {
+                Ok(r) => r,
+                Err(e) => e.into_response(),
+            };
+            let h = resp.headers_mut();
+            h.insert("x-ferry-node", node);
+            // SECURITY: no browser guesses a type we did not send (an "image" that sniffs
+            // as HTML would run as the site).
+            h.insert(semantics::NOSNIFF, HeaderValue::from_static("nosniff"));
+            if path.starts_with(&state.cfg.http.mount) {
+                let m = crate::telemetry::metrics();
+                let source = resp
+                    .headers()
+                    .get("x-ferry-source")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("none");
+                m.http(source, resp.status().as_u16());
+                m.http_seconds.observe(started.elapsed().as_secs_f64());
+            }
+            Ok::<_, std::convert::Infallible>(resp)
+        })
+    });
+    // Our own accept loop: a client that never finishes its headers is cut off, and
+    // shutdown drains connections with a deadline.
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(hyper_util::rt::TokioTimer::new())
         .header_read_timeout(header_timeout)
@@ -189,8 +187,7 @@ pub async fn serve(
             }
             let _slot = slot;
             let io = hyper_util::rt::TokioIo::new(conn::SendTimeout::new(stream, send_timeout));
-            let conn =
-                http.serve_connection(io, hyper_util::service::TowerToHyperService::new(svc));
+            let conn = http.serve_connection(io, svc);
             // Boxed: the connection's state machine is several KiB, and inline it would size
             // every task, the idle ones too.
             if let Err(e) = Box::pin(watcher.watch(conn)).await {
