@@ -47,8 +47,9 @@ pub enum Outcome {
     PutAside(PathBuf),
 }
 
+/// Concurrent moves in one directory share an fsync (see `sync::dirsync`).
 fn fsync_dir(dir: &Path) -> io::Result<()> {
-    File::open(dir)?.sync_all()
+    crate::sync::dirsync::sync(dir)
 }
 
 fn cpath(p: &Path) -> io::Result<CString> {

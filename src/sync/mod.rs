@@ -2,6 +2,7 @@
 //! and `sync --once`.
 
 pub mod archive;
+pub mod dirsync;
 pub mod lease;
 pub mod reconcile;
 pub mod upload;
