@@ -136,6 +136,19 @@ impl Metrics {
              archive_failed)",
             m.queue_bytes.clone(),
         );
+        // Every class exists from the start at 0: a family with no series is not exported
+        // at all (dashboards show nothing, not 0), and `increase()` over a series that
+        // first appears at 1 is 0, so an alert on it would miss the first failure.
+        for class in ["transient", "permanent", "local_full"] {
+            let _ = m.upload_failures.get_or_create(&ClassLabel {
+                class: class.into(),
+            });
+        }
+        for class in ["transient", "permanent"] {
+            let _ = m.archive_failures.get_or_create(&ClassLabel {
+                class: class.into(),
+            });
+        }
         let r = &mut m.registry;
         r.register(
             "lease_fallbacks",
