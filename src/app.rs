@@ -210,6 +210,20 @@ pub fn render_status(st: &Status) -> String {
     if let Some(t) = st.oldest_queued_ms {
         let _ = writeln!(s, "oldest waiting: queued {} ago", ago(t));
     }
+    match &st.spool_watch {
+        Some(w) if w.mode == "inotify" => {
+            let _ = writeln!(s, "spool watch: inotify (since {} ago)", ago(w.since_ms));
+        }
+        Some(w) => {
+            let _ = writeln!(
+                s,
+                "spool watch: {} (since {} ago)",
+                w.detail,
+                ago(w.since_ms)
+            );
+        }
+        None => {}
+    }
     if !st.errors.is_empty() {
         let _ = writeln!(s, "last errors:");
         for e in &st.errors {

@@ -253,6 +253,48 @@ const MIGRATIONS: &[&str] = &[
         INSERT INTO changes (key) VALUES (OLD.key);
         UPDATE state_counts SET n = n - 1 WHERE state = OLD.state;
      END;",
+    // 6: the queue numbers `/metrics` exports on every scrape without reading every waiting
+    //    row: bytes per state beside the counts, kept by the same triggers (a row's size
+    //    changes with its state, or alone when a new version is queued over a queued one),
+    //    and the waiting rows by arrival, so the oldest is the first entry of an index.
+    "ALTER TABLE state_counts ADD COLUMN bytes INTEGER NOT NULL DEFAULT 0;
+     UPDATE state_counts SET bytes = (SELECT COALESCE(SUM(size), 0) FROM files
+        WHERE files.state = state_counts.state);
+     DROP TRIGGER files_ins;
+     CREATE TRIGGER files_ins AFTER INSERT ON files BEGIN
+        INSERT INTO changes (key) VALUES (NEW.key);
+        UPDATE state_counts SET n = n + 1, bytes = bytes + NEW.size WHERE state = NEW.state;
+     END;
+     DROP TRIGGER files_state;
+     CREATE TRIGGER files_state AFTER UPDATE OF state, size ON files
+        WHEN OLD.state != NEW.state OR OLD.size != NEW.size BEGIN
+        UPDATE state_counts SET n = n - (OLD.state != NEW.state), bytes = bytes - OLD.size
+            WHERE state = OLD.state;
+        UPDATE state_counts SET n = n + (OLD.state != NEW.state), bytes = bytes + NEW.size
+            WHERE state = NEW.state;
+     END;
+     DROP TRIGGER files_del;
+     CREATE TRIGGER files_del AFTER DELETE ON files BEGIN
+        INSERT INTO changes (key) VALUES (OLD.key);
+        UPDATE state_counts SET n = n - 1, bytes = bytes - OLD.size WHERE state = OLD.state;
+     END;
+     CREATE INDEX files_waiting ON files(queued_at_ms) \
+     WHERE state IN ('queued', 'uploading', 'failed', 'verified', 'archive_failed');",
+];
+
+/// The notice topic under which the syncing process records how it watches the spool:
+/// "inotify", or "polling: ..." with the reason (`ferry status` shows it as `spool watch`).
+pub const WATCH_NOTICE: &str = "watch";
+
+/// The states of a file not yet archived: the queue (`ferry status`'s queue depth,
+/// `ferry_queue_bytes`, `ferry_queue_oldest_seconds`). Migration 6's `files_waiting` index
+/// holds exactly these rows.
+pub const WAITING: [State; 5] = [
+    State::Queued,
+    State::Uploading,
+    State::Failed,
+    State::Verified,
+    State::ArchiveFailed,
 ];
 
 fn open_conn(path: &Path) -> Result<Connection> {
@@ -789,23 +831,55 @@ pub mod ops {
         Ok(())
     }
 
-    pub fn status(c: &Connection) -> Result<Status> {
+    /// The queue numbers, cheap enough for every `/metrics` scrape: the per-state counts and
+    /// bytes the triggers keep, and the oldest waiting row as the first entry of
+    /// `files_waiting` (one index probe however long the queue is).
+    pub fn gauges(c: &Connection) -> Result<Gauges> {
         let mut counts = BTreeMap::new();
+        let mut bytes = BTreeMap::new();
         for s in State::ALL {
             counts.insert(s.as_str().to_string(), 0u64);
+            bytes.insert(s.as_str().to_string(), 0u64);
         }
         // Kept by triggers: counting every row per scrape cost a full scan of millions.
-        let mut stmt = c.prepare_cached("SELECT state, n FROM state_counts")?;
-        for r in stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))? {
-            let (s, n) = r?;
-            counts.insert(s, n as u64);
+        let mut stmt = c.prepare_cached("SELECT state, n, bytes FROM state_counts")?;
+        for r in stmt.query_map([], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, i64>(1)?,
+                r.get::<_, i64>(2)?,
+            ))
+        })? {
+            let (s, n, b) = r?;
+            counts.insert(s.clone(), n.max(0) as u64);
+            bytes.insert(s, b.max(0) as u64);
         }
-        let (oldest, queued_bytes): (Option<i64>, Option<i64>) = c.query_row(
-            "SELECT MIN(queued_at_ms), SUM(size) FROM files \
-             WHERE state IN ('queued', 'uploading', 'failed', 'verified', 'archive_failed')",
-            [],
-            |r| Ok((r.get(0)?, r.get(1)?)),
-        )?;
+        let waiting = |m: &BTreeMap<String, u64>| -> u64 {
+            WAITING
+                .iter()
+                .map(|s| m.get(s.as_str()).copied().unwrap_or(0))
+                .sum()
+        };
+        let (queue_depth, queued_bytes) = (waiting(&counts), waiting(&bytes));
+        Ok(Gauges {
+            counts,
+            bytes,
+            queue_depth,
+            queued_bytes,
+            oldest_queued_ms: oldest_waiting(c)?,
+        })
+    }
+
+    /// When the longest-waiting file not yet archived was queued. INDEXED BY: a catalog
+    /// without the index fails here rather than quietly reading every waiting row.
+    pub fn oldest_waiting(c: &Connection) -> Result<Option<i64>> {
+        Ok(c.prepare_cached(OLDEST_WAITING_SQL)?
+            .query_row([], |r| r.get(0))
+            .optional()?)
+    }
+
+    pub fn status(c: &Connection) -> Result<Status> {
+        let g = gauges(c)?;
         let mut stmt = c.prepare(&format!(
             "SELECT {ROW_COLS} FROM files WHERE last_error IS NOT NULL \
              AND state IN ('queued', 'uploading', 'failed', 'verified', 'archive_failed') \
@@ -827,23 +901,25 @@ pub mod ops {
             .into_iter()
             .map(|(name, reason)| RefusedLine { name, reason })
             .collect();
-        let queue_depth = [
-            "queued",
-            "uploading",
-            "failed",
-            "verified",
-            "archive_failed",
-        ]
-        .iter()
-        .map(|s| counts.get(*s).copied().unwrap_or(0))
-        .sum();
-        let notices = notices(c)?;
+        let (watch, notices): (Vec<Notice>, Vec<Notice>) = notices(c)?
+            .into_iter()
+            .partition(|n| n.topic == WATCH_NOTICE);
+        let spool_watch = watch.into_iter().next().map(|n| SpoolWatch {
+            mode: if n.message == "inotify" {
+                "inotify"
+            } else {
+                "polling"
+            },
+            detail: n.message,
+            since_ms: n.at_ms,
+        });
         Ok(Status {
             notices,
-            counts,
-            queue_depth,
-            queued_bytes: queued_bytes.unwrap_or(0) as u64,
-            oldest_queued_ms: oldest,
+            spool_watch,
+            counts: g.counts,
+            queue_depth: g.queue_depth,
+            queued_bytes: g.queued_bytes,
+            oldest_queued_ms: g.oldest_queued_ms,
             errors,
             refused,
         })
@@ -865,6 +941,24 @@ pub struct RefusedLine {
     pub reason: String,
 }
 
+/// The queue numbers `/metrics` exports (`ops::gauges`).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Gauges {
+    pub counts: BTreeMap<String, u64>,
+    /// Sum of the sizes of the rows in each state.
+    pub bytes: BTreeMap<String, u64>,
+    pub queue_depth: u64,
+    pub queued_bytes: u64,
+    pub oldest_queued_ms: Option<i64>,
+}
+
+/// The oldest waiting row: the first entry of the partial index `files_waiting`, whose
+/// WHERE this repeats word for word (SQLite uses a partial index only when the query's
+/// WHERE implies the index's).
+const OLDEST_WAITING_SQL: &str = "SELECT queued_at_ms FROM files INDEXED BY files_waiting \
+    WHERE state IN ('queued', 'uploading', 'failed', 'verified', 'archive_failed') \
+    ORDER BY queued_at_ms LIMIT 1";
+
 /// What `ferry status` prints.
 #[derive(Debug, Clone, Serialize)]
 pub struct Status {
@@ -878,6 +972,18 @@ pub struct Status {
     /// Conditions that belong to no row: no leases, unreadable spool entries, bytes put
     /// aside as unverified.
     pub notices: Vec<Notice>,
+    /// How the syncing process last said it watches the spool; None if none ever ran.
+    pub spool_watch: Option<SpoolWatch>,
+}
+
+/// The spool's watch mode as the syncing process recorded it (`WATCH_NOTICE`).
+#[derive(Debug, Clone, Serialize)]
+pub struct SpoolWatch {
+    /// "inotify", or "polling" while the kernel refuses a watch.
+    pub mode: &'static str,
+    pub detail: String,
+    /// When this mode began (or the process that recorded it started).
+    pub since_ms: i64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -1127,23 +1233,39 @@ mod tests {
         let t = tempfile::tempdir().unwrap();
         let cat = Catalog::open(&t.path().join("c.db")).unwrap();
         cat.write_blocking(|c| {
-            let real = |c: &Connection| -> Result<BTreeMap<String, u64>> {
-                let mut stmt = c.prepare("SELECT state, COUNT(*) FROM files GROUP BY state")?;
+            type Real = BTreeMap<String, (u64, u64)>;
+            let real = |c: &Connection| -> Result<Real> {
+                let mut stmt =
+                    c.prepare("SELECT state, COUNT(*), SUM(size) FROM files GROUP BY state")?;
                 let v = stmt
                     .query_map([], |r| {
-                        Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64))
+                        Ok((
+                            r.get::<_, String>(0)?,
+                            (r.get::<_, i64>(1)? as u64, r.get::<_, i64>(2)? as u64),
+                        ))
                     })?
-                    .collect::<rusqlite::Result<BTreeMap<_, _>>>()?;
+                    .collect::<rusqlite::Result<Real>>()?;
                 Ok(v)
             };
             let check = |c: &Connection, when: &str| -> Result<()> {
                 let want = real(c)?;
-                let got: BTreeMap<String, u64> = ops::status(c)?
+                let g = ops::gauges(c)?;
+                let got: Real = g
                     .counts
-                    .into_iter()
-                    .filter(|(_, n)| *n > 0)
+                    .iter()
+                    .filter(|(_, n)| **n > 0)
+                    .map(|(s, n)| (s.clone(), (*n, g.bytes[s])))
                     .collect();
                 assert_eq!(got, want, "after {when}");
+                // Bytes of rows in no state are none.
+                assert!(g.counts.iter().all(|(s, n)| *n > 0 || g.bytes[s] == 0));
+                let waiting: (u64, u64) = WAITING
+                    .iter()
+                    .filter_map(|s| want.get(s.as_str()))
+                    .fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1));
+                assert_eq!((g.queue_depth, g.queued_bytes), waiting, "after {when}");
+                let st = ops::status(c)?;
+                assert_eq!((st.queue_depth, st.queued_bytes), waiting, "after {when}");
                 Ok(())
             };
             for i in 0..20u64 {
@@ -1168,6 +1290,62 @@ mod tests {
             ops::note_ready(c, &Key::new(&rows[1].key, "").unwrap(), stat(99))?;
             ops::reset_uploading(c)?;
             check(c, "delete, re-drop, recovery")?;
+            // A new version over a queued row: same state, other size.
+            ops::note_ready(c, &Key::new(&rows[1].key, "").unwrap(), stat(12345))?;
+            // And a verified upload whose stat is taken again (size updated with the state).
+            let again = ops::claim_due(c, now_ms(), 1, &Default::default())?;
+            let mut bigger = again[0].stat;
+            bigger.size += 7;
+            ops::mark_verified(c, &again[0].key, again[0].gen, bigger, "00", None)?;
+            check(c, "size changes")?;
+            c.execute("DELETE FROM files WHERE key = ?1", [&rows[2].key])?;
+            check(c, "a row removed")?;
+            Ok(())
+        })
+        .unwrap();
+    }
+
+    /// `/metrics` reads the oldest waiting row on every scrape: it must come from the
+    /// `files_waiting` index in a handful of steps however many rows wait, never from a
+    /// scan of the table or of the waiting rows.
+    #[test]
+    fn oldest_waiting_is_one_index_probe() {
+        let t = tempfile::tempdir().unwrap();
+        let cat = Catalog::open(&t.path().join("c.db")).unwrap();
+        cat.write_blocking(|c| {
+            assert_eq!(ops::oldest_waiting(c)?, None);
+            for i in 0..5_000u64 {
+                ops::note_ready(c, &Key::new(&format!("k{i:05}"), "").unwrap(), stat(i))?;
+            }
+            // Spread the arrival times; the oldest waiting one is k02500 once the first
+            // 2,500 are archived (their queued_at_ms stays, but they no longer wait).
+            c.execute(
+                "UPDATE files SET queued_at_ms = 1000000 + CAST(substr(key, 2) AS INTEGER)",
+                [],
+            )?;
+            c.execute(
+                "UPDATE files SET state = 'archived' WHERE CAST(substr(key, 2) AS INTEGER) < 2500",
+                [],
+            )?;
+            assert_eq!(ops::oldest_waiting(c)?, Some(1_002_500));
+            let plan: Vec<String> = c
+                .prepare(&format!("EXPLAIN QUERY PLAN {OLDEST_WAITING_SQL}"))?
+                .query_map([], |r| r.get::<_, String>(3))?
+                .collect::<rusqlite::Result<_>>()?;
+            assert!(
+                plan.iter().any(|p| p.contains("INDEX files_waiting"))
+                    && plan.iter().all(|p| !p.contains("TEMP B-TREE")),
+                "{plan:?}"
+            );
+            // The plan could still walk the whole index: count what it really does.
+            let mut stmt = c.prepare(OLDEST_WAITING_SQL)?;
+            let _: Option<i64> = stmt.query_row([], |r| r.get(0)).optional()?;
+            let steps = stmt.get_status(rusqlite::StatementStatus::VmStep);
+            let full = stmt.get_status(rusqlite::StatementStatus::FullscanStep);
+            assert!(
+                steps < 100 && full < 10,
+                "{steps} VM steps, {full} full-scan steps"
+            );
             Ok(())
         })
         .unwrap();

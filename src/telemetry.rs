@@ -1,5 +1,6 @@
 //! Tracing setup, Prometheus metrics (one registry per process), and sd_notify.
 
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::OnceLock;
 use std::time::Duration;
 
@@ -61,12 +62,35 @@ pub struct Metrics {
     pub cache_bytes: Gauge,
     pub cache_evictions: Counter,
     pub backend_up: Family<BackendLabel, Gauge>,
-    pub spool_watched: Gauge,
+    /// Set through `set_spool_watched`: exported only by a process that watches a spool.
+    spool_watched: Gauge,
+    /// Set through `set_queue`: exported only by a process that reads a catalog.
+    queue_oldest_seconds: Gauge<f64, AtomicU64>,
+    queue_bytes: Gauge,
     pub lease_fallbacks: Counter,
     pub lease_busy: Counter,
     pub archive_failures: Family<ClassLabel, Counter>,
     pub spool_unreadable: Gauge,
     registry: Registry,
+    /// Metrics that mean something only in some processes: a 0 from a process without a
+    /// spool watcher (`ferry serve`, `ferry route`) would read as "polling" to an alert, and
+    /// a router has no queue. Each is encoded once its process first sets it.
+    spool: Section,
+    queue: Section,
+}
+
+struct Section {
+    registry: Registry,
+    live: AtomicBool,
+}
+
+impl Section {
+    fn new() -> Section {
+        Section {
+            registry: Registry::with_prefix("ferry"),
+            live: AtomicBool::new(false),
+        }
+    }
 }
 
 impl Metrics {
@@ -86,12 +110,45 @@ impl Metrics {
             cache_evictions: Counter::default(),
             backend_up: Family::default(),
             spool_watched: Gauge::default(),
+            queue_oldest_seconds: Gauge::default(),
+            queue_bytes: Gauge::default(),
             lease_fallbacks: Counter::default(),
             lease_busy: Counter::default(),
             archive_failures: Family::default(),
             spool_unreadable: Gauge::default(),
             registry: Registry::with_prefix("ferry"),
+            spool: Section::new(),
+            queue: Section::new(),
         };
+        m.spool.registry.register(
+            "spool_watched",
+            "1 while the spool has its inotify watch, 0 while it is only polled",
+            m.spool_watched.clone(),
+        );
+        m.queue.registry.register(
+            "queue_oldest_seconds",
+            "Age of the longest-waiting file not yet archived (0 when none waits), in seconds",
+            m.queue_oldest_seconds.clone(),
+        );
+        m.queue.registry.register(
+            "queue_bytes",
+            "Bytes of the files not yet archived (queued, uploading, failed, verified, \
+             archive_failed)",
+            m.queue_bytes.clone(),
+        );
+        // Every class exists from the start at 0: a family with no series is not exported
+        // at all (dashboards show nothing, not 0), and `increase()` over a series that
+        // first appears at 1 is 0, so an alert on it would miss the first failure.
+        for class in ["transient", "permanent", "local_full"] {
+            let _ = m.upload_failures.get_or_create(&ClassLabel {
+                class: class.into(),
+            });
+        }
+        for class in ["transient", "permanent"] {
+            let _ = m.archive_failures.get_or_create(&ClassLabel {
+                class: class.into(),
+            });
+        }
         let r = &mut m.registry;
         r.register(
             "lease_fallbacks",
@@ -146,11 +203,6 @@ impl Metrics {
             "HTTP request handling time until the response head, in seconds",
             m.http_seconds.clone(),
         );
-        r.register(
-            "spool_watched",
-            "1 while the spool has its inotify watch, 0 while it is only polled",
-            m.spool_watched.clone(),
-        );
         r.register("cache_hits", "Hot-cache hits", m.cache_hits.clone());
         r.register("cache_misses", "Hot-cache misses", m.cache_misses.clone());
         r.register(
@@ -171,13 +223,47 @@ impl Metrics {
         m
     }
 
-    /// The Prometheus text exposition of everything registered.
+    /// The Prometheus text exposition of everything registered (and of each section its
+    /// process has set).
     pub fn encode(&self) -> String {
+        use prometheus_client::encoding::text::{encode_eof, encode_registry};
         let mut s = String::new();
-        if prometheus_client::encoding::text::encode(&mut s, &self.registry).is_err() {
+        let mut enc = || -> std::fmt::Result {
+            encode_registry(&mut s, &self.registry)?;
+            for sec in [&self.spool, &self.queue] {
+                if sec.live.load(Ordering::Relaxed) {
+                    encode_registry(&mut s, &sec.registry)?;
+                }
+            }
+            encode_eof(&mut s)
+        };
+        if enc().is_err() {
             s.clear();
         }
         s
+    }
+
+    /// The spool watcher's mode: inotify (true) or polling (false).
+    pub fn set_spool_watched(&self, watched: bool) {
+        self.spool_watched.set(i64::from(watched));
+        self.spool.live.store(true, Ordering::Relaxed);
+    }
+
+    /// The catalog's numbers, read at scrape time (`catalog::ops::gauges`: no row scan).
+    pub fn set_queue(&self, g: &crate::catalog::Gauges) {
+        for (state, n) in &g.counts {
+            self.files
+                .get_or_create(&StateLabel {
+                    state: state.clone(),
+                })
+                .set(*n as i64);
+        }
+        self.queue_bytes.set(g.queued_bytes as i64);
+        let age_ms = g
+            .oldest_queued_ms
+            .map_or(0, |t| (crate::catalog::now_ms() - t).max(0));
+        self.queue_oldest_seconds.set(age_ms as f64 / 1000.0);
+        self.queue.live.store(true, Ordering::Relaxed);
     }
 
     /// Counts one answered request. On the hot path: each worker thread keeps the counters

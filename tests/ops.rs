@@ -147,8 +147,12 @@ fn metrics_parse_and_move_with_uploads_and_requests() {
     );
     assert!(value(&after, "ferry_upload_seconds_count") >= 1.0);
     assert!(value(&after, "ferry_http_request_seconds_count") >= 2.0);
-    // `ferry run` watches its spool with inotify (1), not the polling fallback (0).
+    // `ferry run` watches its spool with inotify (1), not the polling fallback (0), and
+    // `ferry status` says so.
     assert_eq!(value(&after, "ferry_spool_watched"), 1.0, "{text}");
+    assert_eq!(env.status()["spool_watch"]["mode"], "inotify");
+    let (_, out, _) = env.run(&["status"]);
+    assert!(out.contains("spool watch: inotify (since "), "{out}");
 }
 
 #[test]
@@ -165,4 +169,95 @@ fn status_json_carries_the_queue_numbers() {
     assert_eq!(st["queue_depth"], 2);
     assert_eq!(st["queued_bytes"], 3);
     assert!(st["oldest_queued_ms"].as_i64().is_some());
+}
+
+/// The queue gauges: bytes and age of what waits, from the catalog at scrape time (kept by
+/// triggers and an index, no row scan), back to 0 once everything is archived.
+#[test]
+fn queue_bytes_and_oldest_waiting_follow_the_queue() {
+    let t = tempfile::tempdir().unwrap();
+    let mut s3 = S3::start(t.path());
+    s3.down();
+    let env = Env::for_s3(&s3);
+    let d = env.spawn(&["run"]);
+    let addr = d.addr();
+    env.drop_file("q1.jpg", &vec![1u8; 1000]);
+    env.drop_file("q/q2.jpg", &vec![2u8; 234]);
+    let scrape = || {
+        let r = raw_request(addr, "GET", b"/metrics", &[]);
+        assert_eq!(r.status, 200);
+        let text = String::from_utf8(r.body).unwrap();
+        (samples(&text), text)
+    };
+    wait_for(Duration::from_secs(30), "both queued", || {
+        value(&scrape().0, "ferry_queue_bytes") == 1234.0
+    });
+    let (first, _) = scrape();
+    std::thread::sleep(Duration::from_millis(1500));
+    let (later, text) = scrape();
+    let (a, b) = (
+        value(&first, "ferry_queue_oldest_seconds"),
+        value(&later, "ferry_queue_oldest_seconds"),
+    );
+    assert!(a > 0.0 && b >= a + 1.0 && b < 60.0, "{a} then {b}\n{text}");
+    let waiting: f64 = [
+        "queued",
+        "uploading",
+        "failed",
+        "verified",
+        "archive_failed",
+    ]
+    .iter()
+    .map(|s| value(&later, &format!("ferry_files{{state=\"{s}\"}}")))
+    .sum();
+    assert_eq!(waiting, 2.0, "{text}");
+
+    s3.up();
+    wait_for(Duration::from_secs(60), "archived", || {
+        env.count("archived") == 2
+    });
+    let (done, text) = scrape();
+    assert_eq!(value(&done, "ferry_queue_bytes"), 0.0, "{text}");
+    assert_eq!(value(&done, "ferry_queue_oldest_seconds"), 0.0, "{text}");
+}
+
+/// When the kernel refuses an inotify watch, the spool is polled: files still go up, and
+/// the mode shows in `ferry status` (the daemon records it in the catalog) and in
+/// `ferry_spool_watched`. The refusal is real: ferry runs in its own user namespace whose
+/// inotify instance limit is 0, so inotify_init1 fails with EMFILE as it does on a host
+/// whose fs.inotify.max_user_instances is used up, without touching the host's limit.
+#[test]
+fn polling_mode_shows_in_status_and_metrics() {
+    let t = tempfile::tempdir().unwrap();
+    let s3 = S3::start(t.path());
+    let mut env = Env::for_s3(&s3);
+    env.set("FERRY_BIN", env!("CARGO_BIN_EXE_ferry"));
+    let d = env.spawn_with(
+        "unshare",
+        &[
+            "--user",
+            "--map-root-user",
+            "sh",
+            "-c",
+            "echo 0 > /proc/sys/user/max_inotify_instances && exec \"$FERRY_BIN\" run",
+        ],
+    );
+    let addr = d.addr();
+    env.drop_file("p.jpg", b"polled");
+    wait_for(Duration::from_secs(30), "archived by polling", || {
+        env.count("archived") == 1
+    });
+    let text = String::from_utf8(raw_request(addr, "GET", b"/metrics", &[]).body).unwrap();
+    assert_eq!(value(&samples(&text), "ferry_spool_watched"), 0.0, "{text}");
+    let st = env.status();
+    assert_eq!(st["spool_watch"]["mode"], "polling", "{st}");
+    let detail = st["spool_watch"]["detail"].as_str().unwrap_or_default();
+    assert!(detail.contains("no inotify watch"), "{detail}");
+    let (code, out, err) = env.run(&["status"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("spool watch: polling: scanning the spool every 1s"),
+        "{out}"
+    );
+    assert!(d.log().contains("cannot watch the spool"), "{}", d.log());
 }

@@ -685,15 +685,12 @@ impl Resolver {
         Ok(r)
     }
 
-    /// Prometheus text; file counts by state are read from the catalog at scrape time.
+    /// Prometheus text; file counts and queue numbers are read from the catalog at scrape
+    /// time, from tables and an index kept as rows change (no row scan per scrape).
     async fn metrics(&self) -> Result<Response, ServeError> {
         let m = crate::telemetry::metrics();
-        if let Ok(st) = self.catalog.read(crate::catalog::ops::status).await {
-            for (state, n) in st.counts {
-                m.files
-                    .get_or_create(&crate::telemetry::StateLabel { state })
-                    .set(n as i64);
-            }
+        if let Ok(g) = self.catalog.read(crate::catalog::ops::gauges).await {
+            m.set_queue(&g);
         }
         let mut r = m.encode().into_response();
         r.headers_mut().insert(

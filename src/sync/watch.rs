@@ -220,39 +220,52 @@ impl Watcher {
     fn start_watch(
         &self,
         tx: &mpsc::UnboundedSender<notify::Result<notify::Event>>,
-    ) -> Option<notify::RecommendedWatcher> {
+    ) -> Result<notify::RecommendedWatcher, String> {
         if self.poll_only {
-            crate::telemetry::metrics().spool_watched.set(0);
-            return None;
+            crate::telemetry::metrics().set_spool_watched(false);
+            return Err("polling only, as configured".into());
         }
         let tx = tx.clone();
         let res = notify::recommended_watcher(move |ev| {
             let _ = tx.send(ev);
         })
         .and_then(|mut w| w.watch(&self.spool, RecursiveMode::Recursive).map(|()| w));
-        crate::telemetry::metrics()
-            .spool_watched
-            .set(i64::from(res.is_ok()));
-        match res {
-            Ok(w) => Some(w),
-            Err(e) => {
-                tracing::warn!(
-                    spool = %self.spool.display(),
-                    error = %e,
-                    poll = ?self.poll_interval(),
-                    "cannot watch the spool; scanning it periodically instead \
-                     (raise fs.inotify.max_user_instances / max_user_watches)"
-                );
-                None
-            }
-        }
+        crate::telemetry::metrics().set_spool_watched(res.is_ok());
+        res.map_err(|e| {
+            tracing::warn!(
+                spool = %self.spool.display(),
+                error = %e,
+                poll = ?self.poll_interval(),
+                "cannot watch the spool; scanning it periodically instead \
+                 (raise fs.inotify.max_user_instances / max_user_watches)"
+            );
+            e.to_string()
+        })
+    }
+
+    /// Records the watch mode where `ferry status` (another process) reads it: a notice
+    /// under `catalog::WATCH_NOTICE`, written when the mode changes (its time is "since").
+    async fn note_watch(&self, res: &Result<notify::RecommendedWatcher, String>) {
+        let msg = match res {
+            Ok(_) => "inotify".to_string(),
+            Err(e) => format!(
+                "polling: scanning the spool every {} (no inotify watch: {e})",
+                humantime::format_duration(self.poll_interval())
+            ),
+        };
+        let _ = self
+            .catalog
+            .write(move |c| ops::set_notice(c, crate::catalog::WATCH_NOTICE, &msg))
+            .await;
     }
 
     pub async fn run(mut self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let (tx, mut rx) = mpsc::unbounded_channel::<notify::Result<notify::Event>>();
         // Start the watch first, then scan: a file that appears in between is seen twice,
         // never missed.
-        let mut watcher = self.start_watch(&tx);
+        let first = self.start_watch(&tx);
+        self.note_watch(&first).await;
+        let mut watcher = first.ok();
 
         let mut pending: HashMap<PathBuf, Pending> = HashMap::new();
         let mut warned: HashSet<PathBuf> = HashSet::new();
@@ -303,10 +316,12 @@ impl Watcher {
                 }
                 _ = rescan.tick() => {
                     if watcher.is_none() && !self.poll_only {
-                        watcher = self.start_watch(&tx);
-                        if watcher.is_some() {
+                        let again = self.start_watch(&tx);
+                        if again.is_ok() {
                             tracing::info!(spool = %self.spool.display(), "watching the spool again");
+                            self.note_watch(&again).await;
                         }
+                        watcher = again.ok();
                     }
                     self.full_scan(&mut pending, &mut warned).await
                 }

@@ -2,6 +2,8 @@
 //! `ferry` binary as a child process in a temp dir, and helpers to wait and to inspect S3.
 #![allow(dead_code)]
 
+pub mod nodes;
+
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
