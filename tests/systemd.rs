@@ -316,6 +316,7 @@ const CGROUP_PREFIX: &str = "ferry-systemd-test.";
 /// A test process killed outright (no Drop) leaves its container running in its cgroup and
 /// its tree under the target dir: end those whose test process is gone.
 fn reap_stale(work: &Path) {
+    let mut reaped = std::collections::BTreeSet::new();
     for parent in own_cgroups() {
         let Ok(rd) = fs::read_dir(&parent) else {
             continue;
@@ -342,8 +343,11 @@ fn reap_stale(work: &Path) {
                 std::thread::sleep(Duration::from_millis(100));
             }
             remove_cgroup(&e.path());
-            say(&format!("reaped a stale container of test process {pid}"));
+            reaped.insert(pid);
         }
+    }
+    for pid in reaped {
+        say(&format!("reaped a stale container of test process {pid}"));
     }
     if let Ok(rd) = fs::read_dir(work) {
         for e in rd.flatten() {
@@ -367,19 +371,20 @@ struct Out {
     text: String,
 }
 
-/// The booted container: stopped (poweroff, else SIGKILL of its PID 1 and of nspawn) and
-/// removed on drop, pass or fail.
+/// The booted container: stopped on drop, pass or fail (poweroff, else SIGKILL of its PID 1
+/// and of nspawn); its tmpfs root goes with its mount namespace, and its cgroups and run
+/// dir are removed.
 struct Machine {
     run_dir: PathBuf,
-    root: PathBuf,
     nspawn: Option<Child>,
     leader: i32,
     cgroups: Vec<PathBuf>,
 }
 
 impl Machine {
+    /// A path in the running container, seen from the host.
     fn path(&self, p: &str) -> PathBuf {
-        self.root.join(p.trim_start_matches('/'))
+        Path::new(&format!("/proc/{}/root", self.leader)).join(p.trim_start_matches('/'))
     }
 
     /// `sh -c SCRIPT` as root inside the container (all its namespaces), with a clean
@@ -411,7 +416,9 @@ impl Machine {
         let mut child = cmd.spawn().expect("spawn nsenter");
         if let Some(bytes) = stdin {
             let mut w = child.stdin.take().expect("stdin");
-            w.write_all(bytes).expect("write stdin into the container");
+            // A command that fails early closes its stdin: its exit status and output say
+            // why, not this EPIPE.
+            let _ = w.write_all(bytes);
         }
         let o = child.wait_with_output().expect("wait for nsenter");
         Out {
@@ -526,6 +533,7 @@ impl Drop for Machine {
             );
         }
         if let Some(mut nspawn) = self.nspawn.take() {
+            let t = Instant::now();
             if self.leader > 0 {
                 let _ = self.exec("systemctl poweroff", None, Duration::from_secs(10));
             }
@@ -547,6 +555,14 @@ impl Drop for Machine {
                 }
                 let _ = nspawn.kill();
                 let _ = nspawn.wait();
+            }
+            if std::thread::panicking() || t.elapsed() > Duration::from_secs(10) {
+                let log = fs::read_to_string(self.run_dir.join("nspawn.log")).unwrap_or_default();
+                eprintln!(
+                    "poweroff took {:?}; the container's console:\n{}",
+                    t.elapsed(),
+                    tail(&log, 40)
+                );
             }
         }
         for cg in &self.cgroups {
@@ -589,6 +605,9 @@ fn find_leader(nspawn: u32) -> Option<i32> {
     None
 }
 
+/// Printed once the root file system is unpacked, before nspawn starts.
+const ROOT_READY: &str = "ferry-test: root file system ready";
+
 const S3S_UNIT: &str = "[Unit]
 Description=local S3 (s3s-fs) for the ferry container test
 
@@ -602,30 +621,23 @@ fn boot(work: &Path, tarball: &Path, limit: Duration) -> Result<Machine, String>
     let run_dir = work.join(format!("run.{}", std::process::id()));
     let _ = fs::remove_dir_all(&run_dir);
     let root = run_dir.join("root");
+    let extra = run_dir.join("extra");
     fs::create_dir_all(&root).expect("create the container dir");
-    let mut m = Machine {
-        run_dir: run_dir.clone(),
-        root: root.clone(),
-        nspawn: None,
-        leader: 0,
-        cgroups: Vec::new(),
-    };
-    let (ok, out) = run_host(
-        Command::new("tar")
-            .arg("-C")
-            .arg(&root)
-            .arg("-xf")
-            .arg(tarball),
-    );
-    assert!(ok, "extracting {}: {out}", tarball.display());
-    fs::write(m.path("/etc/hostname"), "ferry-test\n").expect("hostname");
+    fs::create_dir_all(extra.join("etc/systemd/system")).expect("create the extra files' dir");
+    fs::write(extra.join("etc/hostname"), "ferry-test\n").expect("hostname");
     fs::write(
-        m.path("/etc/systemd/system/s3s-fs.service"),
+        extra.join("etc/systemd/system/s3s-fs.service"),
         S3S_UNIT
             .replace("@AK@", ACCESS_KEY)
             .replace("@SK@", SECRET_KEY),
     )
     .expect("s3s-fs unit");
+    let mut m = Machine {
+        run_dir: run_dir.clone(),
+        nspawn: None,
+        leader: 0,
+        cgroups: Vec::new(),
+    };
 
     // The container's systemd takes over the cgroup nspawn starts in (--keep-unit, no host
     // systemd to ask): give it one of its own, so two runs at once never share one.
@@ -634,7 +646,7 @@ fn boot(work: &Path, tarball: &Path, limit: Duration) -> Result<Machine, String>
     for parent in own_cgroups() {
         let cg = parent.join(&name);
         if fs::create_dir_all(&cg).is_ok() {
-            enter.push_str(&format!("echo $$ > '{}/cgroup.procs' && ", cg.display()));
+            enter.push_str(&format!("echo $$ > '{}/cgroup.procs'\n", cg.display()));
             m.cgroups.push(cg);
         }
     }
@@ -654,10 +666,27 @@ fn boot(work: &Path, tarball: &Path, limit: Duration) -> Result<Machine, String>
         "--bind-ro={}:/src/bin/s3s-fs",
         s3s_fs_bin().display()
     ));
-    let nspawn = Command::new("sh")
-        .arg("-c")
-        .arg(format!("{enter}exec \"$@\""))
-        .arg("sh")
+    // The root file system lives on a tmpfs in a mount namespace of nspawn's own: unpacking
+    // it costs no disk writes, and it vanishes with the container however the test ends
+    // (deleting a written-back tree from a busy disk took 20 s). The host reads it through
+    // /proc/LEADER/root.
+    let script = format!(
+        "set -e\n{enter}mount -t tmpfs -o mode=0755,size=4g ferry-test-root \"$1\"\n\
+         tar -C \"$1\" -xf \"$2\"\ncp -a \"$3/.\" \"$1/\"\necho {ROOT_READY}\nshift 3\nexec \"$@\""
+    );
+    let nspawn = Command::new("unshare")
+        .args([
+            "--mount",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            &script,
+            "sh",
+        ])
+        .arg(&root)
+        .arg(tarball)
+        .arg(&extra)
         .args([
             "systemd-nspawn",
             "--quiet",
@@ -674,7 +703,7 @@ fn boot(work: &Path, tarball: &Path, limit: Duration) -> Result<Machine, String>
         .stdout(log.try_clone().expect("log"))
         .stderr(log)
         .spawn()
-        .expect("spawn systemd-nspawn");
+        .expect("spawn unshare + systemd-nspawn");
     let nspawn_pid = nspawn.id();
     m.nspawn = Some(nspawn);
     let nspawn_log = || fs::read_to_string(run_dir.join("nspawn.log")).unwrap_or_default();
@@ -688,9 +717,15 @@ fn boot(work: &Path, tarball: &Path, limit: Duration) -> Result<Machine, String>
     };
     while m.leader == 0 {
         if exited(&mut m) {
+            let log = nspawn_log();
+            assert!(
+                log.contains(ROOT_READY),
+                "unpacking the root file system onto a tmpfs failed:\n{}",
+                tail(&log, 30)
+            );
             return Err(format!(
                 "systemd-nspawn exited before the container started:\n{}",
-                tail(&nspawn_log(), 30)
+                tail(&log, 30)
             ));
         }
         if start.elapsed() > limit {
@@ -822,7 +857,7 @@ fn service_in_a_booted_systemd() {
         cannot("not root: booting a container needs root (run cargo test as root)");
         return;
     }
-    for tool in ["systemd-nspawn", "nsenter", "tar", "timeout"] {
+    for tool in ["systemd-nspawn", "nsenter", "unshare", "tar", "timeout"] {
         if on_path(tool).is_none() {
             cannot(&format!(
                 "{tool} is not installed (Debian: apt-get install systemd-container util-linux)"
