@@ -141,22 +141,31 @@ pub async fn sync_once(cfg: Config, timeout: Duration) -> anyhow::Result<i32> {
     let (catalog, store) = open(&cfg).await?;
     let _lock = lock_sync(&cfg.catalog.path)?;
     let ctx = sync::context(cfg.clone(), catalog, store)?;
-    let progress = if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
-        let pb = indicatif::ProgressBar::new(0);
-        if let Ok(style) = indicatif::ProgressStyle::with_template(
-            "{spinner} {pos}/{len} files archived [{elapsed_precise}] {wide_bar} {eta}",
-        ) {
-            pb.set_style(style);
-        }
-        Some(pb)
-    } else {
-        None
-    };
-    let r = sync::run_once(ctx, shutdown, timeout, progress).await?;
+    let progress = crate::progress::Progress::new("archived", "failed");
+    let watched = progress.is_drawn();
+    let r = sync::run_once(ctx, shutdown, timeout, &progress).await;
+    let took = progress.elapsed();
+    progress.finish();
+    let r = r?;
     eprintln!(
         "ferry sync --once: {} of {} archived, {} vanished",
         r.archived, r.total, r.vanished
     );
+    // A person watching gets the numbers the bar showed, on one screen; scripts and
+    // journald keep the lines they always had.
+    if watched {
+        eprintln!(
+            "  {} of {} archived {}; {} retried, {} failed",
+            crate::progress::size(r.bytes_archived),
+            crate::progress::size(r.bytes_total),
+            crate::progress::rate(r.bytes_archived, took),
+            r.retries,
+            r.left
+                .iter()
+                .filter(|(_, state, _)| state == "failed")
+                .count()
+        );
+    }
     if r.left.is_empty() {
         return Ok(0);
     }
@@ -168,8 +177,15 @@ pub async fn sync_once(cfg: Config, timeout: Duration) -> anyhow::Result<i32> {
         "interrupted with"
     };
     eprintln!("{why} {} file(s) not archived:", r.left.len());
-    for (key, state, err) in r.left.iter().take(50) {
+    let shown = if watched { 15 } else { 50 };
+    for (key, state, err) in r.left.iter().take(shown) {
         eprintln!("  {key}  [{state}]  {err}");
+    }
+    if watched && r.left.len() > shown {
+        eprintln!(
+            "  ... and {} more (ferry status lists them)",
+            r.left.len() - shown
+        );
     }
     Ok(if r.permanent { 2 } else { 1 })
 }
@@ -350,9 +366,13 @@ pub async fn verify(
     };
     let (catalog, store) = open(&cfg).await?;
     let ctx = sync::context(cfg.clone(), catalog, store)?;
-    let mut report = sync::reconcile::run(ctx.clone(), repair).await?;
+    let progress = crate::progress::Progress::new("checked in S3", "findings");
+    let mut report = sync::reconcile::run(ctx.clone(), repair, &progress).await?;
+    progress.finish();
     if let Some(a) = archive {
-        sync::reconcile::check_archive(&ctx, a, &mut report).await?;
+        let progress = crate::progress::Progress::new("hashed in the archive", "findings");
+        sync::reconcile::check_archive(&ctx, a, &mut report, &progress).await?;
+        progress.finish();
     }
     if json {
         println!("{}", serde_json::to_string_pretty(&report)?);

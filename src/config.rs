@@ -426,6 +426,10 @@ pub struct RouterConfig {
     pub health_interval: Dur,
     /// Open client connections at most (as `http.max_connections`, for the router).
     pub max_connections: usize,
+    /// Consistent hashing with bounded loads: a backend with more than this many times the
+    /// average requests in flight takes no new one (the Host's next-ranked backend does).
+    /// `0` turns the bound off; see `route::load`.
+    pub balance_factor: f64,
 }
 impl Default for RouterConfig {
     fn default() -> Self {
@@ -435,6 +439,7 @@ impl Default for RouterConfig {
             hash: "host".into(),
             health_interval: Dur(Duration::from_secs(1)),
             max_connections: 16_384,
+            balance_factor: 1.25,
         }
     }
 }
@@ -630,6 +635,18 @@ impl Config {
         if self.router.hash != "host" && self.router.hash != "path" {
             return Err(invalid("router.hash", "must be \"host\" or \"path\""));
         }
+        let f = self.router.balance_factor;
+        // A factor of 1 or less leaves no room above the average: a node could refuse
+        // requests while every node is at it, and the Hosts would scatter for nothing.
+        if !f.is_finite() || f < 0.0 || (f > 0.0 && f <= 1.0) {
+            return Err(invalid(
+                "router.balance_factor",
+                format!(
+                    "{f} must be 0 (no load bound) or more than 1 (e.g. 1.25: at most 25% \
+                     above the average in flight)"
+                ),
+            ));
+        }
         if self.cache.hot_hits == 0 {
             return Err(invalid("cache.hot_hits", "must be at least 1"));
         }
@@ -807,6 +824,29 @@ mod tests {
     }
 
     #[test]
+    fn balance_factor_takes_zero_or_more_than_one() {
+        let d = Config::from_toml_with_env("", "t", no_env()).unwrap();
+        assert_eq!(d.router.balance_factor, 1.25);
+        // Written as TOML integers too: `0` (off) is the natural way to say it.
+        for (text, want) in [("0", 0.0), ("2", 2.0), ("1.5", 1.5), ("0.0", 0.0)] {
+            let c = Config::from_toml_with_env(
+                &format!("[router]\nbalance_factor = {text}\n"),
+                "t",
+                no_env(),
+            )
+            .unwrap_or_else(|e| panic!("{text}: {e}"));
+            assert_eq!(c.router.balance_factor, want, "{text}");
+        }
+        let c = Config::from_toml_with_env(
+            "",
+            "t",
+            vec![("FERRY_ROUTER_BALANCE_FACTOR".into(), "0".into())],
+        )
+        .unwrap();
+        assert_eq!(c.router.balance_factor, 0.0);
+    }
+
+    #[test]
     fn errors_name_the_key() {
         let e = Config::from_toml_with_env("[s3]\npart_size = \"1MiB\"\n", "t", no_env())
             .unwrap_err()
@@ -829,6 +869,16 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(e.contains("not an integer"), "{e}");
+        for bad in ["0.5", "1", "1.0", "-2", "nan"] {
+            let e = Config::from_toml_with_env(
+                "",
+                "t",
+                vec![("FERRY_ROUTER_BALANCE_FACTOR".into(), bad.into())],
+            )
+            .unwrap_err()
+            .to_string();
+            assert!(e.contains("router.balance_factor"), "{bad}: {e}");
+        }
         let e = Config::from_toml_with_env("[spool]\nsettle = \"soon\"\n", "t", no_env())
             .unwrap_err()
             .to_string();

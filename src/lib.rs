@@ -12,6 +12,7 @@
 //! - `sync`      watcher (ready files), uploader (hash, put, verify), archive
 //! - `serve`     HTTP front: one HTTP semantics (`serve::semantics`) over spool, cache, S3, archive
 //! - `route`     the hash router: rendezvous ranking, health checks, proxying, failover
+//! - `progress`  the terminal progress bar of `sync --once` and `verify`, log lines above it
 //! - `telemetry` logging
 
 pub mod app;
@@ -21,6 +22,7 @@ pub mod crashpoint;
 pub mod digest;
 pub mod key;
 pub mod media;
+pub mod progress;
 pub mod retry;
 pub mod route;
 pub mod serve;

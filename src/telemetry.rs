@@ -19,7 +19,8 @@ pub fn init() {
     });
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        // stderr, above the progress bar while one is drawn (src/progress.rs).
+        .with_writer(crate::progress::LogWriter)
         // Journald and log files get plain text; colours only on a terminal.
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(false)

@@ -587,3 +587,209 @@ fn the_router_drops_an_idle_pooled_connection_before_the_node_would() {
         "n1"
     );
 }
+
+/// A request whose response head has arrived and whose body is left unread: the router
+/// cannot finish sending it, so it stays in flight on its backend until this is dropped.
+struct Held {
+    stream: TcpStream,
+    node: String,
+}
+
+fn hold(addr: SocketAddr, host: &str, path: &str) -> Held {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n").expect("send");
+    let mut head = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = s.read(&mut buf).expect("read the response head");
+        assert!(n > 0, "{host}: closed before the response head");
+        head.extend_from_slice(&buf[..n]);
+        assert!(head.len() < 1 << 20, "{host}: no end of the response head");
+    }
+    let text = String::from_utf8_lossy(&head).into_owned();
+    assert!(text.starts_with("HTTP/1.1 200"), "{host}: {text}");
+    let node = text
+        .split("\r\n")
+        .filter_map(|l| l.split_once(':'))
+        .find(|(k, _)| k.eq_ignore_ascii_case("x-ferry-node"))
+        .map(|(_, v)| v.trim().to_string())
+        .expect("X-Ferry-Node");
+    Held { stream: s, node }
+}
+
+/// `ferry_router_backend_<what>{backend="..."}` from the router's metrics, by backend.
+fn router_metric(router: SocketAddr, what: &str) -> BTreeMap<String, f64> {
+    let m = get(router, "x", "/-/router/metrics");
+    let text = String::from_utf8_lossy(&m.body).into_owned();
+    let prefix = format!("ferry_router_backend_{what}{{backend=\"");
+    text.lines()
+        .filter_map(|l| l.strip_prefix(&prefix))
+        .filter_map(|l| {
+            let (backend, rest) = l.split_once("\"} ")?;
+            Some((backend.to_string(), rest.trim().parse().ok()?))
+        })
+        .collect()
+}
+
+/// Waits (bounded) until every backend's in-flight count is `want[backend]` (0 if absent).
+fn wait_in_flight(router: SocketAddr, backends: &[String], want: &BTreeMap<String, usize>) {
+    let start = Instant::now();
+    loop {
+        let got = router_metric(router, "in_flight");
+        let ok = backends
+            .iter()
+            .all(|b| got.get(b).copied() == Some(want.get(b).copied().unwrap_or(0) as f64));
+        if ok {
+            return;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "in flight {got:?}, expected {want:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Bounded loads (router.balance_factor, default 1.25): a very hot Host fills its node to
+/// capacity = ceil(1.25 × (in flight + 1) / 3) and then spills to its second-ranked node;
+/// Hosts of the other nodes do not move; the in-flight counts return to 0 on every path
+/// (body sent, client gone, backend dead mid-body) and everything returns to its node.
+#[test]
+fn a_hot_host_spills_to_its_second_node_and_returns() {
+    const BIG: u64 = 1 << 30;
+    let mut nodes: Vec<Node> = ["node-a", "node-b", "node-c"]
+        .iter()
+        .map(|n| Node::start(n))
+        .collect();
+    for n in &nodes {
+        // Sparse: a GiB to stream that costs no disk.
+        let spool = n.dir.path().join("spool");
+        std::fs::create_dir_all(&spool).unwrap();
+        let f = std::fs::File::create(spool.join("big.bin")).unwrap();
+        f.set_len(BIG).unwrap();
+    }
+    let backends: Vec<String> = nodes.iter().map(Node::backend).collect();
+    let name_of: BTreeMap<String, String> = nodes
+        .iter()
+        .map(|n| (n.backend(), n.name.clone()))
+        .collect();
+    let rdir = tempfile::tempdir().unwrap();
+    let router = start_router(rdir.path(), &backends, &[]);
+    let r = router.addr;
+
+    let hot = "hot.example";
+    let ranked: Vec<String> = rank(&backends, hot)
+        .into_iter()
+        .map(str::to_string)
+        .collect();
+    let (first, second) = (name_of[&ranked[0]].clone(), name_of[&ranked[1]].clone());
+    let hosts: Vec<String> = (0..30).map(|i| format!("h{i}.example")).collect();
+    let owner: BTreeMap<String, String> = hosts
+        .iter()
+        .chain(std::iter::once(&hot.to_string()))
+        .map(|h| (h.clone(), name_of[rank(&backends, h)[0]].clone()))
+        .collect();
+    let check_all_home = |what: &str| {
+        for (h, o) in &owner {
+            assert_eq!(&node_for(r, h, "/static/x.jpg"), o, "{what}: {h}");
+        }
+    };
+    // Unloaded, every Host is on its first-ranked node; finished bodies count down.
+    check_all_home("before any load");
+    wait_in_flight(r, &backends, &BTreeMap::new());
+
+    // Background load, even over the nodes: 4 slow requests each, on Hosts they own. Each
+    // stays on its owner (the nodes are level, so none is at capacity).
+    let mut held = Vec::new();
+    let mut expect: BTreeMap<String, usize> = BTreeMap::new();
+    for _round in 0..4 {
+        for b in &ranked {
+            let h = hosts
+                .iter()
+                .find(|h| owner[*h] == name_of[b])
+                .expect("30 hosts give every node one");
+            let x = hold(r, h, "/static/big.bin");
+            assert_eq!(x.node, name_of[b], "background {h}");
+            *expect.entry(b.clone()).or_default() += 1;
+            held.push(x);
+        }
+    }
+    wait_in_flight(r, &backends, &expect);
+
+    // The hot Host: slow requests one at a time. They go to its first node until that
+    // node is at capacity, then to its second, never elsewhere while the second has room.
+    let mut on_first = 0;
+    let mut spilled = None;
+    for _ in 0..20 {
+        let x = hold(r, hot, "/static/big.bin");
+        let node = x.node.clone();
+        held.push(x);
+        if node == first {
+            on_first += 1;
+        } else {
+            spilled = Some(node);
+            break;
+        }
+    }
+    assert!(
+        on_first >= 2,
+        "the hot Host's own node took {on_first} before spilling"
+    );
+    assert_eq!(
+        spilled.as_deref(),
+        Some(second.as_str()),
+        "the hot Host spills to its second-ranked node"
+    );
+    let by_node = |n: &str| held.iter().filter(|x| x.node == n).count();
+    let want: BTreeMap<String, usize> = ranked
+        .iter()
+        .map(|b| (b.clone(), by_node(&name_of[b])))
+        .collect();
+    wait_in_flight(r, &backends, &want);
+    let spills = router_metric(r, "spills_total");
+    assert!(
+        spills.get(&ranked[0]).is_some_and(|&n| n >= 1.0),
+        "spills counted on the full node: {spills:?}"
+    );
+
+    // With the load held, normal Hosts of the other nodes stay where they were.
+    for h in &hosts {
+        if owner[h] != first {
+            assert_eq!(node_for(r, h, "/static/x.jpg"), owner[h], "{h} moved");
+        }
+    }
+
+    // The clients go away with their bodies unsent: every count returns to 0, and every
+    // Host to its own node.
+    drop(held);
+    wait_in_flight(r, &backends, &BTreeMap::new());
+    check_all_home("after the load");
+
+    // A backend that dies in the middle of a body (the client reading all along): the
+    // error ends the body and its count.
+    let hot_node = nodes
+        .iter()
+        .position(|n| n.name == first)
+        .expect("the hot node");
+    let x = hold(r, hot, "/static/big.bin");
+    assert_eq!(x.node, first);
+    let mut s = x.stream.try_clone().expect("clone the stream");
+    let reader = std::thread::spawn(move || {
+        let mut buf = vec![0u8; 1 << 16];
+        let mut total = 0u64;
+        while let Ok(n) = s.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            total += n as u64;
+        }
+        total
+    });
+    wait_in_flight(r, &backends, &BTreeMap::from([(ranked[0].clone(), 1)]));
+    nodes[hot_node].kill();
+    let read = reader.join().expect("reader");
+    assert!(read < BIG, "the body was cut, not finished ({read} bytes)");
+    wait_in_flight(r, &backends, &BTreeMap::new());
+    drop(x);
+}

@@ -90,6 +90,10 @@ pub(super) struct Backend {
     pub(super) healthz: Uri,
     /// A std Mutex: held only to read or update the counters, never across an await.
     pub(super) health: Mutex<Health>,
+    /// Requests in flight on it (the metric is the count itself: one source of truth).
+    pub(super) in_flight: prometheus_client::metrics::gauge::Gauge,
+    /// Requests it passed on because it was at capacity.
+    pub(super) spills: prometheus_client::metrics::counter::Counter,
 }
 
 impl Backend {
@@ -135,7 +139,14 @@ impl Backend {
             authority,
             healthz,
             health: Mutex::new(Health::default()),
+            in_flight: Default::default(),
+            spills: Default::default(),
         })
+    }
+
+    /// Requests in flight on this backend now.
+    pub(super) fn load(&self) -> usize {
+        usize::try_from(self.in_flight.get()).unwrap_or(0)
     }
 
     pub(super) fn health(&self) -> Health {

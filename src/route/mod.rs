@@ -13,9 +13,13 @@
 //! once on the next-ranked healthy backend, so clients do not see the failover; with none
 //! believed healthy the ranked list is tried anyway.
 //!
+//! Bounded loads (`router.balance_factor`): a backend far above the average number of
+//! requests in flight is passed over for the request's next-ranked one, so one very hot
+//! site cannot pile requests onto its node (see `load`).
+//!
 //! Here: the `Router` (config, the client connections' bounds, the accept loop) and its own
-//! endpoints. `ring` ranks, `health` probes and keeps each backend's counters, `proxy`
-//! forwards one request.
+//! endpoints. `ring` ranks, `health` probes and keeps each backend's counters, `load`
+//! bounds each backend's requests in flight, `proxy` forwards one request.
 
 use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
@@ -40,6 +44,7 @@ use tokio_util::task::TaskTracker;
 use crate::config::Config;
 
 mod health;
+pub mod load;
 mod proxy;
 mod ring;
 
@@ -112,6 +117,10 @@ pub struct Router {
     send_timeout: Duration,
     /// `router.max_connections`.
     max_connections: usize,
+    /// `router.balance_factor`; 0 = no load bound.
+    balance_factor: f64,
+    /// In flight and spills per backend, served beside the process metrics.
+    load_metrics: load::LoadMetrics,
 }
 
 impl Router {
@@ -121,11 +130,16 @@ impl Router {
         if r.backends.is_empty() {
             return Err(RouteError::NoBackends);
         }
+        let load_metrics = load::LoadMetrics::new();
         let backends = r
             .backends
             .iter()
-            .map(|b| Backend::parse(b))
-            .collect::<Result<Vec<_>, _>>()?;
+            .map(|b| {
+                let mut b = Backend::parse(b)?;
+                (b.in_flight, b.spills) = load_metrics.for_backend(&b.name);
+                Ok(b)
+            })
+            .collect::<Result<Vec<_>, RouteError>>()?;
         for (i, b) in backends.iter().enumerate() {
             if backends[..i].iter().any(|o| o.name == b.name) {
                 return Err(RouteError::Backend {
@@ -158,7 +172,17 @@ impl Router {
             header_timeout: cfg.http.header_read_timeout.0,
             send_timeout: cfg.http.send_timeout.0,
             max_connections: r.max_connections,
+            balance_factor: r.balance_factor,
+            load_metrics,
         })
+    }
+
+    /// Each backend with its requests in flight, in config order.
+    pub fn backend_loads(&self) -> Vec<(String, usize)> {
+        self.backends
+            .iter()
+            .map(|b| (b.name.clone(), b.load()))
+            .collect()
     }
 
     /// Each backend (`http://host:port`) and whether it takes requests, in config order.
@@ -209,7 +233,18 @@ impl Router {
                         .get_or_create(&crate::telemetry::BackendLabel { backend })
                         .set(i64::from(up));
                 }
-                let mut r = text(StatusCode::OK, m.encode());
+                // One exposition: the process's registry, then the router's own (in flight,
+                // spills), then the single EOF marker OpenMetrics allows.
+                let mut body = m.encode();
+                if let Some(n) = body.rfind("# EOF\n") {
+                    body.truncate(n);
+                }
+                let _ = prometheus_client::encoding::text::encode_registry(
+                    &mut body,
+                    &self.load_metrics.registry,
+                );
+                let _ = prometheus_client::encoding::text::encode_eof(&mut body);
+                let mut r = text(StatusCode::OK, body);
                 r.headers_mut().insert(
                     header::CONTENT_TYPE,
                     HeaderValue::from_static(

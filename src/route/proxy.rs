@@ -27,11 +27,13 @@ impl Router {
         // probe lost, a node back before its next probe): try them in rank order anyway
         // rather than answer 502 without asking anyone.
         let any_up = order.iter().any(|&i| self.backends[i].is_healthy());
+        let order: Vec<usize> = order
+            .into_iter()
+            .filter(|&i| !any_up || self.backends[i].is_healthy())
+            .collect();
+        let order = self.bounded(order);
         for i in order {
             let b = &self.backends[i];
-            if any_up && !b.is_healthy() {
-                continue;
-            }
             let send_body = if replayable {
                 empty()
             } else {
@@ -41,6 +43,9 @@ impl Router {
                 }
             };
             attempts += 1;
+            // Counted from before the send, so concurrent placements see it at once; the
+            // guard goes down with a failed attempt, or rides in the response body.
+            let guard = load::InFlight::new(&b.in_flight);
             let out = match upstream_request(b, &parts.method, &path, &headers, send_body) {
                 Ok(r) => r,
                 Err(e) => {
@@ -52,7 +57,7 @@ impl Router {
                 Ok(Ok(resp)) => {
                     let (mut rp, rb) = resp.into_parts();
                     strip_hop_by_hop(&mut rp.headers);
-                    return Response::from_parts(rp, rb.boxed_unsync());
+                    return Response::from_parts(rp, load::Counted::new(rb, guard).boxed_unsync());
                 }
                 Ok(Err(e)) => {
                     let now = std::time::Instant::now();
@@ -78,6 +83,33 @@ impl Router {
         } else {
             text(StatusCode::BAD_GATEWAY, "backend unreachable\n")
         }
+    }
+}
+
+impl Router {
+    /// `order` (healthy candidates, best first) with the backend that takes the request
+    /// first: the first one below capacity (see `load`). The rest keep their rank order,
+    /// for the retry. Counts a spill on each backend passed over.
+    fn bounded(&self, mut order: Vec<usize>) -> Vec<usize> {
+        let loads: Vec<usize> = order.iter().map(|&i| self.backends[i].load()).collect();
+        let total = loads.iter().sum();
+        let cap = load::capacity(self.balance_factor, total, order.len());
+        let chosen = load::pick(&loads, cap);
+        if chosen > 0 {
+            for &i in &order[..chosen] {
+                self.backends[i].spills.inc();
+            }
+            tracing::debug!(
+                from = %self.backends[order[0]].name,
+                to = %self.backends[order[chosen]].name,
+                in_flight = loads[0],
+                capacity = cap.unwrap_or(0),
+                "backend at capacity: request spilled to the next-ranked backend"
+            );
+            let i = order.remove(chosen);
+            order.insert(0, i);
+        }
+        order
     }
 }
 

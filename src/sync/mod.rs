@@ -252,6 +252,27 @@ pub struct OnceReport {
     pub left: Vec<(String, String, String)>,
     pub permanent: bool,
     pub timed_out: bool,
+    /// Bytes of the files to upload, and of those archived.
+    pub bytes_total: u64,
+    pub bytes_archived: u64,
+    /// Failed attempts (upload or archive) that were tried again.
+    pub retries: u64,
+}
+
+/// Failed attempts in this process that are tried again (transient or disk-full), from the
+/// same counters as /metrics.
+fn retries_so_far() -> u64 {
+    let m = crate::telemetry::metrics();
+    let class = |c: &str| crate::telemetry::ClassLabel {
+        class: c.to_string(),
+    };
+    // One statement per lookup: a Family's guard lives to the end of the statement, and a
+    // second get_or_create on the same Family (a write lock for a new label) would wait on
+    // it forever.
+    let transient = m.upload_failures.get_or_create(&class("transient")).get();
+    let full = m.upload_failures.get_or_create(&class("local_full")).get();
+    let archive = m.archive_failures.get_or_create(&class("transient")).get();
+    transient + full + archive
 }
 
 /// Uploads what is in the spool now and returns when all of it is archived, a permanent error
@@ -260,8 +281,9 @@ pub async fn run_once(
     ctx: Arc<Ctx>,
     shutdown: CancellationToken,
     timeout: Duration,
-    progress: Option<indicatif::ProgressBar>,
+    progress: &crate::progress::Progress,
 ) -> anyhow::Result<OnceReport> {
+    let retries_before = retries_so_far();
     recover(&ctx).await?;
     let ignore = IgnoreSet::new(&ctx.cfg.spool.ignore)?;
     let (spool, settle) = (ctx.spool.clone(), ctx.cfg.spool.settle.0);
@@ -290,10 +312,11 @@ pub async fn run_once(
             .await;
     }
     let prefix = ctx.cfg.s3.prefix.clone();
-    let keys: Vec<String> = ctx
+    let (keys, bytes_total): (Vec<String>, u64) = ctx
         .catalog
         .write(move |c| {
             let mut keys = Vec::new();
+            let mut bytes = 0u64;
             for (rel, st) in found {
                 match Key::from_rel_path(&rel, &prefix) {
                     Ok(key) => {
@@ -302,6 +325,7 @@ pub async fn run_once(
                         // interval is tried at once, and only a new failure stops the run.
                         ops::retry_now(c, key.as_str())?;
                         keys.push(key.as_str().to_string());
+                        bytes += st.size;
                     }
                     Err(e) => {
                         let name = rel.to_string_lossy().into_owned();
@@ -311,19 +335,21 @@ pub async fn run_once(
                     }
                 }
             }
-            Ok(keys)
+            Ok((keys, bytes))
         })
         .await?;
     // Rows left `verified` or `queued` by an earlier run count too.
-    if let Some(pb) = &progress {
-        pb.set_length(keys.len() as u64);
-    }
+    progress.update(|c| {
+        c.files_total = keys.len() as u64;
+        c.bytes_total = bytes_total;
+    });
     let stop = CancellationToken::new();
     let uploader = tokio::spawn(upload::run(ctx.clone(), stop.clone()));
     ctx.wake.notify_one();
     let started = Instant::now();
     let mut report = OnceReport {
         total: keys.len() + unfinished.len(),
+        bytes_total,
         ..Default::default()
     };
     // Rows archived (or gone) are final; only the others are looked at again.
@@ -364,14 +390,25 @@ pub async fn run_once(
                             .is_some_and(|e| e.starts_with(upload::PERMANENT_ARCHIVE)))
             })
             .count();
-        if let Some(pb) = &progress {
-            pb.set_position((archived + vanished) as u64);
-        }
+        let bytes_archived: u64 = rows
+            .iter()
+            .filter(|r| r.state == State::Archived)
+            .map(|r| r.stat.size)
+            .sum();
+        let retries = retries_so_far().saturating_sub(retries_before);
+        progress.update(|c| {
+            c.files_done = (archived + vanished) as u64;
+            c.bytes_done = bytes_archived;
+            c.retries = retries;
+            c.failures = failed as u64;
+        });
         let done = archived + vanished == keys.len() && unfinished.is_empty();
         let timed_out = started.elapsed() >= timeout;
         if done || failed > 0 || timed_out || shutdown.is_cancelled() {
             report.archived = archived;
             report.vanished = vanished;
+            report.bytes_archived = bytes_archived;
+            report.retries = retries;
             report.permanent = failed > 0;
             report.timed_out = !done && (timed_out || !unfinished.is_empty());
             report.left = rows
@@ -403,9 +440,6 @@ pub async fn run_once(
     }
     stop.cancel();
     uploader.await??;
-    if let Some(pb) = progress {
-        pb.finish_and_clear();
-    }
     Ok(report)
 }
 

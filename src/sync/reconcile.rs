@@ -49,6 +49,7 @@ pub async fn check_archive(
     ctx: &Ctx,
     what: ArchiveCheck,
     report: &mut Report,
+    progress: &crate::progress::Progress,
 ) -> anyhow::Result<()> {
     let since_ms = what
         .since
@@ -59,7 +60,22 @@ pub async fn check_archive(
         .catalog
         .read(move |c| ops::archived_rows(c, since_ms, sample))
         .await?;
-    for row in rows {
+    progress.update(|c| {
+        c.files_total = rows.len() as u64;
+        c.bytes_total = rows.iter().map(|r| r.stat.size).sum();
+    });
+    let findings_before = report.findings.len();
+    let mut bytes_done = 0u64;
+    for (done, row) in rows.into_iter().enumerate() {
+        // Counted at the top: the rows before this one are done with, whichever way the
+        // loop went on for them.
+        let found = (report.findings.len() - findings_before) as u64;
+        progress.update(|c| {
+            c.files_done = done as u64;
+            c.bytes_done = bytes_done;
+            c.failures = found;
+        });
+        bytes_done += row.stat.size;
         let (Some(sha), Ok(key)) = (row.sha256.clone(), Key::new(&row.key, &ctx.cfg.s3.prefix))
         else {
             continue;
@@ -85,6 +101,12 @@ pub async fn check_archive(
         });
         report.unresolved += 1;
     }
+    let found = (report.findings.len() - findings_before) as u64;
+    progress.update(|c| {
+        c.files_done = c.files_total;
+        c.bytes_done = c.bytes_total;
+        c.failures = found;
+    });
     Ok(())
 }
 
@@ -146,7 +168,11 @@ async fn s3_check(
     }
 }
 
-pub async fn run(ctx: Arc<Ctx>, repair: bool) -> anyhow::Result<Report> {
+pub async fn run(
+    ctx: Arc<Ctx>,
+    repair: bool,
+    progress: &crate::progress::Progress,
+) -> anyhow::Result<Report> {
     let rows = ctx
         .catalog
         .read(|c| ops::rows_in(c, &[State::Verified, State::Archived]))
@@ -166,7 +192,21 @@ pub async fn run(ctx: Arc<Ctx>, repair: bool) -> anyhow::Result<Report> {
     }
     report.unknown_objects = listing.keys().filter(|k| !known.contains(*k)).count();
 
-    for row in rows {
+    progress.update(|c| {
+        c.files_total = rows.len() as u64;
+        c.bytes_total = rows.iter().map(|r| r.stat.size).sum();
+    });
+    let mut bytes_done = 0u64;
+    for (done, row) in rows.into_iter().enumerate() {
+        // Counted at the top: the rows before this one are done with, whichever way the
+        // loop went on for them.
+        let found = report.findings.len() as u64;
+        progress.update(|c| {
+            c.files_done = done as u64;
+            c.bytes_done = bytes_done;
+            c.failures = found;
+        });
+        bytes_done += row.stat.size;
         report.checked += 1;
         let Some(sha) = row.sha256.clone() else {
             continue;
@@ -206,6 +246,12 @@ pub async fn run(ctx: Arc<Ctx>, repair: bool) -> anyhow::Result<Report> {
         }
         report.findings.push(finding);
     }
+    let found = report.findings.len() as u64;
+    progress.update(|c| {
+        c.files_done = c.files_total;
+        c.bytes_done = c.bytes_total;
+        c.failures = found;
+    });
     report.unresolved = report
         .findings
         .iter()
