@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole benchmark: installs the peers from Debian if missing, builds ferry (release), runs
-# upload.sh, serve.sh and resources.sh, and writes their markdown to stdout and to
+# upload.sh, serve.sh, route.sh and resources.sh, and writes their markdown to stdout and to
 # scripts/bench/results-latest.md. Logs of every process (ferry's stderr included) are kept in
 # scripts/bench/logs-latest/ for inspection; the scratch data is removed.
 #
@@ -101,12 +101,13 @@ FAILED=0
 {
   echo "# ferry benchmarks"
   echo
-  echo "Produced by \`scripts/bench/all.sh\` (upload.sh, serve.sh, then resources.sh). Logs of the run: scripts/bench/logs-latest/."
+  echo "Produced by \`scripts/bench/all.sh\` (upload.sh, serve.sh, route.sh, then resources.sh). Logs of the run: scripts/bench/logs-latest/."
   echo "Settings: SMALL=${SMALL:-1000} SMALL_KB=${SMALL_KB:-64} LARGE=${LARGE:-4} LARGE_MB=${LARGE_MB:-256} LAT_RATE=${LAT_RATE:-100} LAT_SECONDS=${LAT_SECONDS:-10} SETTLE=${SETTLE:-default} ROUNDS=${ROUNDS:-3} DURATION=${DURATION:-10s} CONNS=\"${CONNS:-64 256}\" FILES=${FILES:-1000} CASES=\"${CASES:-redirect local-4k local-100k hot-4k hot-100k}\" HOT_HITS=${HOT_HITS:-default}"
   echo
 } >"$tmp"
 part upload
 part serve
+part route
 part resources
 cp "$tmp" "$OUT"
 cat "$OUT"

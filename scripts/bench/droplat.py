@@ -19,6 +19,12 @@ ap.add_argument("--seconds", type=float, default=10.0)
 ap.add_argument("--size", type=int, default=64 * 1024)
 ap.add_argument("--timeout", type=float, default=120.0, help="give up waiting after this")
 ap.add_argument("--poll", type=float, default=0.005)
+ap.add_argument(
+    "--rename",
+    action="store_true",
+    help="write each file under a temp name (.NAME.part) and rename it in, as uploaders do; "
+    "latency then runs from the rename",
+)
 a = ap.parse_args()
 
 n = int(a.rate * a.seconds)
@@ -55,8 +61,12 @@ for i, name in enumerate(names):
     delay = start + i / a.rate - time.monotonic()
     if delay > 0:
         time.sleep(delay)
-    with open(os.path.join(a.spool, name), "wb") as f:
+    final = os.path.join(a.spool, name)
+    path = os.path.join(a.spool, f".{name}.part") if a.rename else final
+    with open(path, "wb") as f:
         f.write(payload[:8] + i.to_bytes(8, "big") + payload[16:])  # distinct contents
+    if a.rename:
+        os.rename(path, final)
     dropped[name] = time.monotonic()
 drop_secs = time.monotonic() - start
 done_dropping.set()
