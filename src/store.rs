@@ -270,15 +270,18 @@ impl Store {
         }
     }
 
+    /// PUTs the file hashed as `stat`: the body is read from a descriptor checked to be that
+    /// very file (see [`file_body`]), whatever the name points to by now.
     pub async fn put_single(
         &self,
         object_key: &str,
         path: &Path,
-        size: u64,
+        stat: &crate::catalog::FileStat,
         sha256_b64: &str,
         meta: &PutMeta,
     ) -> Result<PutReply, StoreError> {
-        let body = file_body(path, 0, size, "put", object_key).await?;
+        let size = stat.size;
+        let body = file_body(path, stat, 0, size, "put", object_key).await?;
         let out = self
             .client
             .put_object()
@@ -342,9 +345,10 @@ impl Store {
         object_key: &str,
         upload_id: &str,
         path: &Path,
+        stat: &crate::catalog::FileStat,
         part: &PartSpec,
     ) -> Result<CompletedPart, StoreError> {
-        let body = file_body(path, part.offset, part.len, "upload-part", object_key).await?;
+        let body = file_body(path, stat, part.offset, part.len, "upload-part", object_key).await?;
         let out = self
             .client
             .upload_part()
@@ -619,6 +623,7 @@ impl Store {
 
 async fn file_body(
     path: &Path,
+    stat: &crate::catalog::FileStat,
     offset: u64,
     len: u64,
     op: &'static str,
@@ -627,8 +632,38 @@ async fn file_body(
     if len == 0 {
         return Ok(ByteStream::from_static(b""));
     }
+    // SECURITY: the body must be the file that was hashed. The name is opened again with
+    // O_NOFOLLOW (a symlink swapped in since the hash is refused, so no file outside the
+    // spool is ever sent) and the descriptor must still be the hashed inode with the hashed
+    // size and times (another file renamed over the name is refused). From here the bytes
+    // come from this descriptor, not the name. Each call opens its own file description, so
+    // concurrent parts do not share an offset.
+    let changed = |what: String| StoreError {
+        op,
+        key: key.to_string(),
+        class: Class::Transient,
+        code: None,
+        status: None,
+        message: format!("{}: {what}; not sent", path.display()),
+        retry_after: None,
+    };
+    let file = {
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+            .open(path)
+            .map_err(|e| changed(format!("cannot be opened again ({e})")))?
+    };
+    let now = file
+        .metadata()
+        .map(|m| crate::catalog::FileStat::of(&m))
+        .map_err(|e| changed(format!("cannot be stat'ed ({e})")))?;
+    if now != *stat {
+        return Err(changed("is no longer the file that was hashed".into()));
+    }
     ByteStream::read_from()
-        .path(path)
+        .file(tokio::fs::File::from_std(file))
         .offset(offset)
         .length(Length::Exact(len))
         .build()

@@ -28,7 +28,8 @@ ap.add_argument(
 a = ap.parse_args()
 
 n = int(a.rate * a.seconds)
-names = [f"lat{i:05d}.jpg" for i in range(n)]
+# Distinct names per mode: a second run must not find the first run's files in the archive.
+names = [f"{'ren' if a.rename else 'lat'}{i:05d}.jpg" for i in range(n)]
 dropped = {}
 arrived = {}
 done_dropping = threading.Event()

@@ -319,18 +319,27 @@ pub fn put_proof(reply: &crate::store::PutReply, h: &Hashed) -> PutProof {
         }
     }
     match reply.checksum_sha256.as_deref() {
-        Some(c) if c == h.sha256_b64() => return PutProof::Proven(VerifiedBy::PutSha256),
-        Some(c) => {
-            return PutProof::Contradicted(format!(
-                "the PUT echoed SHA-256 {c}, ours is {}",
-                h.sha256_b64()
-            ))
+        // An echo alone proves nothing about a server that merely copies the header back
+        // (a gateway, a lax implementation): it must come with what the server computed
+        // itself, a plain MD5 ETag equal to ours (checked above), or, where the ETag cannot
+        // be an MD5 (SSE-KMS, SSE-C), at least an ETag. Otherwise the HEAD decides.
+        Some(c) if c == h.sha256_b64() => {
+            let backed = plain_md5.is_some() && ours_md5.is_some()
+                || reply.encrypted_by_key && reply.etag.is_some();
+            if backed {
+                PutProof::Proven(VerifiedBy::PutSha256)
+            } else {
+                PutProof::Silent
+            }
         }
-        None => {}
-    }
-    match (plain_md5, ours_md5) {
-        (Some(_), Some(_)) => PutProof::Proven(VerifiedBy::PutMd5),
-        _ => PutProof::Silent,
+        Some(c) => PutProof::Contradicted(format!(
+            "the PUT echoed SHA-256 {c}, ours is {}",
+            h.sha256_b64()
+        )),
+        None => match (plain_md5, ours_md5) {
+            (Some(_), Some(_)) => PutProof::Proven(VerifiedBy::PutMd5),
+            _ => PutProof::Silent,
+        },
     }
 }
 
@@ -668,7 +677,7 @@ impl Ctx {
         };
         let put = if h.parts.is_empty() {
             self.store
-                .put_single(&object_key, &path, h.stat.size, &h.sha256_b64(), &meta)
+                .put_single(&object_key, &path, &h.stat, &h.sha256_b64(), &meta)
                 .await
                 .map(Some)
         } else {
@@ -894,7 +903,7 @@ impl Ctx {
         };
         if h.parts.is_empty() {
             self.store
-                .put_single(&object_key, path, h.stat.size, &h.sha256_b64(), &meta)
+                .put_single(&object_key, path, &h.stat, &h.sha256_b64(), &meta)
                 .await
                 .map_err(|e| e.to_string())?;
         } else {
@@ -955,7 +964,10 @@ impl Ctx {
         // Built eagerly: a closure in the stream type would make the future not Send.
         let futs: Vec<_> = specs
             .iter()
-            .map(|p| self.store.upload_part(object_key, &upload_id, path, p))
+            .map(|p| {
+                self.store
+                    .upload_part(object_key, &upload_id, path, &h.stat, p)
+            })
             .collect();
         let results: Vec<Result<_, StoreError>> = futures_util::stream::iter(futs)
             .buffered(PART_CONCURRENCY)
@@ -1164,7 +1176,10 @@ mod tests {
         use PutProof::*;
         let cases = [
             (reply(Some(&ours_md5), echo.clone(), false), "sha256"),
-            (reply(None, echo.clone(), false), "sha256"),
+            // An echo with nothing the server computed itself is no proof: HEAD.
+            (reply(None, echo.clone(), false), "silent"),
+            (reply(Some("\"not-an-md5\""), echo.clone(), false), "silent"),
+            (reply(None, echo.clone(), true), "silent"),
             // A server-computed MD5 that differs overrules an echoed checksum.
             (reply(Some(&other_md5), echo.clone(), false), "contradicted"),
             (
