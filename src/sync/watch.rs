@@ -280,7 +280,9 @@ impl Watcher {
             let _ = tx.send(());
         }
 
-        let tick = (self.settle / 4).clamp(Duration::from_millis(20), Duration::from_millis(250));
+        // The settle pass looks only at entries due (quiet for `settle`), so a short tick is
+        // cheap; it is what a close-finished file waits beyond `settle`.
+        let tick = (self.settle / 20).clamp(Duration::from_millis(10), Duration::from_millis(50));
         let mut ticker = tokio::time::interval(tick);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut rescan = tokio::time::interval(self.rescan_interval);
@@ -546,14 +548,23 @@ impl Watcher {
                         continue;
                     };
                     if p.stat != Some(st) {
+                        // The first stat after an event only records the file: the quiet time
+                        // runs from the event (a change after it brings another event, or
+                        // shows in ctime at the due stat; a writer still holding the file is
+                        // refused by the lease). Restarting it here cost up to a tick more.
                         // A whole arrival seen for the first time is as it will stay; any
-                        // other change restarts the quiet time.
-                        let first_whole = p.whole && p.stat.is_none();
+                        // later change restarts the quiet time.
+                        let first = p.stat.is_none();
                         p.stat = Some(st);
-                        if !first_whole {
+                        if !first {
+                            // Quiet since the change itself (its ctime), not since we
+                            // happened to see it: a file caught mid-write by the first stat
+                            // and closed a moment later waits `settle` from its close.
                             p.whole = false;
-                            p.since = now;
-                            continue;
+                            p.since = changed_at(&st, now);
+                            if now.duration_since(p.since) < self.settle {
+                                continue;
+                            }
                         }
                     }
                     let quiet = now.duration_since(p.since);
@@ -766,6 +777,17 @@ impl Watcher {
             })
             .await;
     }
+}
+
+/// The monotonic instant of a file's last change, from its ctime: `now` minus the ctime's
+/// age, never later than `now` (a ctime in the future, a clock step, counts as just now).
+fn changed_at(st: &FileStat, now: Instant) -> Instant {
+    let wall_now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as i128);
+    let age_ns = (wall_now - st.ctime_ns as i128).max(0);
+    let age = Duration::from_nanos(age_ns.min(u64::MAX as i128) as u64);
+    now.checked_sub(age).unwrap_or(now)
 }
 
 #[cfg(test)]
