@@ -30,6 +30,7 @@ install_missing() {
   command -v varnishd >/dev/null || want+=(varnish) # serve.sh's hot-cache peer
   [[ -e /usr/lib/lighttpd/mod_magnet.so ]] || want+=(lighttpd-modules-lua)
   command -v wrk >/dev/null || want+=(wrk)
+  command -v haproxy >/dev/null || want+=(haproxy) # route.sh's peer
   command -v rclone >/dev/null || want+=(rclone)
   [[ -x /usr/bin/time ]] || want+=(time)
   command -v curl >/dev/null || want+=(curl)
