@@ -362,6 +362,10 @@ impl Watcher {
                 .entry(rel)
                 .or_insert(Pending::new(None, now, false, false));
             e.since = now;
+            // The event says the file changed: what an earlier look recorded is stale, and
+            // the next look only records it again. The quiet time runs from this event (on
+            // the monotonic clock) instead of restarting when that look sees the change.
+            e.stat = None;
             if let Some(el) = eligible {
                 e.eligible = el;
                 // Written to (or closed after writing): no longer a whole arrival.
@@ -557,14 +561,10 @@ impl Watcher {
                         let first = p.stat.is_none();
                         p.stat = Some(st);
                         if !first {
-                            // Quiet since the change itself (its ctime), not since we
-                            // happened to see it: a file caught mid-write by the first stat
-                            // and closed a moment later waits `settle` from its close.
+                            // A change no event announced: the quiet time starts again now.
                             p.whole = false;
-                            p.since = changed_at(&st, now);
-                            if now.duration_since(p.since) < self.settle {
-                                continue;
-                            }
+                            p.since = now;
+                            continue;
                         }
                     }
                     let quiet = now.duration_since(p.since);
@@ -777,17 +777,6 @@ impl Watcher {
             })
             .await;
     }
-}
-
-/// The monotonic instant of a file's last change, from its ctime: `now` minus the ctime's
-/// age, never later than `now` (a ctime in the future, a clock step, counts as just now).
-fn changed_at(st: &FileStat, now: Instant) -> Instant {
-    let wall_now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as i128);
-    let age_ns = (wall_now - st.ctime_ns as i128).max(0);
-    let age = Duration::from_nanos(age_ns.min(u64::MAX as i128) as u64);
-    now.checked_sub(age).unwrap_or(now)
 }
 
 #[cfg(test)]
