@@ -216,14 +216,23 @@ fn kill_9_during_uploads_loses_nothing() {
     });
     std::thread::sleep(Duration::from_millis(300));
     d.kill9();
-    // Whatever the catalog says is archived must be in S3 with the right bytes.
+    // Whatever the catalog says is archived must be in S3 with the right bytes; everything
+    // else is still in the spool, whole: at its name, or (killed inside the archive move)
+    // at the reserved name beside it that the move takes first (`.ferry-move.<inode>`).
     for (key, bytes) in &files {
         if env.archive().join(key).exists() {
             assert_in_s3(&s3, key, bytes);
         } else {
+            let at_name = env.spool().join(key);
+            let dir = at_name.parent().unwrap().to_path_buf();
+            let reserved = std::fs::read_dir(&dir)
+                .unwrap()
+                .flatten()
+                .filter(|e| e.file_name().to_string_lossy().starts_with(".ferry-move."))
+                .any(|e| std::fs::read(e.path()).is_ok_and(|b| &b == bytes));
             assert!(
-                env.spool().join(key).exists(),
-                "{key} is in neither spool nor archive"
+                std::fs::read(&at_name).is_ok_and(|b| &b == bytes) || reserved,
+                "{key} is whole neither in the spool (at its name or reserved) nor in the archive"
             );
         }
     }
