@@ -197,6 +197,16 @@ ferry_desc() {
   fi
 }
 
+# fill TEMPLATE OUT KEY=VALUE...: writes TEMPLATE to OUT with every @KEY@ replaced by VALUE
+# (the server configs of serve.sh and route.sh).
+fill() {
+  local tpl=$1 out=$2 kv text
+  text=$(<"$tpl")
+  shift 2
+  for kv in "$@"; do text=${text//@${kv%%=*}@/${kv#*=}}; done
+  printf '%s\n' "$text" >"$out"
+}
+
 # Tool versions and machine state, so a results file says what it measured.
 context_lines() {
   echo "- date: $(date -u +%Y-%m-%dT%H:%M:%SZ); host: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo); load average at start: $(cut -d' ' -f1-3 /proc/loadavg)"

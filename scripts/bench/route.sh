@@ -31,13 +31,6 @@ declare -A RPORT RPID
 
 P1=$(free_port) P2=$(free_port) P3=$(free_port)
 mkdir -p "$WORK/backend"
-fill() {
-  local tpl=$1 out=$2 kv text
-  text=$(<"$tpl")
-  shift 2
-  for kv in "$@"; do text=${text//@${kv%%=*}@/${kv#*=}}; done
-  printf '%s\n' "$text" >"$out"
-}
 fill "$BENCH_DIR/route-backend.conf" "$WORK/backend/nginx.conf" "USER_LINE=$NGINX_USER" \
   "TMP=$WORK/backend" "P1=$P1" "P2=$P2" "P3=$P3"
 spawn BPID backend-nginx nginx -p "$WORK/backend" -c "$WORK/backend/nginx.conf" -e "$WORK/backend/error.log"

@@ -135,15 +135,6 @@ start_ferry() {
   PIDS[$tag]=$pid
 }
 
-# fill TEMPLATE OUT KEY=VALUE...: replaces @KEY@ with VALUE.
-fill() {
-  local tpl=$1 out=$2 kv text
-  text=$(<"$tpl")
-  shift 2
-  for kv in "$@"; do text=${text//@${kv%%=*}@/${kv#*=}}; done
-  printf '%s\n' "$text" >"$out"
-}
-
 start_nginx() {
   local root=$1 nopush=$2 tag="nginx (tcp_nopush $2)" tmp port pid
   tmp=$WORK/run/nginx-$nopush-$CASE
