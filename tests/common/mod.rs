@@ -587,6 +587,22 @@ impl Daemon {
         self.log.lock().unwrap().clone()
     }
 
+    /// Waits for `needle` in the log: the log reaches the test through a pipe and a reader
+    /// thread, so a line written just before a response can arrive after it.
+    pub fn wait_log(&self, needle: &str, limit: Duration) {
+        let start = Instant::now();
+        while start.elapsed() < limit {
+            if self.log().contains(needle) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!(
+            "timed out after {limit:?} waiting for {needle:?} in ferry's log:\n{}",
+            self.log()
+        );
+    }
+
     pub fn kill9(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
