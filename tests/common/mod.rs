@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod nodes;
+pub mod pg;
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
