@@ -71,12 +71,39 @@ pub async fn run(cfg: Config, with_sync: bool, with_serve: bool) -> anyhow::Resu
         None
     };
 
+    let shared = if cfg.catalog.shared.is_empty() {
+        // A node that left its cluster keeps no outbox for a database it no longer uses.
+        if with_sync {
+            catalog.write(|c| ops::outbox_enable(c, false)).await?;
+        }
+        None
+    } else {
+        Some(crate::shared::Shared::new(
+            &cfg.catalog.shared,
+            cfg.node_name(),
+        )?)
+    };
+    let mut bound = None;
     let mut tasks = tokio::task::JoinSet::new();
     if with_serve {
         serve::raise_fd_limit();
-        let resolver = serve::resolver(cfg.clone(), catalog.clone(), store.clone())?;
+        let resolver =
+            serve::resolver(cfg.clone(), catalog.clone(), store.clone(), shared.clone())?;
         let (listener, addr) = serve::bind(&cfg).await?;
+        bound = Some(addr);
         tasks.spawn(resolver.meta.clone().watch(shutdown.clone()));
+        if let Some(sh) = &shared {
+            let (m1, m2) = (resolver.meta.clone(), resolver.meta.clone());
+            let rt = tokio::runtime::Handle::current();
+            tasks.spawn(sh.clone().listen(
+                move |key| {
+                    let m = m1.clone();
+                    rt.spawn(async move { m.forget(&key).await });
+                },
+                move || m2.forget_all(),
+                shutdown.clone(),
+            ));
+        }
         let s = shutdown.clone();
         tasks.spawn(async move {
             if let Err(e) = serve::serve(resolver, listener, s).await {
@@ -86,6 +113,13 @@ pub async fn run(cfg: Config, with_sync: bool, with_serve: bool) -> anyhow::Resu
         tracing::info!(%addr, mount = %cfg.http.mount, "http listening");
         // Tests and scripts read the bound address (port 0) from this line.
         println!("ferry: http listening on {addr}");
+    }
+    if let (Some(sh), true) = (&shared, with_sync) {
+        let url = crate::shared::advertise_url(&cfg, bound);
+        if cfg.http.advertise_url.is_empty() && bound.is_some_and(|a| a.ip().is_unspecified()) {
+            tracing::warn!(%url, "http.listen is a wildcard address: set http.advertise_url so other nodes can reach this one");
+        }
+        tasks.spawn(sh.clone().publish(catalog.clone(), url, shutdown.clone()));
     }
     let mut sync_task = if with_sync {
         let ctx = sync::context(cfg.clone(), catalog.clone(), store.clone())?;
@@ -204,6 +238,57 @@ pub async fn status(cfg: Config, json: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `ferry status --cluster`: the nodes of the shared catalog. Exit code 0, or 1 when the
+/// shared catalog is not configured or cannot be reached.
+pub async fn status_cluster(cfg: Config, json: bool) -> anyhow::Result<i32> {
+    if cfg.catalog.shared.is_empty() {
+        eprintln!("ferry status --cluster: catalog.shared is not set; this node is on its own");
+        return Ok(1);
+    }
+    let shared = crate::shared::Shared::new(&cfg.catalog.shared, cfg.node_name())?;
+    let nodes = match shared.nodes().await {
+        Ok(n) => n,
+        Err(e) => {
+            eprintln!("ferry status --cluster: {e}");
+            return Ok(1);
+        }
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&nodes)?);
+        return Ok(0);
+    }
+    print!("{}", render_cluster(&nodes, shared.node()));
+    Ok(0)
+}
+
+/// The human form of `ferry status --cluster`.
+pub fn render_cluster(nodes: &[crate::shared::NodeLine], this: &str) -> String {
+    use std::fmt::Write;
+    let mut s = String::new();
+    let _ = writeln!(s, "{} node(s) in the shared catalog:", nodes.len());
+    for n in nodes {
+        let oldest = n
+            .oldest_waiting_ms
+            .map(|t| format!("oldest waiting {} ago", ago(t)))
+            .unwrap_or_else(|| "nothing waiting".into());
+        let _ = writeln!(
+            s,
+            "  {}{}  {}  queue {} file(s), {}; {}; outbox {}; published {} ago",
+            n.node,
+            if n.node == this { " (this node)" } else { "" },
+            n.url,
+            n.queue_depth,
+            bytesize::ByteSize(n.queue_bytes.max(0) as u64)
+                .display()
+                .iec_short(),
+            oldest,
+            n.outbox,
+            ago(n.published_ms)
+        );
+    }
+    s
+}
+
 fn ago(ms: i64) -> String {
     let d = Duration::from_millis((now_ms() - ms).max(0) as u64 / 1000 * 1000);
     humantime::format_duration(d).to_string()
@@ -239,6 +324,13 @@ pub fn render_status(st: &Status) -> String {
             );
         }
         None => {}
+    }
+    if let Some(n) = st.outbox {
+        let _ = writeln!(
+            s,
+            "shared catalog: {n} change(s) not yet published{}",
+            if n == 0 { "" } else { " (see notices)" }
+        );
     }
     if !st.errors.is_empty() {
         let _ = writeln!(s, "last errors:");

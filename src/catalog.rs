@@ -280,6 +280,18 @@ const MIGRATIONS: &[&str] = &[
      END;
      CREATE INDEX files_waiting ON files(queued_at_ms) \
      WHERE state IN ('queued', 'uploading', 'failed', 'verified', 'archive_failed');",
+    // 7: the outbox of the shared catalog (`catalog.shared`): the keys whose rows changed
+    //    since they were last published, one entry per key (a long outage holds one entry
+    //    per changed key, never a history). Filled by a trigger on the change log, in the
+    //    writer's own transaction, and only while `outbox_on` has its row: a node without a
+    //    shared catalog pays one empty lookup per change.
+    "CREATE TABLE outbox (key TEXT PRIMARY KEY NOT NULL, seq INTEGER NOT NULL);
+     CREATE INDEX outbox_seq ON outbox(seq);
+     CREATE TABLE outbox_on (one INTEGER PRIMARY KEY CHECK (one = 1));
+     CREATE TRIGGER outbox_add AFTER INSERT ON changes
+        WHEN EXISTS (SELECT 1 FROM outbox_on) BEGIN
+        INSERT OR REPLACE INTO outbox (key, seq) VALUES (NEW.key, NEW.seq);
+     END;",
 ];
 
 /// The notice topic under which the syncing process records how it watches the spool:
@@ -349,27 +361,32 @@ const ROW_COLS: &str = "key, state, size, mtime_ns, ctime_ns, inode, sha256, att
     updated_at_ms, queued_at_ms, gen";
 
 fn row_from(r: &rusqlite::Row<'_>) -> rusqlite::Result<Row> {
-    let state: String = r.get(1)?;
+    row_from_at(r, 0)
+}
+
+/// A `Row` from `ROW_COLS` starting at column `at` (after a join's own columns).
+fn row_from_at(r: &rusqlite::Row<'_>, at: usize) -> rusqlite::Result<Row> {
+    let state: String = r.get(at + 1)?;
     Ok(Row {
-        key: r.get(0)?,
+        key: r.get(at)?,
         state: State::parse(&state).unwrap_or(State::Queued),
         stat: FileStat {
-            size: r.get::<_, i64>(2)? as u64,
-            mtime_ns: r.get(3)?,
-            ctime_ns: r.get(4)?,
-            inode: r.get::<_, i64>(5)? as u64,
+            size: r.get::<_, i64>(at + 2)? as u64,
+            mtime_ns: r.get(at + 3)?,
+            ctime_ns: r.get(at + 4)?,
+            inode: r.get::<_, i64>(at + 5)? as u64,
         },
-        sha256: r.get(6)?,
-        attempts: r.get::<_, i64>(7)? as u32,
-        next_attempt_ms: r.get(8)?,
-        last_error: r.get(9)?,
-        etag: r.get(10)?,
-        upload_id: r.get(11)?,
-        uploaded_at_ms: r.get(12)?,
-        archived_at_ms: r.get(13)?,
-        updated_at_ms: r.get(14)?,
-        queued_at_ms: r.get(15)?,
-        gen: r.get(16)?,
+        sha256: r.get(at + 6)?,
+        attempts: r.get::<_, i64>(at + 7)? as u32,
+        next_attempt_ms: r.get(at + 8)?,
+        last_error: r.get(at + 9)?,
+        etag: r.get(at + 10)?,
+        upload_id: r.get(at + 11)?,
+        uploaded_at_ms: r.get(at + 12)?,
+        archived_at_ms: r.get(at + 13)?,
+        updated_at_ms: r.get(at + 14)?,
+        queued_at_ms: r.get(at + 15)?,
+        gen: r.get(at + 16)?,
     })
 }
 
@@ -592,6 +609,76 @@ pub mod ops {
     }
 
     /// Records (or replaces) a condition `ferry status` shows under `topic`.
+    /// Turns the outbox on (a shared catalog is configured) or off. Turning it on queues
+    /// every row once, so a node that joins a cluster publishes what it already holds;
+    /// off empties it, so a node that left holds nothing for a database it no longer uses.
+    /// Returns whether it changed.
+    pub fn outbox_enable(c: &Connection, on: bool) -> Result<bool> {
+        let was: bool = c
+            .prepare_cached("SELECT EXISTS (SELECT 1 FROM outbox_on)")?
+            .query_row([], |r| r.get(0))?;
+        if was == on {
+            return Ok(false);
+        }
+        if on {
+            exec(c, "INSERT INTO outbox_on (one) VALUES (1)", [])?;
+            exec(
+                c,
+                "INSERT OR IGNORE INTO outbox (key, seq) SELECT key, 0 FROM files",
+                [],
+            )?;
+        } else {
+            exec(c, "DELETE FROM outbox_on", [])?;
+            exec(c, "DELETE FROM outbox", [])?;
+        }
+        Ok(true)
+    }
+
+    /// The oldest `limit` outbox entries, each with its key's current row (`None`: the row
+    /// is gone, so the node no longer holds the key).
+    pub fn outbox_batch(c: &Connection, limit: usize) -> Result<Vec<(String, i64, Option<Row>)>> {
+        let mut stmt = c.prepare_cached(
+            "SELECT o.key, o.seq, f.key, f.state, f.size, f.mtime_ns, f.ctime_ns, f.inode, \
+             f.sha256, f.attempts, f.next_attempt_ms, f.last_error, f.etag, f.upload_id, \
+             f.uploaded_at_ms, f.archived_at_ms, f.updated_at_ms, f.queued_at_ms, f.gen \
+             FROM outbox o LEFT JOIN files f ON f.key = o.key ORDER BY o.seq LIMIT ?1",
+        )?;
+        let v = stmt
+            .query_map([limit as i64], |r| {
+                let key: String = r.get(0)?;
+                let seq: i64 = r.get(1)?;
+                let present: Option<String> = r.get(2)?;
+                let row = match present {
+                    Some(_) => Some(row_from_at(r, 2)?),
+                    None => None,
+                };
+                Ok((key, seq, row))
+            })?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        Ok(v)
+    }
+
+    /// Drops the published entries, each only if it was not changed again meanwhile (its
+    /// seq is the one published): a newer change stays and is published next.
+    pub fn outbox_done(c: &Connection, done: &[(String, i64)]) -> Result<()> {
+        for (key, seq) in done {
+            exec(
+                c,
+                "DELETE FROM outbox WHERE key = ?1 AND seq = ?2",
+                params![key, seq],
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Entries waiting to be published.
+    pub fn outbox_len(c: &Connection) -> Result<u64> {
+        let n: i64 = c
+            .prepare_cached("SELECT COUNT(*) FROM outbox")?
+            .query_row([], |r| r.get(0))?;
+        Ok(n as u64)
+    }
+
     pub fn set_notice(c: &Connection, topic: &str, message: &str) -> Result<()> {
         exec(
             c,
@@ -919,7 +1006,16 @@ pub mod ops {
             detail: n.message,
             since_ms: n.at_ms,
         });
+        let outbox_on: bool = c
+            .prepare_cached("SELECT EXISTS (SELECT 1 FROM outbox_on)")?
+            .query_row([], |r| r.get(0))?;
+        let outbox = if outbox_on {
+            Some(outbox_len(c)?)
+        } else {
+            None
+        };
         Ok(Status {
+            outbox,
             notices,
             spool_watch,
             counts: g.counts,
@@ -980,6 +1076,8 @@ pub struct Status {
     pub notices: Vec<Notice>,
     /// How the syncing process last said it watches the spool; None if none ever ran.
     pub spool_watch: Option<SpoolWatch>,
+    /// Changes not yet published to the shared catalog; None when it is not in use.
+    pub outbox: Option<u64>,
 }
 
 /// The spool's watch mode as the syncing process recorded it (`WATCH_NOTICE`).
@@ -1230,6 +1328,49 @@ mod tests {
             ctime_ns: i as i64,
             inode: i,
         }
+    }
+
+    /// The outbox holds one entry per changed key (never a history), only while turned
+    /// on; turning it on queues every row once; a publish clears an entry only if the key
+    /// did not change again meanwhile.
+    #[test]
+    fn the_outbox_keeps_the_latest_change_per_key_and_survives_a_publish_race() {
+        let t = tempfile::tempdir().unwrap();
+        let cat = Catalog::open(&t.path().join("c.db")).unwrap();
+        cat.write_blocking(|c| {
+            let a = Key::new("a.jpg", "").unwrap();
+            let b = Key::new("b.jpg", "").unwrap();
+            ops::note_ready(c, &a, stat(1))?;
+            assert_eq!(ops::outbox_len(c)?, 0, "off: nothing is recorded");
+            assert!(ops::outbox_enable(c, true)?);
+            assert!(!ops::outbox_enable(c, true)?);
+            assert_eq!(ops::outbox_len(c)?, 1, "on: every existing row once");
+            for i in 2..50 {
+                ops::note_ready(c, &b, stat(i))?;
+            }
+            assert_eq!(ops::outbox_len(c)?, 2, "one entry per key");
+            let batch = ops::outbox_batch(c, 10)?;
+            let row_b = batch.iter().find(|(k, _, _)| k == "b.jpg").unwrap();
+            assert_eq!(row_b.2.as_ref().unwrap().stat.size, 49, "the current row");
+            // b changes again after the batch was read: clearing the batch keeps it.
+            ops::note_ready(c, &b, stat(60))?;
+            let done: Vec<(String, i64)> = batch.iter().map(|(k, s, _)| (k.clone(), *s)).collect();
+            ops::outbox_done(c, &done)?;
+            let left = ops::outbox_batch(c, 10)?;
+            assert_eq!(left.len(), 1);
+            assert_eq!(left[0].0, "b.jpg");
+            assert_eq!(left[0].2.as_ref().unwrap().stat.size, 60);
+            // A removed row is published as gone.
+            c.execute("DELETE FROM files WHERE key = 'a.jpg'", [])?;
+            let gone = ops::outbox_batch(c, 10)?;
+            assert!(gone.iter().any(|(k, _, r)| k == "a.jpg" && r.is_none()));
+            assert!(ops::outbox_enable(c, false)?);
+            assert_eq!(ops::outbox_len(c)?, 0, "off empties it");
+            ops::note_ready(c, &b, stat(70))?;
+            assert_eq!(ops::outbox_len(c)?, 0);
+            Ok(())
+        })
+        .unwrap();
     }
 
     /// The per-state counts kept by triggers (what `/metrics` and `ferry status` read instead

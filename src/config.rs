@@ -238,11 +238,16 @@ impl Default for ArchiveConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct CatalogConfig {
     pub path: PathBuf,
+    /// The shared catalog of a cluster: "postgres://user@host/db" (what the URL leaves out
+    /// comes from the PG* environment variables); "" = none, this node knows only its own
+    /// files and S3.
+    pub shared: String,
 }
 impl Default for CatalogConfig {
     fn default() -> Self {
         CatalogConfig {
             path: "var/ferry.db".into(),
+            shared: String::new(),
         }
     }
 }
@@ -359,6 +364,9 @@ pub struct HttpConfig {
     /// (the proxied response ends short, a cache fill is abandoned): a stalled upstream
     /// must not hold a client, a connection and a fill slot forever.
     pub upstream_stall: Dur,
+    /// This node's internal URL for other nodes (`peer` answers, with a shared catalog);
+    /// "" = http:// and the address the node bound.
+    pub advertise_url: String,
     /// Runtime worker threads (serving, routing and syncing share them); 0 = one per core.
     /// Where a load generator or the local S3 server shares the cores, fewer can win.
     pub workers: usize,
@@ -383,6 +391,7 @@ impl Default for HttpConfig {
             send_timeout: Dur(Duration::from_secs(60)),
             max_connections: 16_384,
             upstream_stall: Dur(Duration::from_secs(30)),
+            advertise_url: String::new(),
             workers: 0,
         }
     }
@@ -602,6 +611,24 @@ impl Config {
             .any(|c| c.is_control() || !c.is_ascii())
         {
             return Err(invalid("http.node_name", "must be printable ASCII"));
+        }
+        if !is_http_url_or_empty(&self.http.advertise_url) {
+            return Err(invalid(
+                "http.advertise_url",
+                "must start with http:// or https://",
+            ));
+        }
+        if !self.catalog.shared.is_empty() {
+            if !(self.catalog.shared.starts_with("postgres://")
+                || self.catalog.shared.starts_with("postgresql://"))
+            {
+                return Err(invalid(
+                    "catalog.shared",
+                    "must be a URL like postgres://ferry@db.internal/ferry (or \"\" for none)",
+                ));
+            }
+            crate::shared::pg_config(&self.catalog.shared)
+                .map_err(|e| invalid("catalog.shared", e.to_string()))?;
         }
         if !is_http_url_or_empty(&self.http.redirect_base) {
             return Err(invalid(

@@ -10,6 +10,7 @@
 //! - `store`     S3 client: put (single/multipart), head, get, presign, error classes
 //! - `retry`     backoff policy and the transient/permanent split
 //! - `sync`      watcher (ready files), uploader (hash, put, verify), archive
+//! - `shared`    the shared catalog (PostgreSQL): outbox publishing, lookups, LISTEN/NOTIFY
 //! - `serve`     HTTP front: one HTTP semantics (`serve::semantics`) over spool, cache, S3, archive
 //! - `route`     the hash router: rendezvous ranking, health checks, proxying, failover
 //! - `progress`  the terminal progress bar of `sync --once` and `verify`, log lines above it
@@ -26,6 +27,7 @@ pub mod progress;
 pub mod retry;
 pub mod route;
 pub mod serve;
+pub mod shared;
 pub mod store;
 pub mod sync;
 pub mod telemetry;

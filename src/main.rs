@@ -41,6 +41,10 @@ enum Cmd {
     Status {
         #[arg(long)]
         json: bool,
+        /// Every node of the shared catalog (catalog.shared): queue depth, oldest waiting,
+        /// when each last published.
+        #[arg(long)]
+        cluster: bool,
     },
     /// Validate the config and the bucket access (read-only unless --write-probe).
     CheckConfig {
@@ -104,7 +108,14 @@ fn main() -> ExitCode {
             } => ferry::app::sync_once(cfg, timeout.0).await.map(|c| c as u8),
             Cmd::Serve => ferry::app::run(cfg, false, true).await.map(|_| 0),
             Cmd::Route => ferry::app::route(cfg).await.map(|_| 0),
-            Cmd::Status { json } => ferry::app::status(cfg, json).await.map(|_| 0),
+            Cmd::Status {
+                json,
+                cluster: false,
+            } => ferry::app::status(cfg, json).await.map(|_| 0),
+            Cmd::Status {
+                json,
+                cluster: true,
+            } => ferry::app::status_cluster(cfg, json).await.map(|c| c as u8),
             Cmd::CheckConfig { write_probe } => ferry::app::check_config(cfg, write_probe)
                 .await
                 .map(|ok| if ok { 0 } else { 1 }),

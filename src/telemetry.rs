@@ -72,12 +72,20 @@ pub struct Metrics {
     pub lease_busy: Counter,
     pub archive_failures: Family<ClassLabel, Counter>,
     pub spool_unreadable: Gauge,
+    /// Answers proxied from another node's spool (shared catalog).
+    pub peer_requests: Counter,
+    /// Outbox entries published to the shared catalog.
+    pub shared_published: Counter,
+    shared_up: Gauge,
+    shared_outbox: Gauge,
     registry: Registry,
     /// Metrics that mean something only in some processes: a 0 from a process without a
     /// spool watcher (`ferry serve`, `ferry route`) would read as "polling" to an alert, and
     /// a router has no queue. Each is encoded once its process first sets it.
     spool: Section,
     queue: Section,
+    /// Exported only by a process with `catalog.shared` set.
+    shared: Section,
 }
 
 struct Section {
@@ -117,10 +125,36 @@ impl Metrics {
             lease_busy: Counter::default(),
             archive_failures: Family::default(),
             spool_unreadable: Gauge::default(),
+            peer_requests: Counter::default(),
+            shared_published: Counter::default(),
+            shared_up: Gauge::default(),
+            shared_outbox: Gauge::default(),
             registry: Registry::with_prefix("ferry"),
             spool: Section::new(),
             queue: Section::new(),
+            shared: Section::new(),
         };
+        m.shared.registry.register(
+            "shared_catalog_up",
+            "1 while the shared catalog answers and its notifications arrive; 0 while serving \
+             falls back to S3 HEADs",
+            m.shared_up.clone(),
+        );
+        m.shared.registry.register(
+            "shared_outbox",
+            "Changes of this node's files not yet published to the shared catalog",
+            m.shared_outbox.clone(),
+        );
+        m.shared.registry.register(
+            "shared_published",
+            "Outbox entries published to the shared catalog",
+            m.shared_published.clone(),
+        );
+        m.shared.registry.register(
+            "peer_requests",
+            "Answers proxied from another node's spool (X-Ferry-Source: peer)",
+            m.peer_requests.clone(),
+        );
         m.spool.registry.register(
             "spool_watched",
             "1 while the spool has its inotify watch, 0 while it is only polled",
@@ -231,7 +265,7 @@ impl Metrics {
         let mut s = String::new();
         let mut enc = || -> std::fmt::Result {
             encode_registry(&mut s, &self.registry)?;
-            for sec in [&self.spool, &self.queue] {
+            for sec in [&self.spool, &self.queue, &self.shared] {
                 if sec.live.load(Ordering::Relaxed) {
                     encode_registry(&mut s, &sec.registry)?;
                 }
@@ -248,6 +282,17 @@ impl Metrics {
     pub fn set_spool_watched(&self, watched: bool) {
         self.spool_watched.set(i64::from(watched));
         self.spool.live.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether the shared catalog is usable (a process with `catalog.shared` set).
+    pub fn set_shared_up(&self, up: bool) {
+        self.shared_up.set(i64::from(up));
+        self.shared.live.store(true, Ordering::Relaxed);
+    }
+
+    pub fn set_shared_outbox(&self, n: i64) {
+        self.shared_outbox.set(n);
+        self.shared.live.store(true, Ordering::Relaxed);
     }
 
     /// The catalog's numbers, read at scrape time (`catalog::ops::gauges`: no row scan).

@@ -6,6 +6,11 @@
 //! When S3 cannot be asked (an error, or no answer to a HEAD within 10 s), the last answer S3
 //! gave is served for up to `http.metadata_grace` past its TTL, re-asked every few seconds.
 //!
+//! With a shared catalog (`catalog.shared`), a key this host's catalog does not know is
+//! asked there before S3: another node's record answers without a HEAD, and names the
+//! node whose spool holds a file S3 does not have yet (`Where::Peer`). Every node's
+//! changes arrive through its notifications (`forget`, `forget_all`).
+//!
 //! Beside it, the catalog's record of a key's spool version (`Record`): what tells the serve
 //! path whether a spool file is ready, without a lease or a second rule.
 
@@ -30,6 +35,18 @@ pub enum Where {
     NotInS3,
     /// Nobody knows it: 404.
     Unknown,
+    /// Only in another node's spool (shared catalog): proxied from that node.
+    Peer,
+}
+
+/// The node whose spool holds a `Where::Peer` key, and the stat its spool file had when
+/// that node published it (so this node sends the same ETag as the peer would).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Peer {
+    pub node: String,
+    pub url: String,
+    pub mtime_ns: i64,
+    pub inode: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -46,6 +63,8 @@ pub struct Meta {
     /// An earlier answer served while S3 cannot be asked (within `http.metadata_grace`):
     /// kept only briefly, so S3 is asked again soon.
     pub stale: bool,
+    /// For `Where::Peer`: where the file is.
+    pub peer: Option<Arc<Peer>>,
 }
 
 /// The catalog's row for a key, as far as the spool is concerned.
@@ -102,6 +121,35 @@ pub fn system_time(ns: i64) -> Option<SystemTime> {
     UNIX_EPOCH.checked_add(Duration::from_nanos(ns))
 }
 
+/// Another node's record as metadata: deleted, in S3 (no HEAD needed), or only in that
+/// node's spool (`Peer`); None when it says nothing usable (a peer without a URL).
+fn meta_from_shared(r: crate::shared::SharedRow) -> Option<Meta> {
+    let last_modified = system_time(r.mtime_ns);
+    let (at, peer) = match r.state {
+        State::Deleted => (Where::Deleted, None),
+        s if s.in_s3() => (Where::InS3, None),
+        _ if r.only_on_peer() && !r.url.is_empty() => (
+            Where::Peer,
+            Some(Arc::new(Peer {
+                node: r.node.clone(),
+                url: r.url.clone(),
+                mtime_ns: r.mtime_ns,
+                inode: r.inode,
+            })),
+        ),
+        _ => return None,
+    };
+    Some(Meta {
+        at,
+        size: r.size,
+        sha256: r.sha256,
+        local: false,
+        last_modified,
+        stale: false,
+        peer,
+    })
+}
+
 /// How long "unknown" is remembered: a file may be dropped any moment.
 const NEGATIVE_TTL: Duration = Duration::from_secs(2);
 const POLL: Duration = Duration::from_millis(200);
@@ -112,11 +160,15 @@ struct Ttl {
 
 impl moka::Expiry<String, Meta> for Ttl {
     fn expire_after_create(&self, _k: &String, v: &Meta, _at: Instant) -> Option<Duration> {
-        Some(if v.at == Where::Unknown || v.stale {
-            NEGATIVE_TTL.min(self.positive)
-        } else {
-            self.positive
-        })
+        // A peer's file is uploaded soon; its notification drops the entry at once, the
+        // short TTL is the safety net if that notification is lost.
+        Some(
+            if v.at == Where::Unknown || v.stale || v.at == Where::Peer {
+                NEGATIVE_TTL.min(self.positive)
+            } else {
+                self.positive
+            },
+        )
     }
 }
 
@@ -145,6 +197,7 @@ pub struct MetaCache {
     /// served while S3 cannot be asked, rather than a 503.
     last_known: moka::future::Cache<String, Meta>,
     version: AtomicI64,
+    shared: Option<Arc<crate::shared::Shared>>,
 }
 
 impl MetaCache {
@@ -172,7 +225,27 @@ impl MetaCache {
                 .time_to_live(ttl)
                 .build(),
             version: AtomicI64::new(i64::MIN),
+            shared: None,
         }
+    }
+
+    /// Asks `shared` on a miss of this host's catalog, before S3.
+    pub fn with_shared(mut self, shared: Option<Arc<crate::shared::Shared>>) -> MetaCache {
+        self.shared = shared;
+        self
+    }
+
+    /// Forgets everything once: the shared catalog's notifications were interrupted, so
+    /// changes may have been missed.
+    pub fn forget_all(&self) {
+        self.cache.invalidate_all();
+        self.records.invalidate_all();
+    }
+
+    /// What S3 alone says, bypassing the cache and the shared catalog: the answer when a
+    /// peer named by the shared catalog cannot serve its file.
+    pub async fn from_s3(&self, key: &str) -> Result<Meta, MetaError> {
+        self.head(key).await
     }
 
     pub async fn get(&self, key: &str) -> Result<Meta, Arc<MetaError>> {
@@ -227,6 +300,13 @@ impl MetaCache {
             }
         };
         if let Some(r) = row {
+            if r.state.in_s3() {
+                // Another node may have deleted the key, or uploaded a newer version, since
+                // this node uploaded its own: the newer word wins.
+                if let Some(m) = self.newer_elsewhere(&key, &r).await {
+                    return Ok(m);
+                }
+            }
             let at = match r.state {
                 State::Verified | State::Archived | State::ArchiveFailed => Where::InS3,
                 State::Deleted => Where::Deleted,
@@ -241,7 +321,21 @@ impl MetaCache {
                 local: true,
                 last_modified: system_time(r.stat.mtime_ns),
                 stale: false,
+                peer: None,
             });
+        }
+        if let Some(shared) = &self.shared {
+            match shared.lookup(&key).await {
+                Ok(Some(r)) => {
+                    if let Some(m) = meta_from_shared(r) {
+                        return Ok(m);
+                    }
+                }
+                // No node knows it: S3 may still (objects from before the cluster shared
+                // its catalog, or put there by other means).
+                Ok(None) => {}
+                Err(e) => tracing::debug!(key, error = %e, "shared catalog unavailable; asking S3"),
+            }
         }
         let asked = self.head(&key).await;
         match asked {
@@ -262,6 +356,19 @@ impl MetaCache {
         }
     }
 
+    /// The shared catalog's answer for `key` when another node changed it after this
+    /// host's own row `local`: a delete, or another version in S3.
+    async fn newer_elsewhere(&self, key: &str, local: &crate::catalog::Row) -> Option<Meta> {
+        let r = self.shared.as_ref()?.lookup(key).await.ok()??;
+        let newer = r.changed_ms > local.updated_at_ms
+            && (r.state == State::Deleted || (r.state.in_s3() && r.sha256 != local.sha256));
+        if newer {
+            meta_from_shared(r)
+        } else {
+            None
+        }
+    }
+
     /// What S3 says about `key` (a HEAD, bounded by HEAD_TIMEOUT).
     async fn head(&self, key: &str) -> Result<Meta, MetaError> {
         let object_key = format!("{}{}", self.prefix, key);
@@ -279,6 +386,7 @@ impl MetaCache {
                         local: false,
                         last_modified: None,
                         stale: false,
+                        peer: None,
                     });
                 }
                 let sha = h
@@ -312,6 +420,7 @@ impl MetaCache {
                     local: false,
                     last_modified,
                     stale: false,
+                    peer: None,
                 })
             }
             Err(e) if e.is_not_found() => Ok(Meta {
@@ -321,6 +430,7 @@ impl MetaCache {
                 local: false,
                 last_modified: None,
                 stale: false,
+                peer: None,
             }),
             Err(e) => Err(MetaError::S3(e)),
         }

@@ -269,6 +269,9 @@ pub fn resolver(
     cfg: Arc<Config>,
     catalog: Catalog,
     store: Store,
+    shared: Option<Arc<crate::shared::Shared>>,
 ) -> anyhow::Result<Arc<resolve::Resolver>> {
-    Ok(Arc::new(resolve::Resolver::new(cfg, catalog, store)?))
+    Ok(Arc::new(resolve::Resolver::new(
+        cfg, catalog, store, shared,
+    )?))
 }

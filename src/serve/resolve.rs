@@ -14,7 +14,7 @@ use warp::reply::{Reply, Response};
 
 use super::cache::HotCache;
 use super::fetch::{Fetcher, Started};
-use super::meta::{Meta, MetaCache, MetaError, Record, Where};
+use super::meta::{system_time, Meta, MetaCache, MetaError, Record, Where};
 use super::semantics::{self as sem, Caching, Etag, Policy, Representation, Streamed};
 use super::{local, ServeError};
 use crate::catalog::Catalog;
@@ -35,6 +35,9 @@ pub struct Resolver {
     /// The archive root, for the fallback.
     archive: Arc<File>,
     fallback: Option<FallbackClient>,
+    /// Other nodes' spools (shared catalog): the same client, one base URL per request.
+    peers: FallbackClient,
+    shared: Option<Arc<crate::shared::Shared>>,
     allow: Option<regex::Regex>,
     /// `spool.ignore`: names that are never served.
     ignore: IgnoreSet,
@@ -130,6 +133,9 @@ where
     })
 }
 
+/// Marks a request from another node (shared catalog): answered from the spool only.
+pub const PEER_HEADER: &str = "x-ferry-peer";
+
 /// How long a readiness answer is reused.
 const READY_MEMORY: Duration = Duration::from_secs(1);
 
@@ -140,7 +146,12 @@ const MAX_PRESIGNED: usize = 100_000;
 const FIRST_BYTE_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl Resolver {
-    pub fn new(cfg: Arc<Config>, catalog: Catalog, store: Store) -> anyhow::Result<Resolver> {
+    pub fn new(
+        cfg: Arc<Config>,
+        catalog: Catalog,
+        store: Store,
+        shared: Option<Arc<crate::shared::Shared>>,
+    ) -> anyhow::Result<Resolver> {
         std::fs::create_dir_all(&cfg.spool.dir)
             .map_err(|e| anyhow::anyhow!("spool.dir {}: {e}", cfg.spool.dir.display()))?;
         let open_dir = |what: &str, dir: &std::path::Path| -> anyhow::Result<File> {
@@ -199,13 +210,18 @@ impl Resolver {
         };
         Ok(Resolver {
             node_name: cfg.node_name(),
-            meta: Arc::new(MetaCache::new(
-                catalog.clone(),
-                store.clone(),
-                cfg.s3.prefix.clone(),
-                cfg.http.metadata_ttl.0,
-                cfg.http.metadata_grace(),
-            )),
+            meta: Arc::new(
+                MetaCache::new(
+                    catalog.clone(),
+                    store.clone(),
+                    cfg.s3.prefix.clone(),
+                    cfg.http.metadata_ttl.0,
+                    cfg.http.metadata_grace(),
+                )
+                .with_shared(shared.clone()),
+            ),
+            peers: FallbackClient::new("http://peer/", cfg.http.upstream_stall.0),
+            shared,
             cache,
             fetcher,
             archive: Arc::new(archive),
@@ -318,8 +334,14 @@ impl Resolver {
             return Ok(sem::respond_file(lf, method, headers, &rep, &self.policy, "local").await);
         }
 
-        // 2. Metadata: this host's catalog, else S3.
-        let meta = match self.meta.get(key.as_str()).await {
+        // A request from another node (shared catalog) is answered from this spool only,
+        // never forwarded: two nodes can never bounce a request between them.
+        if headers.contains_key(PEER_HEADER) {
+            return Err(ServeError::NotFound);
+        }
+
+        // 2. Metadata: this host's catalog, else the shared catalog, else S3.
+        let mut meta = match self.meta.get(key.as_str()).await {
             Ok(m) => m,
             Err(e) => {
                 return match &*e {
@@ -334,7 +356,36 @@ impl Resolver {
                 };
             }
         };
+        if meta.at == Where::Peer {
+            // Counted nowhere in hotness: the file is on its way to S3, and the cache keeps
+            // only what S3 holds.
+            match Box::pin(self.serve_peer(&key, &meta, method, headers)).await {
+                Ok(r) => {
+                    crate::telemetry::metrics().peer_requests.inc();
+                    return Ok(r);
+                }
+                Err(e) => {
+                    // Nothing was sent: S3 may hold it by now (the peer just archived it),
+                    // else the client retries shortly.
+                    tracing::warn!(key = %key, peer = ?meta.peer.as_ref().map(|p| &p.node), error = %e, "the peer could not serve it; asking S3");
+                    self.meta.forget(key.as_str()).await;
+                    meta = match self.meta.from_s3(key.as_str()).await {
+                        Ok(m) if m.at == Where::InS3 || m.at == Where::Deleted => m,
+                        _ => {
+                            return Err(ServeError::NotReady(format!(
+                                "{key} is only on another node, which did not serve it"
+                            )))
+                        }
+                    };
+                }
+            }
+        }
         match meta.at {
+            Where::Peer => {
+                return Err(ServeError::NotReady(format!(
+                    "{key} is only on another node"
+                )))
+            }
             Where::Deleted => {
                 self.cache.remove(key.as_str());
                 return Err(ServeError::Gone);
@@ -552,6 +603,47 @@ impl Resolver {
 
     /// The archive copy: the local archive dir, or the archive file server. `meta` is `None`
     /// when S3 could not be asked.
+    /// A file only in another node's spool, from that node (`X-Ferry-Source: peer`), with
+    /// this node's semantics on the version the peer published: its length, and the ETag
+    /// the peer itself sends (the SHA-256 once hashed, else its stat's tag). A whole body
+    /// is checked against the SHA-256 when known; a body that stops or ends short resets
+    /// the connection, never a clean-looking short 200.
+    async fn serve_peer(
+        &self,
+        key: &Key,
+        meta: &Meta,
+        method: &Method,
+        headers: &HeaderMap,
+    ) -> Result<Response, ServeError> {
+        let Some(peer) = meta.peer.as_ref() else {
+            return Err(ServeError::NotFound);
+        };
+        let mtime = system_time(peer.mtime_ns).unwrap_or(std::time::UNIX_EPOCH);
+        let rep = Representation {
+            len: meta.size,
+            etag: Some(match meta.sha256.as_deref() {
+                Some(sha) => Etag::sha256(sha),
+                None => Etag::local(meta.size, mtime, peer.inode),
+            }),
+            last_modified: Some(mtime),
+            content_type: crate::media::content_type(key.as_str()),
+            caching: Caching::Public,
+        };
+        let base = format!("{}{}", peer.url.trim_end_matches('/'), self.cfg.http.mount);
+        self.peers
+            .get_from(
+                &base,
+                key,
+                Some(rep),
+                meta.sha256.clone(),
+                method,
+                headers,
+                &self.policy,
+                "peer",
+            )
+            .await
+    }
+
     async fn serve_archive(
         &self,
         key: &Key,
@@ -718,8 +810,17 @@ impl Resolver {
             }
         };
         drop(last);
+        // A shared catalog that cannot be used leaves the node ready (it serves from its
+        // spool, its catalog and S3), but says so: metadata costs HEADs and may lag.
+        let degraded = self.shared.as_ref().and_then(|s| s.degraded());
         result
-            .map(|()| "ready\n".into_response())
+            .map(|()| match degraded {
+                None => "ready\n".into_response(),
+                Some(why) => format!(
+                    "ready\nshared catalog: degraded ({why}); metadata comes from S3 HEADs\n"
+                )
+                .into_response(),
+            })
             .map_err(ServeError::NotReady)
     }
 
@@ -828,16 +929,40 @@ impl FallbackClient {
         headers: &HeaderMap,
         policy: &Policy,
     ) -> Result<Response, ServeError> {
+        self.get_from(
+            &self.base, key, rep, sha256, method, headers, policy, "archive",
+        )
+        .await
+    }
+
+    /// `get` from `base` (the archive server, or a peer's mount), answered as `source`. A
+    /// peer is told so (`X-Ferry-Peer`), and answers from its spool only.
+    #[allow(clippy::too_many_arguments)]
+    async fn get_from(
+        &self,
+        base: &str,
+        key: &Key,
+        rep: Option<Representation>,
+        sha256: Option<String>,
+        method: &Method,
+        headers: &HeaderMap,
+        policy: &Policy,
+        source: &'static str,
+    ) -> Result<Response, ServeError> {
         let range = match &rep {
-            Some(rep) => match sem::streamed(method, headers, rep, policy, "archive") {
+            Some(rep) => match sem::streamed(method, headers, rep, policy, source) {
                 Streamed::Answer(r) => return Ok(r),
                 Streamed::Fetch(range) => range,
             },
             None => None,
         };
-        // SECURITY: built from config and the validated, percent-encoded key only.
-        let url = format!("{}{}", self.base, key.encoded_object_path(""));
+        // SECURITY: built from config (or the shared catalog's node URL) and the validated,
+        // percent-encoded key only.
+        let url = format!("{}{}", base, key.encoded_object_path(""));
         let mut req = http::Request::builder().method(method.clone()).uri(&url);
+        if source == "peer" {
+            req = req.header(PEER_HEADER, "1");
+        }
         if let Some(r) = &range {
             req = req.header(http::header::RANGE, sem::range_header(r));
         }
@@ -847,7 +972,7 @@ impl FallbackClient {
         let resp = match tokio::time::timeout(FIRST_BYTE_TIMEOUT, self.client.request(req)).await {
             Ok(Ok(r)) => r,
             Ok(Err(e)) => {
-                tracing::warn!(url, error = %e, "archive file server failed");
+                tracing::warn!(url, source, error = %e, "the upstream server failed");
                 return Err(ServeError::BadGateway);
             }
             Err(_) => return Err(ServeError::Timeout),
@@ -859,7 +984,7 @@ impl FallbackClient {
             StatusCode::OK
         };
         if status != want {
-            tracing::warn!(url, %status, %want, "archive file server answered otherwise");
+            tracing::warn!(url, source, %status, %want, "the upstream server answered otherwise");
             return Err(if status == StatusCode::NOT_FOUND {
                 ServeError::NotFound
             } else {
@@ -876,7 +1001,7 @@ impl FallbackClient {
             Some(rep) => rep,
             None => {
                 let Some(len) = header_len else {
-                    tracing::warn!(url, "archive file server sent no length");
+                    tracing::warn!(url, source, "the upstream server sent no length");
                     return Err(ServeError::BadGateway);
                 };
                 let last_modified = parts
@@ -892,8 +1017,7 @@ impl FallbackClient {
                     caching: Caching::Public,
                 };
                 // Only the bodiless answers can still be chosen: the whole body is on its way.
-                if let Streamed::Answer(r) = sem::streamed(method, headers, &rep, policy, "archive")
-                {
+                if let Streamed::Answer(r) = sem::streamed(method, headers, &rep, policy, source) {
                     return Ok(r);
                 }
                 rep
@@ -906,7 +1030,7 @@ impl FallbackClient {
                 url,
                 ?header_len,
                 expect,
-                "archive file server copy has another length"
+                "the upstream server's copy has another length"
             );
             return Err(ServeError::BadGateway);
         }
@@ -924,7 +1048,7 @@ impl FallbackClient {
             Box::pin(stream),
             want,
             key.as_str().to_string(),
-            "archive",
+            source,
             self.stall,
         ))
         .into_response();
@@ -933,7 +1057,7 @@ impl FallbackClient {
             &rep,
             range.as_ref(),
             policy,
-            "archive",
+            source,
         ))
     }
 }
@@ -1106,6 +1230,7 @@ mod tests {
             local: true,
             last_modified: super::super::meta::system_time(spool.stat.mtime_ns),
             stale: false,
+            peer: None,
         };
         Version {
             _dir: dir,

@@ -1,0 +1,411 @@
+//! Many nodes, one view: three `ferry run` nodes on loopback behind `ferry route`, one real
+//! PostgreSQL as the shared catalog (`catalog.shared`) and one s3s-fs. A file dropped on one
+//! node is served by the others before it is uploaded (`peer`); deletes reach every node
+//! within a second; PostgreSQL going down costs freshness, never an upload or the one rule.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use common::pg::Postgres;
+use common::{content, nodes, raw_request, wait_for, Daemon, Env, RawResponse, S3};
+
+/// A node's environment: its own spool, archive and catalog, the shared catalog, and an S3
+/// endpoint (a dead one holds its uploads back).
+fn node_env(name: &str, s3_endpoint: &str, bucket: &str, pg: &Postgres) -> Env {
+    let mut e = Env::new(s3_endpoint, bucket);
+    e.set("FERRY_HTTP_NODE_NAME", name)
+        .set("FERRY_CATALOG_SHARED", &pg.url())
+        // Fewer threads: three nodes, PostgreSQL, s3s-fs and the router share two cores.
+        .set("FERRY_HTTP_WORKERS", "2");
+    e
+}
+
+/// Drops a file the way an uploader that renames would: ready at once.
+fn drop_renamed(env: &Env, key: &str, bytes: &[u8]) {
+    let tmp = env
+        .spool()
+        .join(format!(".incoming-{}", key.replace('/', "_")));
+    std::fs::write(&tmp, bytes).unwrap();
+    let to = env.spool().join(key);
+    std::fs::create_dir_all(to.parent().unwrap()).unwrap();
+    std::fs::rename(&tmp, &to).unwrap();
+}
+
+fn get_via(addr: SocketAddr, host: &str, path: &str) -> RawResponse {
+    raw_request(addr, "GET", path.as_bytes(), &[("Host", host)])
+}
+
+/// A Host the router sends to `node` (every answer names its node).
+fn host_owned_by(router: SocketAddr, node: &str) -> String {
+    for i in 0..500 {
+        let host = format!("site{i}.example");
+        let r = get_via(router, &host, "/static/__which-node");
+        if r.header("x-ferry-node") == Some(node) {
+            return host;
+        }
+    }
+    panic!("no Host of 500 routed to {node}");
+}
+
+/// Polls until `f` holds, returning how long it took; panics past `limit`.
+fn within(limit: Duration, what: &str, mut f: impl FnMut() -> bool) -> Duration {
+    let start = Instant::now();
+    loop {
+        if f() {
+            return start.elapsed();
+        }
+        assert!(start.elapsed() < limit, "{what}: not within {limit:?}");
+        std::thread::sleep(Duration::from_millis(25));
+    }
+}
+
+fn metric(addr: SocketAddr, name: &str) -> f64 {
+    let r = raw_request(addr, "GET", b"/metrics", &[]);
+    String::from_utf8_lossy(&r.body)
+        .lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in /metrics"))
+}
+
+struct Three {
+    x: Daemon,
+    y: Daemon,
+    z: Daemon,
+    ex: Env,
+    ey: Env,
+    ez: Env,
+    router: nodes::Proc,
+    _rdir: tempfile::TempDir,
+}
+
+/// Nodes x and z upload to `s3`; y's S3 is unreachable unless `y_uploads`.
+fn three(s3: &S3, pg: &Postgres, y_uploads: bool) -> Three {
+    let ex = node_env("x", &s3.endpoint(), &s3.bucket, pg);
+    let dead = format!("http://127.0.0.1:{}", common::free_port());
+    let y_s3 = if y_uploads { s3.endpoint() } else { dead };
+    let ey = node_env("y", &y_s3, &s3.bucket, pg);
+    let ez = node_env("z", &s3.endpoint(), &s3.bucket, pg);
+    // Started together: their migrations meet under the advisory lock.
+    let (x, y, z) = (ex.spawn(&["run"]), ey.spawn(&["run"]), ez.spawn(&["run"]));
+    let backends: Vec<String> = [&x, &y, &z]
+        .iter()
+        .map(|d| format!("http://{}", d.addr()))
+        .collect();
+    let rdir = tempfile::tempdir().unwrap();
+    let router = nodes::start_router(rdir.path(), &backends, &[]);
+    for d in [&x, &y, &z] {
+        d.wait_log("sync running", Duration::from_secs(30));
+    }
+    Three {
+        x,
+        y,
+        z,
+        ex,
+        ey,
+        ez,
+        router,
+        _rdir: rdir,
+    }
+}
+
+#[test]
+fn a_file_dropped_on_one_node_is_served_by_the_node_owning_its_host_before_it_is_uploaded() {
+    let Some(pg) = common::pg::start_or_skip() else {
+        return;
+    };
+    let t = tempfile::tempdir().unwrap();
+    let s3 = S3::start(t.path());
+    let c = three(&s3, &pg, false);
+    let host = host_owned_by(c.router.addr, "x");
+    let path = "/static/2026/12/new.jpg";
+    let bytes = content("2026/12/new.jpg", 150_000);
+
+    // Asked before it exists: a 404 that x caches negatively.
+    assert_eq!(get_via(c.router.addr, &host, path).status, 404);
+    drop_renamed(&c.ey, "2026/12/new.jpg", &bytes);
+    let took = within(Duration::from_secs(3), "x serves y's new file", || {
+        let r = get_via(c.router.addr, &host, path);
+        r.status == 200 && r.body == bytes
+    });
+    eprintln!("404 window after a drop on another node: {took:?}");
+    let r = get_via(c.router.addr, &host, path);
+    assert_eq!(r.header("x-ferry-source"), Some("peer"));
+    assert_eq!(r.header("x-ferry-node"), Some("x"));
+    assert_eq!(
+        r.header("content-length"),
+        Some(bytes.len().to_string().as_str())
+    );
+    assert!(metric(c.x.addr(), "ferry_peer_requests_total") >= 1.0);
+    // y could not upload it: it is still only in y's spool.
+    assert!(c.ey.spool().join("2026/12/new.jpg").exists());
+
+    // The same ETag as y's own answer, so revalidation works across nodes.
+    let own = raw_request(c.y.addr(), "GET", path.as_bytes(), &[]);
+    assert_eq!(own.header("x-ferry-source"), Some("local"));
+    assert_eq!(r.header("etag"), own.header("etag"));
+    let etag = own.header("etag").unwrap().to_string();
+    let revalidated = raw_request(
+        c.x.addr(),
+        "GET",
+        path.as_bytes(),
+        &[("If-None-Match", &etag)],
+    );
+    assert_eq!(revalidated.status, 304);
+    let ranged = raw_request(
+        c.x.addr(),
+        "GET",
+        path.as_bytes(),
+        &[("Range", "bytes=10-19")],
+    );
+    assert_eq!(ranged.status, 206);
+    assert_eq!(ranged.body, &bytes[10..20]);
+
+    // A peer request is answered from the spool only, never forwarded: z asked as a peer
+    // for y's file says 404, it does not ask y.
+    let as_peer = raw_request(c.z.addr(), "GET", path.as_bytes(), &[("X-Ferry-Peer", "1")]);
+    assert_eq!(as_peer.status, 404);
+
+    // Once y can upload, the key is served as S3-held keys are (a redirect), on x too.
+    let mut y = c.y;
+    y.kill9();
+    let mut ey = c.ey;
+    ey.set("FERRY_S3_ENDPOINT", &s3.endpoint());
+    let y = ey.spawn(&["run"]);
+    wait_for(Duration::from_secs(30), "y to archive it", || {
+        ey.archive().join("2026/12/new.jpg").exists()
+    });
+    within(Duration::from_secs(3), "x redirects to S3", || {
+        let r = raw_request(c.x.addr(), "GET", path.as_bytes(), &[]);
+        r.status == 302 && r.header("x-ferry-source") == Some("redirect")
+    });
+    drop(y);
+}
+
+#[test]
+fn a_delete_on_one_node_is_410_on_every_node_within_a_second() {
+    let Some(pg) = common::pg::start_or_skip() else {
+        return;
+    };
+    let t = tempfile::tempdir().unwrap();
+    let s3 = S3::start(t.path());
+    let c = three(&s3, &pg, true);
+    let bytes = content("gone.jpg", 20_000);
+    drop_renamed(&c.ez, "gone.jpg", &bytes);
+    wait_for(Duration::from_secs(30), "z to archive it", || {
+        c.ez.archive().join("gone.jpg").exists()
+    });
+    // Every node has it cached as in S3 (TTL 5 minutes).
+    for d in [&c.x, &c.y, &c.z] {
+        within(Duration::from_secs(3), "every node knows it", || {
+            raw_request(d.addr(), "GET", b"/static/gone.jpg", &[]).status == 302
+        });
+    }
+    let (code, out, err) = c.ex.run(&["delete", "gone.jpg"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let start = Instant::now();
+    for d in [&c.x, &c.y, &c.z] {
+        within(Duration::from_secs(3), "410 on every node", || {
+            raw_request(d.addr(), "GET", b"/static/gone.jpg", &[]).status == 410
+        });
+    }
+    eprintln!("delete reached every node in {:?}", start.elapsed());
+}
+
+#[test]
+fn postgres_down_never_stops_uploads_and_the_outbox_drains_when_it_returns() {
+    let Some(mut pg) = common::pg::start_or_skip() else {
+        return;
+    };
+    let t = tempfile::tempdir().unwrap();
+    let s3 = S3::start(t.path());
+    let c = three(&s3, &pg, true);
+    drop_renamed(&c.ey, "before.jpg", &content("before.jpg", 5_000));
+    within(Duration::from_secs(5), "published", || {
+        pg.try_psql("SELECT count(*) FROM ferry_files WHERE key = 'before.jpg'")
+            .is_ok_and(|n| n == "1")
+    });
+
+    pg.kill();
+    let mut files = Vec::new();
+    for i in 0..20 {
+        let key = format!("down/{i}.jpg");
+        let b = content(&key, 3_000 + i * 100);
+        drop_renamed(&c.ey, &key, &b);
+        files.push((key, b));
+    }
+    // Uploads and archiving go on, the one rule intact: each archived copy is in S3 with
+    // the same bytes.
+    wait_for(
+        Duration::from_secs(60),
+        "every file archived with PostgreSQL down",
+        || files.iter().all(|(k, _)| c.ey.archive().join(k).exists()),
+    );
+    for (k, b) in &files {
+        assert_eq!(&s3.object_bytes(k), b, "{k} in S3");
+        assert_eq!(&std::fs::read(c.ey.archive().join(k)).unwrap(), b);
+    }
+    // Serving falls back to HEAD, and says it is degraded.
+    let r = raw_request(c.x.addr(), "GET", b"/static/down/3.jpg", &[]);
+    assert_eq!(r.status, 302, "x finds it in S3 by a HEAD");
+    within(
+        Duration::from_secs(10),
+        "x reports the shared catalog degraded",
+        || {
+            let r = raw_request(c.x.addr(), "GET", b"/readyz", &[]);
+            r.status == 200 && String::from_utf8_lossy(&r.body).contains("degraded")
+        },
+    );
+    assert_eq!(metric(c.x.addr(), "ferry_shared_catalog_up"), 0.0);
+    let st = c.ey.status();
+    assert!(st["outbox"].as_u64().unwrap() >= 20, "{st}");
+    let (_, human, _) = c.ey.run(&["status"]);
+    assert!(human.contains("not yet published"), "{human}");
+    assert!(human.contains("shared catalog"), "{human}");
+
+    pg.restart();
+    within(Duration::from_secs(20), "the outbox drains", || {
+        c.ey.status()["outbox"].as_u64() == Some(0)
+    });
+    let n = pg.psql(
+        "SELECT count(*) FROM ferry_files WHERE node = 'y' AND key LIKE 'down/%' AND state = 'archived'",
+    );
+    assert_eq!(n, "20");
+    within(Duration::from_secs(15), "x is healthy again", || {
+        let r = raw_request(c.x.addr(), "GET", b"/readyz", &[]);
+        r.status == 200 && !String::from_utf8_lossy(&r.body).contains("degraded")
+    });
+    // Every node's view agrees.
+    for d in [&c.x, &c.y, &c.z] {
+        for (k, _) in files.iter().take(5) {
+            let r = raw_request(d.addr(), "GET", format!("/static/{k}").as_bytes(), &[]);
+            assert!(r.status == 302 || r.status == 200, "{k}: {}", r.status);
+        }
+    }
+    let (code, out, err) = c.ex.run(&["status", "--cluster"]);
+    assert_eq!(code, 0, "{err}");
+    for n in ["x (this node)", "y", "z"] {
+        assert!(out.contains(n), "{out}");
+    }
+    assert!(out.contains("published"), "{out}");
+}
+
+#[test]
+fn a_kill_9_between_publishing_and_clearing_the_outbox_publishes_again_harmlessly() {
+    let Some(pg) = common::pg::start_or_skip() else {
+        return;
+    };
+    let t = tempfile::tempdir().unwrap();
+    let s3 = S3::start(t.path());
+    let mut env = node_env("solo", &s3.endpoint(), &s3.bucket, &pg);
+    env.set("FERRY_DEBUG_CRASH_AT", "published");
+    let bytes = content("crash.jpg", 4_000);
+    let mut d = env.spawn(&["run"]);
+    drop_renamed(&env, "crash.jpg", &bytes);
+    // The first publish commits in PostgreSQL, then the process dies before the outbox
+    // entry is cleared.
+    wait_for(
+        Duration::from_secs(30),
+        "the crash after publishing",
+        || d.child.try_wait().ok().flatten().is_some(),
+    );
+    assert!(
+        d.log().contains("FERRY_DEBUG_CRASH_AT=published"),
+        "{}",
+        d.log()
+    );
+    d.kill9();
+    assert!(env.status()["outbox"].as_u64().unwrap() >= 1);
+    env.vars.remove("FERRY_DEBUG_CRASH_AT");
+    let _d = env.spawn(&["run"]);
+    wait_for(Duration::from_secs(30), "archived", || {
+        env.archive().join("crash.jpg").exists()
+    });
+    within(Duration::from_secs(10), "the outbox drains", || {
+        env.status()["outbox"].as_u64() == Some(0)
+    });
+    // One row per (node, key), holding the last state: publishing again changed nothing
+    // that matters.
+    assert_eq!(
+        pg.psql("SELECT count(*) || ' ' || max(state) FROM ferry_files WHERE key = 'crash.jpg'"),
+        "1 archived"
+    );
+    assert_eq!(
+        pg.psql("SELECT sha256 FROM ferry_files WHERE key = 'crash.jpg'"),
+        common::sha256_hex(&bytes)
+    );
+    assert_eq!(s3.object_bytes("crash.jpg"), bytes);
+}
+
+/// A peer that answers a head and part of a body, then closes; or accepts and closes.
+const BAD_PEER: &str = r#"
+import socket, sys, threading
+def serve(conn):
+    try:
+        req = b''
+        while b'\r\n\r\n' not in req:
+            d = conn.recv(4096)
+            if not d: return
+            req += d
+        if b'/static/dies-early.jpg' in req:
+            return
+        conn.sendall(b'HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n' + b'x' * 30000)
+    finally:
+        conn.close()
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(('127.0.0.1', 0)); s.listen(16)
+print(s.getsockname()[1], flush=True)
+while True:
+    c, _ = s.accept()
+    threading.Thread(target=serve, args=(c,), daemon=True).start()
+"#;
+
+#[test]
+fn a_peer_that_dies_mid_answer_never_yields_a_clean_looking_short_200() {
+    let Some(pg) = common::pg::start_or_skip() else {
+        return;
+    };
+    let t = tempfile::tempdir().unwrap();
+    let s3 = S3::start(t.path());
+    let env = node_env("x", &s3.endpoint(), &s3.bucket, &pg);
+    let d = env.spawn(&["run"]);
+    d.wait_log("sync running", Duration::from_secs(30));
+    let mut peer = std::process::Command::new("python3")
+        .args(["-u", "-c", BAD_PEER])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("python3");
+    let mut port = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(peer.stdout.take().unwrap()),
+        &mut port,
+    )
+    .unwrap();
+    let port: u16 = port.trim().parse().expect("the peer's port");
+    // A node "bad" that claims two files in its spool, as the shared catalog would say.
+    within(Duration::from_secs(10), "the schema", || {
+        pg.try_psql("SELECT 1 FROM ferry_nodes LIMIT 1").is_ok()
+    });
+    pg.psql(&format!(
+        "INSERT INTO ferry_nodes (node, url, published_ms) VALUES ('bad', 'http://127.0.0.1:{port}', 0);
+         INSERT INTO ferry_files (key, node, gen, state, size, sha256, mtime_ns, inode, deleted, still_local, changed_ms)
+         VALUES ('dies-late.jpg', 'bad', 1, 'queued', 100000, NULL, 1700000000000000000, 7, false, true, 1),
+                ('dies-early.jpg', 'bad', 1, 'queued', 100000, NULL, 1700000000000000000, 8, false, true, 1);"
+    ));
+    // Before the response head: S3 does not have it either, so a 503 to retry.
+    let r = raw_request(d.addr(), "GET", b"/static/dies-early.jpg", &[]);
+    assert_eq!(r.status, 503, "{:?}", String::from_utf8_lossy(&r.raw_head));
+    assert!(r.header("retry-after").is_some());
+    // After it: the response ends short of its Content-Length (the connection is cut),
+    // never a complete-looking 200.
+    let r = raw_request(d.addr(), "GET", b"/static/dies-late.jpg", &[]);
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("content-length"), Some("100000"));
+    assert!(r.body.len() < 100_000, "got all {} bytes", r.body.len());
+    assert_eq!(r.header("x-ferry-source"), Some("peer"));
+    let _ = peer.kill();
+    let _ = peer.wait();
+}
