@@ -500,6 +500,26 @@ pub async fn delete(cfg: Config, key: &str) -> anyhow::Result<()> {
             key.path_in(&cfg.spool.dir).display()
         );
     }
+    if !cfg.catalog.shared.is_empty() {
+        // A file still in another node's spool would be uploaded over the marker, and the
+        // delete undone on every node but this one: refused, as for this node's spool.
+        let shared = crate::shared::Shared::new(&cfg.catalog.shared, cfg.node_name())?;
+        let asked = match shared.migrate().await {
+            Ok(()) => shared.lookup(key.as_str()).await,
+            Err(e) => Err(e),
+        };
+        match asked {
+            Ok(Some(r)) if r.only_on_peer() => bail!(
+                "{key} is still in node {}'s spool (not yet uploaded); remove it there first",
+                r.node
+            ),
+            Ok(_) => {}
+            Err(e) => eprintln!(
+                "warning: cannot ask the shared catalog whether another node still holds {key} \
+                 in its spool ({e}); deleting anyway"
+            ),
+        }
+    }
     let when = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
     store
         .put_bytes(

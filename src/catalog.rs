@@ -292,6 +292,33 @@ const MIGRATIONS: &[&str] = &[
         WHEN EXISTS (SELECT 1 FROM outbox_on) BEGIN
         INSERT OR REPLACE INTO outbox (key, seq) VALUES (NEW.key, NEW.seq);
      END;",
+    // 8: the outbox takes only changes other nodes can see: a retry (claim, attempt,
+    //    next attempt, error) changes a row a dozen times an hour while S3 is down, and
+    //    each entry costs an upsert and a notification to every node. Queued, uploading
+    //    and failed are one published class ("still in this spool, not in S3").
+    "DROP TRIGGER outbox_add;
+     CREATE TRIGGER outbox_ins AFTER INSERT ON files
+        WHEN EXISTS (SELECT 1 FROM outbox_on) BEGIN
+        INSERT OR REPLACE INTO outbox (key, seq)
+            VALUES (NEW.key, (SELECT COALESCE(MAX(seq), 0) + 1 FROM outbox));
+     END;
+     CREATE TRIGGER outbox_upd AFTER UPDATE ON files
+        WHEN EXISTS (SELECT 1 FROM outbox_on) AND (
+            (CASE WHEN OLD.state IN ('queued', 'uploading', 'failed') THEN 'local'
+                ELSE OLD.state END)
+            IS NOT (CASE WHEN NEW.state IN ('queued', 'uploading', 'failed') THEN 'local'
+                ELSE NEW.state END)
+            OR OLD.size IS NOT NEW.size OR OLD.sha256 IS NOT NEW.sha256
+            OR OLD.mtime_ns IS NOT NEW.mtime_ns OR OLD.inode IS NOT NEW.inode
+            OR OLD.gen IS NOT NEW.gen) BEGIN
+        INSERT OR REPLACE INTO outbox (key, seq)
+            VALUES (NEW.key, (SELECT COALESCE(MAX(seq), 0) + 1 FROM outbox));
+     END;
+     CREATE TRIGGER outbox_del AFTER DELETE ON files
+        WHEN EXISTS (SELECT 1 FROM outbox_on) BEGIN
+        INSERT OR REPLACE INTO outbox (key, seq)
+            VALUES (OLD.key, (SELECT COALESCE(MAX(seq), 0) + 1 FROM outbox));
+     END;",
 ];
 
 /// The notice topic under which the syncing process records how it watches the spool:
@@ -1364,6 +1391,27 @@ mod tests {
             c.execute("DELETE FROM files WHERE key = 'a.jpg'", [])?;
             let gone = ops::outbox_batch(c, 10)?;
             assert!(gone.iter().any(|(k, _, r)| k == "a.jpg" && r.is_none()));
+            // A retry's bookkeeping is nothing other nodes see: no entry.
+            let left = ops::outbox_batch(c, 10)?;
+            ops::outbox_done(
+                c,
+                &left
+                    .iter()
+                    .map(|(k, s, _)| (k.clone(), *s))
+                    .collect::<Vec<_>>(),
+            )?;
+            c.execute(
+                "UPDATE files SET state = 'uploading', attempts = attempts + 1, \
+                 next_attempt_ms = 5, last_error = 'x' WHERE key = 'b.jpg'",
+                [],
+            )?;
+            c.execute("UPDATE files SET state = 'failed' WHERE key = 'b.jpg'", [])?;
+            assert_eq!(ops::outbox_len(c)?, 0, "retries are not published");
+            c.execute(
+                "UPDATE files SET state = 'verified', sha256 = 'ab' WHERE key = 'b.jpg'",
+                [],
+            )?;
+            assert_eq!(ops::outbox_len(c)?, 1, "reaching S3 is");
             assert!(ops::outbox_enable(c, false)?);
             assert_eq!(ops::outbox_len(c)?, 0, "off empties it");
             ops::note_ready(c, &b, stat(70))?;

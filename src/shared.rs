@@ -23,9 +23,14 @@ const MIGRATION_LOCK: i64 = 0x0066_6572_7279;
 /// How long one query may take before the database counts as unreachable.
 const QUERY_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// After a failure, lookups skip the database this long (a down database must not add
-/// its timeout to every miss).
-const DOWN_FOR: Duration = Duration::from_secs(2);
+/// How long a lookup on the request path may take: past it the miss asks S3 instead.
+const LOOKUP_TIMEOUT: Duration = Duration::from_millis(500);
+
+/// After a failure, lookups skip the database this long, doubling with each failure in a
+/// row up to `DOWN_MAX` (a database that hangs must not add its timeout to miss after
+/// miss); then one lookup probes it while the others go on to S3.
+const DOWN_FOR: Duration = Duration::from_secs(1);
+const DOWN_MAX: Duration = Duration::from_secs(30);
 
 /// Outbox entries published per transaction.
 const BATCH: usize = 500;
@@ -233,7 +238,15 @@ pub struct Shared {
     down_until: AtomicI64,
     /// The notification connection is up: invalidations arrive.
     listening: AtomicBool,
+    /// This process runs a listener (it serves): its health includes the listener's.
+    listens: AtomicBool,
     reported_down: AtomicBool,
+    /// Another process publishes under this node's name.
+    conflict: AtomicBool,
+    /// Failures in a row (any caller): the back-off's exponent.
+    failures: std::sync::atomic::AtomicU32,
+    /// A lookup is probing a database that failed: the others do not wait for it.
+    probing: AtomicBool,
     last_error: Mutex<Option<String>>,
 }
 
@@ -267,7 +280,11 @@ impl Shared {
             migrated: AtomicBool::new(false),
             down_until: AtomicI64::new(0),
             listening: AtomicBool::new(false),
+            listens: AtomicBool::new(false),
             reported_down: AtomicBool::new(false),
+            conflict: AtomicBool::new(false),
+            failures: std::sync::atomic::AtomicU32::new(0),
+            probing: AtomicBool::new(false),
             last_error: Mutex::new(None),
         }))
     }
@@ -279,7 +296,8 @@ impl Shared {
     /// Lookups can use it, and notifications arrive: metadata from it is current.
     pub fn healthy(&self) -> bool {
         self.migrated.load(Ordering::Relaxed)
-            && self.listening.load(Ordering::Relaxed)
+            && !self.conflict.load(Ordering::Relaxed)
+            && (self.listening.load(Ordering::Relaxed) || !self.listens.load(Ordering::Relaxed))
             && self.down_until.load(Ordering::Relaxed) <= now_ms()
     }
 
@@ -299,8 +317,10 @@ impl Shared {
 
     fn failed(&self, what: &str, e: impl std::fmt::Display) -> SharedError {
         let msg = format!("{what}: {e}");
+        let n = self.failures.fetch_add(1, Ordering::Relaxed).min(10);
+        let down_for = (DOWN_FOR * 2u32.pow(n)).min(DOWN_MAX);
         self.down_until
-            .store(now_ms() + DOWN_FOR.as_millis() as i64, Ordering::Relaxed);
+            .store(now_ms() + down_for.as_millis() as i64, Ordering::Relaxed);
         if let Ok(mut last) = self.last_error.lock() {
             *last = Some(msg.clone());
         }
@@ -314,6 +334,7 @@ impl Shared {
 
     fn succeeded(&self) {
         self.down_until.store(0, Ordering::Relaxed);
+        self.failures.store(0, Ordering::Relaxed);
         if self.reported_down.swap(false, Ordering::Relaxed) {
             tracing::info!("shared catalog reachable again");
         }
@@ -400,6 +421,15 @@ impl Shared {
                 self.degraded().unwrap_or_else(|| "down".into()),
             ));
         }
+        // After a failure, one lookup at a time finds out whether it is back.
+        let _probe = if self.failures.load(Ordering::Relaxed) > 0 {
+            if self.probing.swap(true, Ordering::Acquire) {
+                return Err(SharedError::Down("being probed".into()));
+            }
+            Some(ProbeGuard(&self.probing))
+        } else {
+            None
+        };
         let run = async {
             let client = self.client().await?;
             let stmt = client
@@ -411,10 +441,10 @@ impl Shared {
                 .await
                 .map_err(|e| self.failed("lookup", chain(&e)))
         };
-        let row = match tokio::time::timeout(QUERY_TIMEOUT, run).await {
+        let row = match tokio::time::timeout(LOOKUP_TIMEOUT, run).await {
             Ok(r) => r?,
             Err(_) => {
-                return Err(self.failed("lookup", format!("no answer within {QUERY_TIMEOUT:?}")))
+                return Err(self.failed("lookup", format!("no answer within {LOOKUP_TIMEOUT:?}")))
             }
         };
         self.succeeded();
@@ -513,6 +543,35 @@ impl Shared {
         }
     }
 
+    /// Takes this node's name for this process: `Ok(None)` when another live process
+    /// holds it. The returned client's session holds the lock; dropping it releases it.
+    async fn claim_name(&self) -> Result<Option<tokio_postgres::Client>, SharedError> {
+        let connected =
+            tokio::time::timeout(QUERY_TIMEOUT * 5, self.pg.connect(self.tls.clone())).await;
+        let (client, conn) = match connected {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => return Err(self.failed("claim the node name", chain(&e))),
+            Err(_) => return Err(self.failed("claim the node name", "connect timed out")),
+        };
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        let got = tokio::time::timeout(
+            QUERY_TIMEOUT,
+            client.query_one(
+                "SELECT pg_try_advisory_lock(hashtextextended('ferry node ' || $1, 0))",
+                &[&self.node],
+            ),
+        )
+        .await;
+        match got {
+            Ok(Ok(row)) if row.get::<_, bool>(0) => Ok(Some(client)),
+            Ok(Ok(_)) => Ok(None),
+            Ok(Err(e)) => Err(self.failed("claim the node name", chain(&e))),
+            Err(_) => Err(self.failed("claim the node name", "no answer")),
+        }
+    }
+
     /// `ferry status --cluster`: every node's row.
     pub async fn nodes(&self) -> Result<Vec<NodeLine>, SharedError> {
         let client = self.client().await?;
@@ -558,7 +617,53 @@ impl Shared {
         let mut wait = POLL;
         let mut last_beat = std::time::Instant::now() - HEARTBEAT;
         let mut noticed = false;
+        let mut name: Option<tokio_postgres::Client> = None;
         loop {
+            // This node's name is held by this process for as long as it publishes (a
+            // session advisory lock on a connection of its own): a second node publishing
+            // under the same name would overwrite this one's rows and hide its files.
+            if name.as_ref().is_none_or(|c| c.is_closed()) {
+                name = None;
+                match self.claim_name().await {
+                    Ok(Some(c)) => {
+                        name = Some(c);
+                        self.conflict.store(false, Ordering::Relaxed);
+                    }
+                    Ok(None) => {
+                        let msg = format!(
+                            "another ferry publishes as node {:?}: give each node its own \
+                             http.node_name; this one publishes nothing until then",
+                            self.node
+                        );
+                        if !self.conflict.swap(true, Ordering::Relaxed) {
+                            tracing::error!("{msg}");
+                        }
+                        if let Ok(mut last) = self.last_error.lock() {
+                            *last = Some(msg.clone());
+                        }
+                        crate::telemetry::metrics().set_shared_up(false);
+                        let _ = catalog
+                            .write(move |c| ops::set_notice(c, NOTICE, &msg))
+                            .await;
+                        noticed = true;
+                        // Soon again: a node restarted after a kill -9 finds its old
+                        // session's lock until PostgreSQL notices that session is gone.
+                        tokio::select! {
+                            _ = shutdown.cancelled() => return,
+                            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                        }
+                        continue;
+                    }
+                    Err(_) => {
+                        tokio::select! {
+                            _ = shutdown.cancelled() => return,
+                            _ = tokio::time::sleep(wait.max(Duration::from_millis(200))) => {}
+                        }
+                        wait = (wait * 2).clamp(Duration::from_millis(200), Duration::from_secs(5));
+                        continue;
+                    }
+                }
+            }
             let batch = catalog
                 .read(|c| ops::outbox_batch(c, BATCH))
                 .await
@@ -635,6 +740,7 @@ impl Shared {
         on_reset: impl Fn() + Send + Sync + 'static,
         shutdown: CancellationToken,
     ) {
+        self.listens.store(true, Ordering::Relaxed);
         if !self.migrate_until_done(&shutdown).await {
             return;
         }
@@ -722,6 +828,15 @@ impl Shared {
             }
             wait = (wait * 2).min(Duration::from_secs(5));
         }
+    }
+}
+
+/// Ends a probe when the probing lookup ends, however it ends.
+struct ProbeGuard<'a>(&'a AtomicBool);
+
+impl Drop for ProbeGuard<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
     }
 }
 

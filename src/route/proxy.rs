@@ -191,6 +191,9 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
         headers.remove(n);
     }
     headers.remove("keep-alive");
+    // SECURITY: only a node may mark a request as another node's (it restricts the answer
+    // to the spool); a client's own marker is dropped at the front.
+    headers.remove("x-ferry-peer");
     headers.remove("proxy-connection");
 }
 

@@ -299,13 +299,15 @@ impl MetaCache {
                 None
             }
         };
+        // A vanished row says nothing about the key (a file left this spool unuploaded):
+        // whatever S3 or another node holds answers.
+        let row = row.filter(|r| r.state != State::Vanished);
         if let Some(r) = row {
-            if r.state.in_s3() {
-                // Another node may have deleted the key, or uploaded a newer version, since
-                // this node uploaded its own: the newer word wins.
-                if let Some(m) = self.newer_elsewhere(&key, &r).await {
-                    return Ok(m);
-                }
+            // Another node may have deleted the key, uploaded another version, or hold a
+            // newer one in its spool, since this node's own row changed: the newer word
+            // wins, on every node alike.
+            if let Some(m) = self.newer_elsewhere(&key, &r).await {
+                return Ok(m);
             }
             let at = match r.state {
                 State::Verified | State::Archived | State::ArchiveFailed => Where::InS3,
@@ -357,11 +359,18 @@ impl MetaCache {
     }
 
     /// The shared catalog's answer for `key` when another node changed it after this
-    /// host's own row `local`: a delete, or another version in S3.
+    /// host's own row `local`: a delete, another version in S3, or a version still in that
+    /// node's spool. Rows are ordered by each node's clock: nodes need NTP.
     async fn newer_elsewhere(&self, key: &str, local: &crate::catalog::Row) -> Option<Meta> {
         let r = self.shared.as_ref()?.lookup(key).await.ok()??;
-        let newer = r.changed_ms > local.updated_at_ms
-            && (r.state == State::Deleted || (r.state.in_s3() && r.sha256 != local.sha256));
+        let differs = if r.state == State::Deleted {
+            local.state != State::Deleted
+        } else if r.state.in_s3() {
+            !local.state.in_s3() || r.sha256 != local.sha256
+        } else {
+            r.only_on_peer()
+        };
+        let newer = r.changed_ms > local.updated_at_ms && differs;
         if newer {
             meta_from_shared(r)
         } else {

@@ -992,6 +992,34 @@ impl FallbackClient {
             });
         }
         let (parts, body) = resp.into_parts();
+        if source == "peer" {
+            // The peer's file must still be the version it published: a file rewritten in
+            // place since (same length, other bytes) has another tag, and a file the peer
+            // itself calls unfinished is no-store there. Neither goes out under the
+            // published version's ETag.
+            let got = parts
+                .headers
+                .get(http::header::ETAG)
+                .and_then(|v| v.to_str().ok());
+            let want = rep.as_ref().and_then(|r| r.etag.as_ref()).map(Etag::header);
+            let no_store = parts
+                .headers
+                .get(http::header::CACHE_CONTROL)
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|v| v.contains("no-store"));
+            if got != want.as_deref() || no_store {
+                tracing::warn!(
+                    url,
+                    ?got,
+                    ?want,
+                    no_store,
+                    "the peer's file is not the version it published; not served from it"
+                );
+                return Err(ServeError::Stale(format!(
+                    "{key}: the peer's file changed since it was published"
+                )));
+            }
+        }
         let header_len = parts
             .headers
             .get(http::header::CONTENT_LENGTH)
