@@ -1,7 +1,7 @@
-//! Review of the shared catalog (issue 13, commit 3a9610e): hostile clients, unlucky
-//! operators and a database that stops answering, against real processes (real ferry nodes,
-//! a real PostgreSQL, a real s3s-fs). Tests named `guard_*` pass today and guard something
-//! that matters; the others show a defect (see each one's comment).
+//! The shared catalog attacked (issue 13's review of commit 3a9610e): hostile clients,
+//! unlucky operators and a database that stops answering, against real processes (real
+//! ferry nodes, a real PostgreSQL, a real s3s-fs). Each test but the `guard_*` ones failed
+//! on that commit; each comment says what it showed then, and the fix is in c441ecb.
 
 mod common;
 

@@ -240,6 +240,8 @@ impl MetaCache {
     pub fn forget_all(&self) {
         self.cache.invalidate_all();
         self.records.invalidate_all();
+        // The grace copies too: a pre-outage answer must not outlive a missed delete.
+        self.last_known.invalidate_all();
     }
 
     /// What S3 alone says, bypassing the cache and the shared catalog: the answer when a
