@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole benchmark: installs the peers from Debian if missing, builds ferry (release), runs
-# upload.sh, serve.sh, route.sh and resources.sh, and writes their markdown to stdout and to
+# upload.sh, serve.sh, route.sh, resources.sh and cluster.sh, and writes their markdown to stdout and to
 # scripts/bench/results-latest.md. Logs of every process (ferry's stderr included) are kept in
 # scripts/bench/logs-latest/ for inspection; the scratch data is removed.
 #
@@ -10,7 +10,8 @@
 #   FERRY_REV=HEAD scripts/bench/all.sh      # a committed revision, not the working tree
 #   FERRY_BIN=/path/to/ferry scripts/bench/all.sh       # no build
 #
-# Every variable of upload.sh, serve.sh and resources.sh passes through.
+# Every variable of upload.sh, serve.sh, resources.sh and cluster.sh passes through (ROUNDS and
+# DURATION too: cluster.sh's own defaults are 1 and 5s, all.sh passes what is set).
 set -euo pipefail
 BENCH_DIR=$(cd "$(dirname "$0")" && pwd)
 REPO=$(cd "$BENCH_DIR/../.." && pwd)
@@ -31,6 +32,9 @@ install_missing() {
   [[ -e /usr/lib/lighttpd/mod_magnet.so ]] || want+=(lighttpd-modules-lua)
   command -v wrk >/dev/null || want+=(wrk)
   command -v haproxy >/dev/null || want+=(haproxy) # route.sh's peer
+  # cluster.sh's shared catalog (Debian's package may also start its own cluster on 5432;
+  # the benchmark runs its own server on a free port).
+  compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || want+=(postgresql)
   command -v rclone >/dev/null || want+=(rclone)
   [[ -x /usr/bin/time ]] || want+=(time)
   command -v curl >/dev/null || want+=(curl)
@@ -102,7 +106,7 @@ FAILED=0
 {
   echo "# ferry benchmarks"
   echo
-  echo "Produced by \`scripts/bench/all.sh\` (upload.sh, serve.sh, route.sh, then resources.sh). Logs of the run: scripts/bench/logs-latest/."
+  echo "Produced by \`scripts/bench/all.sh\` (upload.sh, serve.sh, route.sh, resources.sh, then cluster.sh). Logs of the run: scripts/bench/logs-latest/."
   echo "Settings: SMALL=${SMALL:-1000} SMALL_KB=${SMALL_KB:-64} LARGE=${LARGE:-4} LARGE_MB=${LARGE_MB:-256} LAT_RATE=${LAT_RATE:-100} LAT_SECONDS=${LAT_SECONDS:-10} SETTLE=${SETTLE:-default} ROUNDS=${ROUNDS:-3} DURATION=${DURATION:-10s} CONNS=\"${CONNS:-64 256}\" FILES=${FILES:-1000} CASES=\"${CASES:-redirect local-4k local-100k hot-4k hot-100k}\" HOT_HITS=${HOT_HITS:-default}"
   echo
 } >"$tmp"
@@ -110,6 +114,7 @@ part upload
 part serve
 part route
 part resources
+part cluster
 cp "$tmp" "$OUT"
 cat "$OUT"
 log "written to $OUT"
