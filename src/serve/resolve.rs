@@ -367,7 +367,13 @@ impl Resolver {
                 Err(e) => {
                     // Nothing was sent: S3 may hold it by now (the peer just archived it),
                     // else the client retries shortly.
-                    tracing::warn!(key = %key, peer = ?meta.peer.as_ref().map(|p| &p.node), error = %e, "the peer could not serve it; asking S3");
+                    let peer = meta.peer.as_ref().map(|p| p.node.as_str());
+                    if matches!(e, ServeError::NotFound) {
+                        // The usual race: the peer archived it since it last published.
+                        tracing::debug!(key = %key, peer, "the peer no longer has it; asking S3");
+                    } else {
+                        tracing::warn!(key = %key, peer, error = %e, "the peer could not serve it; asking S3");
+                    }
                     self.meta.forget(key.as_str()).await;
                     meta = match self.meta.from_s3(key.as_str()).await {
                         Ok(m) if m.at == Where::InS3 || m.at == Where::Deleted => m,
@@ -984,7 +990,11 @@ impl FallbackClient {
             StatusCode::OK
         };
         if status != want {
-            tracing::warn!(url, source, %status, %want, "the upstream server answered otherwise");
+            if source == "peer" && status == StatusCode::NOT_FOUND {
+                tracing::debug!(url, "the peer no longer has it");
+            } else {
+                tracing::warn!(url, source, %status, %want, "the upstream server answered otherwise");
+            }
             return Err(if status == StatusCode::NOT_FOUND {
                 ServeError::NotFound
             } else {
