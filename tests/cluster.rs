@@ -419,3 +419,65 @@ fn a_peer_that_dies_mid_answer_never_yields_a_clean_looking_short_200() {
     let _ = peer.kill();
     let _ = peer.wait();
 }
+
+#[test]
+fn tls_with_sslmode_require_verifies_the_server_against_ssl_cert_file() {
+    let Some(pg) = common::pg::start_or_skip() else {
+        return;
+    };
+    let ca = pg.enable_tls();
+    let t = tempfile::tempdir().unwrap();
+    let s3 = S3::start(t.path());
+    let url = format!(
+        "postgres://ferry@127.0.0.1:{}/ferry?sslmode=require",
+        pg.port()
+    );
+
+    // A node that cannot verify the server (its CA is in no trust store) never talks to
+    // it in the clear, and uploads regardless.
+    let mut lost = Env::new(&s3.endpoint(), &s3.bucket);
+    lost.set("FERRY_HTTP_NODE_NAME", "untrusting")
+        .set("FERRY_CATALOG_SHARED", &url)
+        .set(
+            "SSL_CERT_FILE",
+            &t.path().join("no-such-ca.pem").to_string_lossy(),
+        );
+    let d = lost.spawn(&["run"]);
+    d.wait_log("sync running", Duration::from_secs(30));
+    drop_renamed(&lost, "untrusted.jpg", &content("untrusted.jpg", 2_000));
+    wait_for(
+        Duration::from_secs(30),
+        "archived without the shared catalog",
+        || lost.archive().join("untrusted.jpg").exists(),
+    );
+    within(Duration::from_secs(10), "degraded", || {
+        String::from_utf8_lossy(&raw_request(d.addr(), "GET", b"/readyz", &[]).body)
+            .contains("degraded")
+    });
+    assert_eq!(
+        pg.psql("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'ferry'"),
+        "0",
+        "no session without a verified certificate"
+    );
+    drop(d);
+
+    // With the CA: every session is TLS, and publishing works.
+    let mut env = Env::new(&s3.endpoint(), &s3.bucket);
+    env.set("FERRY_HTTP_NODE_NAME", "tls")
+        .set("FERRY_CATALOG_SHARED", &url)
+        .set("SSL_CERT_FILE", &ca.to_string_lossy());
+    let d = env.spawn(&["run"]);
+    d.wait_log("sync running", Duration::from_secs(30));
+    drop_renamed(&env, "tls.jpg", &content("tls.jpg", 2_000));
+    within(Duration::from_secs(10), "published over TLS", || {
+        pg.try_psql("SELECT state FROM ferry_files WHERE key = 'tls.jpg'")
+            .is_ok_and(|s| s == "archived")
+    });
+    let sessions = pg.psql(
+        "SELECT count(*) || ' ' || count(*) FILTER (WHERE s.ssl) FROM pg_stat_activity a \
+         JOIN pg_stat_ssl s USING (pid) WHERE a.application_name = 'ferry'",
+    );
+    let (all, tls) = sessions.split_once(' ').unwrap();
+    assert!(all.parse::<u32>().unwrap() >= 2, "{sessions}");
+    assert_eq!(all, tls, "every session is TLS: {sessions}");
+}

@@ -234,6 +234,103 @@ impl Postgres {
         self.try_psql_on("ferry", sql)
     }
 
+    /// Turns TLS on (a throwaway CA and a server certificate for 127.0.0.1 and localhost,
+    /// made with openssl) and returns the CA certificate's path, for `SSL_CERT_FILE`.
+    pub fn enable_tls(&self) -> PathBuf {
+        let dir = self.dir.path().join("tls");
+        fs::create_dir_all(&dir).unwrap();
+        let ext = dir.join("server.ext");
+        fs::write(
+            &ext,
+            "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\n\
+             keyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n",
+        )
+        .unwrap();
+        let openssl = |args: &[&str]| {
+            let mut c = Command::new("openssl");
+            c.args(args).current_dir(&dir);
+            let (status, out, err) =
+                run_bounded(c, COMMAND_WITHIN).unwrap_or_else(|e| panic!("openssl: {e}"));
+            assert!(status.success(), "openssl {args:?}: {out}{err}");
+        };
+        let ec = [
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+        ];
+        let mut ca = vec!["req", "-x509"];
+        ca.extend(ec);
+        ca.extend([
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.crt",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=ferry test CA",
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,keyCertSign,cRLSign",
+        ]);
+        openssl(&ca);
+        let mut csr = vec!["req"];
+        csr.extend(ec);
+        csr.extend([
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+            "-subj",
+            "/CN=localhost",
+        ]);
+        openssl(&csr);
+        openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "server.crt",
+            "-days",
+            "2",
+            "-extfile",
+            "server.ext",
+        ]);
+        for f in ["server.crt", "server.key"] {
+            let to = self.data.join(f);
+            fs::copy(dir.join(f), &to).unwrap();
+            fs::set_permissions(&to, fs::Permissions::from_mode(0o600)).unwrap();
+            if let Some((uid, gid)) = self.owner {
+                std::os::unix::fs::chown(&to, Some(uid), Some(gid)).unwrap();
+            }
+        }
+        self.psql("ALTER SYSTEM SET ssl = 'on'");
+        self.psql("SELECT pg_reload_conf()");
+        // The reload is asynchronous: wait until a new session can use TLS.
+        let start = Instant::now();
+        while self
+            .try_psql("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()")
+            .map_or(true, |v| v != "t")
+        {
+            assert!(
+                start.elapsed() < READY_WITHIN,
+                "TLS never came on:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        dir.join("ca.crt")
+    }
+
     fn psql_on(&self, db: &str, sql: &str) -> String {
         self.try_psql_on(db, sql)
             .unwrap_or_else(|err| panic!("psql -c {sql:?} on port {}: {err}", self.port))
