@@ -11,58 +11,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::cluster::{dead_endpoint, drop_renamed, eventually, node_env, within};
 use common::{content, nodes, raw_request, wait_for, Daemon, Env, RawResponse, S3};
-
-// ---------------------------------------------------------------------------------------
-// helpers (the same shapes as tests/cluster.rs)
-
-fn node_env(name: &str, s3_endpoint: &str, bucket: &str, pg_url: &str) -> Env {
-    let mut e = Env::new(s3_endpoint, bucket);
-    e.set("FERRY_HTTP_NODE_NAME", name)
-        .set("FERRY_CATALOG_SHARED", pg_url)
-        .set("FERRY_HTTP_WORKERS", "2");
-    e
-}
-
-fn dead_endpoint() -> String {
-    format!("http://127.0.0.1:{}", common::free_port())
-}
-
-/// Dropped the way an uploader that renames would: ready at once.
-fn drop_renamed(env: &Env, key: &str, bytes: &[u8]) {
-    // A short temp name (a long key's own name may be near NAME_MAX).
-    let tmp = env.spool().join(format!(
-        ".incoming-{}",
-        &common::sha256_hex(key.as_bytes())[..16]
-    ));
-    std::fs::write(&tmp, bytes).unwrap();
-    let to = env.spool().join(key);
-    std::fs::create_dir_all(to.parent().unwrap()).unwrap();
-    std::fs::rename(&tmp, &to).unwrap();
-}
-
-fn within(limit: Duration, what: &str, mut f: impl FnMut() -> bool) -> Duration {
-    let start = Instant::now();
-    loop {
-        if f() {
-            return start.elapsed();
-        }
-        assert!(start.elapsed() < limit, "{what}: not within {limit:?}");
-        std::thread::sleep(Duration::from_millis(25));
-    }
-}
-
-/// Polls `f` until it holds or `limit` passes; whether it held.
-fn eventually(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
-    let start = Instant::now();
-    while start.elapsed() < limit {
-        if f() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    false
-}
 
 fn get(d: &Daemon, path: &str) -> RawResponse {
     raw_request(d.addr(), "GET", path.as_bytes(), &[])

@@ -2,6 +2,7 @@
 //! `ferry` binary as a child process in a temp dir, and helpers to wait and to inspect S3.
 #![allow(dead_code)]
 
+pub mod cluster;
 pub mod nodes;
 pub mod pg;
 
