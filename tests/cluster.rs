@@ -8,7 +8,7 @@ mod common;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use common::cluster::{drop_renamed, within};
+use common::cluster::{drop_renamed, run_all, within};
 use common::pg::Postgres;
 use common::{content, nodes, raw_request, wait_for, Daemon, Env, RawResponse, S3};
 
@@ -61,17 +61,13 @@ fn three(s3: &S3, pg: &Postgres, y_uploads: bool) -> Three {
     let y_s3 = if y_uploads { s3.endpoint() } else { dead };
     let ey = node_env("y", &y_s3, &s3.bucket, pg);
     let ez = node_env("z", &s3.endpoint(), &s3.bucket, pg);
-    // Started together: their migrations meet under the advisory lock.
-    let (x, y, z) = (ex.spawn(&["run"]), ey.spawn(&["run"]), ez.spawn(&["run"]));
+    let [x, y, z] = run_all([&ex, &ey, &ez]);
     let backends: Vec<String> = [&x, &y, &z]
         .iter()
         .map(|d| format!("http://{}", d.addr()))
         .collect();
     let rdir = tempfile::tempdir().unwrap();
     let router = nodes::start_router(rdir.path(), &backends, &[]);
-    for d in [&x, &y, &z] {
-        d.wait_log("sync running", Duration::from_secs(30));
-    }
     Three {
         x,
         y,
@@ -353,8 +349,7 @@ fn a_peer_that_dies_mid_answer_never_yields_a_clean_looking_short_200() {
     let t = tempfile::tempdir().unwrap();
     let s3 = S3::start(t.path());
     let env = node_env("x", &s3.endpoint(), &s3.bucket, &pg);
-    let d = env.spawn(&["run"]);
-    d.wait_log("sync running", Duration::from_secs(30));
+    let [d] = run_all([&env]);
     // The tag a peer sends for a spool file not yet hashed (len, mtime ns, inode): the one
     // published, so the answer is taken for the version and cut when the body dies.
     let etag = format!(
@@ -420,8 +415,7 @@ fn tls_with_sslmode_require_verifies_the_server_against_ssl_cert_file() {
             "SSL_CERT_FILE",
             &t.path().join("no-such-ca.pem").to_string_lossy(),
         );
-    let d = lost.spawn(&["run"]);
-    d.wait_log("sync running", Duration::from_secs(30));
+    let [d] = run_all([&lost]);
     drop_renamed(&lost, "untrusted.jpg", &content("untrusted.jpg", 2_000));
     wait_for(
         Duration::from_secs(30),
@@ -444,8 +438,7 @@ fn tls_with_sslmode_require_verifies_the_server_against_ssl_cert_file() {
     env.set("FERRY_HTTP_NODE_NAME", "tls")
         .set("FERRY_CATALOG_SHARED", &url)
         .set("SSL_CERT_FILE", &ca.to_string_lossy());
-    let d = env.spawn(&["run"]);
-    d.wait_log("sync running", Duration::from_secs(30));
+    let [_d] = run_all([&env]);
     drop_renamed(&env, "tls.jpg", &content("tls.jpg", 2_000));
     within(Duration::from_secs(10), "published over TLS", || {
         pg.try_psql("SELECT state FROM ferry_files WHERE key = 'tls.jpg'")

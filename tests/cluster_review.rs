@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::cluster::{dead_endpoint, drop_renamed, eventually, node_env, within};
+use common::cluster::{dead_endpoint, drop_renamed, eventually, node_env, run_all, within};
 use common::{content, nodes, raw_request, wait_for, Daemon, Env, RawResponse, S3};
 
 fn get(d: &Daemon, path: &str) -> RawResponse {
@@ -168,10 +168,7 @@ fn a_key_deleted_on_x_then_dropped_again_on_y_is_served_by_x_too() {
     let ex = node_env("x", &s3.endpoint(), &s3.bucket, &url);
     let ey = node_env("y", &s3.endpoint(), &s3.bucket, &url);
     let ez = node_env("z", &s3.endpoint(), &s3.bucket, &url);
-    let (x, y, z) = (ex.spawn(&["run"]), ey.spawn(&["run"]), ez.spawn(&["run"]));
-    for d in [&x, &y, &z] {
-        d.wait_log("sync running", Duration::from_secs(30));
-    }
+    let [x, y, z] = run_all([&ex, &ey, &ez]);
     let old = content("again.jpg-old", 10_000);
     drop_renamed(&ez, "again.jpg", &old);
     wait_for(Duration::from_secs(30), "z archives it", || {
@@ -229,10 +226,7 @@ fn ferry_delete_of_a_key_only_in_another_nodes_spool_is_refused_or_sticks() {
     let ex = node_env("x", &s3.endpoint(), &s3.bucket, &url);
     let mut ey = node_env("y", &dead_endpoint(), &s3.bucket, &url);
     let ez = node_env("z", &s3.endpoint(), &s3.bucket, &url);
-    let (x, mut y, z) = (ex.spawn(&["run"]), ey.spawn(&["run"]), ez.spawn(&["run"]));
-    for d in [&x, &y, &z] {
-        d.wait_log("sync running", Duration::from_secs(30));
-    }
+    let [x, mut y, z] = run_all([&ex, &ey, &ez]);
     let bytes = content("pending.jpg", 8_000);
     drop_renamed(&ey, "pending.jpg", &bytes);
     within(Duration::from_secs(5), "x serves it from y", || {
@@ -282,8 +276,7 @@ fn a_postgres_that_stops_answering_does_not_stall_misses_again_and_again() {
     let s3 = S3::start(t.path());
     let proxy = PgProxy::start(pg.port());
     let ex = node_env("x", &s3.endpoint(), &s3.bucket, &proxy.url());
-    let x = ex.spawn(&["run"]);
-    x.wait_log("sync running", Duration::from_secs(30));
+    let [x] = run_all([&ex]);
     within(Duration::from_secs(20), "x healthy", || healthy(&x));
     assert_eq!(get(&x, "/static/warm.jpg").status, 404);
 
@@ -357,10 +350,7 @@ fn a_peer_file_rewritten_in_place_is_never_served_under_its_old_etag_as_cacheabl
     let mut ey = node_env("y", &dead_endpoint(), &s3.bucket, &url);
     // y notices the rewrite only after a long settle: the window stays open.
     ey.set("FERRY_SPOOL_SETTLE", "3s");
-    let (x, y) = (ex.spawn(&["run"]), ey.spawn(&["run"]));
-    for d in [&x, &y] {
-        d.wait_log("sync running", Duration::from_secs(30));
-    }
+    let [x, y] = run_all([&ex, &ey]);
     let v1 = content("thumb.jpg-1", 40_000);
     let v2 = content("thumb.jpg-2", 40_000);
     drop_renamed(&ey, "thumb.jpg", &v1);
@@ -410,8 +400,7 @@ fn x_ferry_peer_sent_by_a_client_through_the_router_is_not_honoured() {
     let t = tempfile::tempdir().unwrap();
     let s3 = S3::start(t.path());
     let ex = node_env("x", &s3.endpoint(), &s3.bucket, &pg.url());
-    let x = ex.spawn(&["run"]);
-    x.wait_log("sync running", Duration::from_secs(30));
+    let [x] = run_all([&ex]);
     let rdir = tempfile::tempdir().unwrap();
     let router = nodes::start_router(rdir.path(), &[format!("http://{}", x.addr())], &[]);
     drop_renamed(&ex, "public.jpg", &content("public.jpg", 5_000));
@@ -454,8 +443,7 @@ fn a_key_that_vanished_on_x_and_was_dropped_on_y_is_served_by_x() {
     let url = pg.url();
     // x starts with a dead S3 so its file stays queued until the app removes it.
     let mut ex = node_env("x", &dead_endpoint(), &s3.bucket, &url);
-    let mut x = ex.spawn(&["run"]);
-    x.wait_log("sync running", Duration::from_secs(30));
+    let [mut x] = run_all([&ex]);
     drop_renamed(&ex, "fleeting.jpg", &content("fleeting.jpg", 3_000));
     within(Duration::from_secs(10), "x queued it", || {
         ex.status()["counts"]["queued"].as_u64().unwrap_or(0) >= 1
@@ -469,10 +457,7 @@ fn a_key_that_vanished_on_x_and_was_dropped_on_y_is_served_by_x() {
     let x = ex.spawn(&["run"]);
     let ey = node_env("y", &s3.endpoint(), &s3.bucket, &url);
     let ez = node_env("z", &s3.endpoint(), &s3.bucket, &url);
-    let (y, z) = (ey.spawn(&["run"]), ez.spawn(&["run"]));
-    for d in [&x, &y, &z] {
-        d.wait_log("sync running", Duration::from_secs(30));
-    }
+    let [_y, z] = run_all([&ey, &ez]);
     let bytes = content("fleeting.jpg-y", 6_000);
     drop_renamed(&ey, "fleeting.jpg", &bytes);
     wait_for(Duration::from_secs(30), "y archives it", || {
@@ -506,10 +491,7 @@ fn two_nodes_with_one_name_are_noticed() {
     let url = pg.url();
     let ea = node_env("web", &dead_endpoint(), &s3.bucket, &url);
     let eb = node_env("web", &s3.endpoint(), &s3.bucket, &url);
-    let (a, b) = (ea.spawn(&["run"]), eb.spawn(&["run"]));
-    for d in [&a, &b] {
-        d.wait_log("sync running", Duration::from_secs(30));
-    }
+    let [a, b] = run_all([&ea, &eb]);
     drop_renamed(&ea, "twin.jpg", &content("twin.jpg", 4_000));
     // Published only if a holds the name; the node that lost it publishes nothing.
     let _ = eventually(Duration::from_secs(5), || {
@@ -555,10 +537,7 @@ fn a_new_version_still_on_a_peer_is_served_alike_by_every_node() {
     let ex = node_env("x", &s3.endpoint(), &s3.bucket, &url);
     let ey = node_env("y", &dead_endpoint(), &s3.bucket, &url);
     let ez = node_env("z", &s3.endpoint(), &s3.bucket, &url);
-    let (x, y, z) = (ex.spawn(&["run"]), ey.spawn(&["run"]), ez.spawn(&["run"]));
-    for d in [&x, &y, &z] {
-        d.wait_log("sync running", Duration::from_secs(30));
-    }
+    let [x, y, z] = run_all([&ex, &ey, &ez]);
     drop_renamed(&ex, "logo.png", &content("logo.png-A", 9_000));
     wait_for(Duration::from_secs(30), "x archives A", || {
         ex.archive().join("logo.png").exists()
@@ -602,10 +581,7 @@ fn guard_odd_and_long_keys_are_served_from_a_peer_byte_for_byte() {
     let url = pg.url();
     let ex = node_env("x", &s3.endpoint(), &s3.bucket, &url);
     let ey = node_env("y", &dead_endpoint(), &s3.bucket, &url);
-    let (x, y) = (ex.spawn(&["run"]), ey.spawn(&["run"]));
-    for d in [&x, &y] {
-        d.wait_log("sync running", Duration::from_secs(30));
-    }
+    let [x, y] = run_all([&ex, &ey]);
     let seg = "s".repeat(240);
     let long = format!("{seg}/{seg}/{seg}/{seg}/end.bin");
     assert!(long.len() > 960 && long.len() <= 1024);
@@ -659,8 +635,7 @@ fn a_big_outbox_drains_and_retries_do_not_republish_unchanged_rows() {
     let t = tempfile::tempdir().unwrap();
     let s3 = S3::start(t.path());
     let ey = node_env("y", &dead_endpoint(), &s3.bucket, &pg.url());
-    let y = ey.spawn(&["run"]);
-    y.wait_log("sync running", Duration::from_secs(30));
+    let [y] = run_all([&ey]);
     // (y's S3 is dead, so its /readyz is 503: wait for its node row instead.)
     within(Duration::from_secs(20), "y published its node row", || {
         pg.try_psql("SELECT count(*) FROM ferry_nodes WHERE node = 'y'")

@@ -660,7 +660,18 @@ impl Resolver {
         let rep = meta.map(|m| meta_representation(key, m));
         if let Some(fb) = &self.fallback {
             let sha = meta.and_then(|m| m.sha256.clone());
-            return fb.get(key, rep, sha, method, headers, &self.policy).await;
+            return fb
+                .get_from(
+                    &fb.base,
+                    key,
+                    rep,
+                    sha,
+                    method,
+                    headers,
+                    &self.policy,
+                    "archive",
+                )
+                .await;
         }
         let dir = self.archive.clone();
         let k = key.as_str().to_string();
@@ -923,26 +934,11 @@ impl FallbackClient {
         }
     }
 
-    /// The archive server's copy, answered with our own semantics: the plan is made here
-    /// from `rep` (the metadata's version), and only a plain GET, or one range, is asked of
-    /// the server. Without metadata the server's length describes the copy.
-    async fn get(
-        &self,
-        key: &Key,
-        rep: Option<Representation>,
-        sha256: Option<String>,
-        method: &Method,
-        headers: &HeaderMap,
-        policy: &Policy,
-    ) -> Result<Response, ServeError> {
-        self.get_from(
-            &self.base, key, rep, sha256, method, headers, policy, "archive",
-        )
-        .await
-    }
-
-    /// `get` from `base` (the archive server, or a peer's mount), answered as `source`. A
-    /// peer is told so (`X-Ferry-Peer`), and answers from its spool only.
+    /// A copy from `base` (the archive server, or a peer's mount), answered with our own
+    /// semantics as `source`: the plan is made here from `rep` (the metadata's version), and
+    /// only a plain GET, or one range, is asked of the server; without metadata the
+    /// server's length describes the copy. A peer is told so (`X-Ferry-Peer`), and answers
+    /// from its spool only.
     #[allow(clippy::too_many_arguments)]
     async fn get_from(
         &self,

@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use super::Env;
+use super::{Daemon, Env};
 
 /// A node's environment: its own spool, archive and catalog, the shared catalog at
 /// `pg_url`, and an S3 endpoint (a dead one holds its uploads back).
@@ -59,4 +59,14 @@ pub fn eventually(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
         std::thread::sleep(Duration::from_millis(50));
     }
     false
+}
+
+/// Starts `ferry run` for every node at once (their migrations meet under the advisory
+/// lock), then waits until each one's sync runs.
+pub fn run_all<const N: usize>(envs: [&Env; N]) -> [Daemon; N] {
+    let daemons = envs.map(|e| e.spawn(&["run"]));
+    for d in &daemons {
+        d.wait_log("sync running", Duration::from_secs(30));
+    }
+    daemons
 }
