@@ -4,10 +4,33 @@
 
 /// The Content-Type for a key, from its extension; unknown extensions are octet-stream.
 pub fn content_type(key: &str) -> String {
-    mime_guess::from_path(key)
-        .first_or_octet_stream()
-        .essence_str()
-        .to_string()
+    content_type_str(key).to_string()
+}
+
+/// The same as a static string. It runs on every served request: the photo types come from
+/// a match (mime_guess's search of its table cost 1% of a hot-cache hit), and no type is
+/// parsed (`first_raw`, not a `Mime`).
+fn content_type_str(key: &str) -> &'static str {
+    let ext = std::path::Path::new(key)
+        .extension()
+        .and_then(|e| e.to_str())
+        .unwrap_or_default();
+    let mut lower = [0u8; 4];
+    if ext.len() <= lower.len() {
+        for (l, b) in lower.iter_mut().zip(ext.bytes()) {
+            *l = b.to_ascii_lowercase();
+        }
+        match &lower[..ext.len()] {
+            b"jpg" | b"jpeg" => return "image/jpeg",
+            b"png" => return "image/png",
+            b"gif" => return "image/gif",
+            b"webp" => return "image/webp",
+            _ => {}
+        }
+    }
+    mime_guess::from_ext(ext)
+        .first_raw()
+        .unwrap_or("application/octet-stream")
 }
 
 /// Whether a browser only ever displays this type (images, video, audio, fonts) rather than
@@ -33,6 +56,38 @@ pub fn is_passive(content_type: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The fast path agrees with mime_guess's table, whatever the case of the extension.
+    #[test]
+    fn the_photo_fast_path_gives_what_the_table_gives() {
+        for key in [
+            "a.jpg",
+            "a.JPG",
+            "a.jpeg",
+            "b/a.JpEg",
+            "a.png",
+            "a.PNG",
+            "a.gif",
+            "a.webp",
+            "a.WEBP",
+            "a.avif",
+            "a.heic",
+            "a.svg",
+            "a.txt",
+            "noext",
+            "a.",
+            ".jpg",
+            "a.jpgx",
+            "a.tar.gz",
+            "dir.jpg/file",
+        ] {
+            let table = mime_guess::from_path(key)
+                .first_or_octet_stream()
+                .essence_str()
+                .to_string();
+            assert_eq!(content_type(key), table, "{key}");
+        }
+    }
 
     #[test]
     fn script_capable_types_are_active() {

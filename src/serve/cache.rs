@@ -261,9 +261,13 @@ impl HotCache {
     /// Counts one request for `key`; returns the count within the window (capped at
     /// `hot_hits`, which is all anyone needs to know).
     pub fn hit(&self, key: &str) -> u32 {
-        let w = self
-            .hits
-            .get_with(key.to_string(), || Arc::new(Mutex::new(VecDeque::new())));
+        // A lookup by &str first: a key asked for before (every hot one) costs no String.
+        let w = match self.hits.get(key) {
+            Some(w) => w,
+            None => self
+                .hits
+                .get_with(key.to_string(), || Arc::new(Mutex::new(VecDeque::new()))),
+        };
         let Ok(mut q) = w.lock() else { return 0 };
         let now = Instant::now();
         while q

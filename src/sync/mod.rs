@@ -433,9 +433,12 @@ pub async fn run_once(
             }));
             break;
         }
+        // Few rows left: look often (each look reads only the open rows), so the run ends
+        // soon after its last file, not up to a whole interval later.
+        let pause = if open_keys.len() <= 64 { 10 } else { 100 };
         tokio::select! {
             _ = shutdown.cancelled() => {}
-            _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+            _ = tokio::time::sleep(Duration::from_millis(pause)) => {}
         }
     }
     stop.cancel();
