@@ -2,7 +2,9 @@
 # Resource figures (issue 6, item 7 and the load limits of item 6), printed as markdown:
 #
 #   rss        peak RSS of `ferry sync --once` uploading one file of BIG_MB (1024) MiB and
-#              one of a tenth of that, at default settings: memory must not grow with size.
+#              one of a tenth of that, at default settings: memory must not grow with size;
+#              then BIG_MB again with QUEUED (10,000) small files in the spool beside it (all
+#              queued at once): memory must not grow with the queue either.
 #   queue      time from `ferry sync` starting to QUEUE_FILES (100,000) files already in the
 #              spool being rows in the catalog (S3 unreachable, so nothing moves meanwhile).
 #              Reported with and without spool.settle (1 s by default), which every file
@@ -21,6 +23,7 @@ source "$(dirname "$0")/lib.sh"
 BIG_MB=${BIG_MB:-1024}
 QUEUE_FILES=${QUEUE_FILES:-100000}
 IDLE=${IDLE:-10000}
+QUEUED=${QUEUED:-10000}
 DURATION=${DURATION:-10s}
 PARTS=${PARTS:-rss queue idle}
 [[ -x $FERRY ]] || die "no ferry binary at $FERRY (cargo build --release, or set FERRY_BIN)"
@@ -32,14 +35,28 @@ start_s3 "$WORK/s3" bench-rss
 out() { printf '%s\n' "$*"; }
 out "## Resources"
 out
-out "Produced by \`scripts/bench/resources.sh\` (BIG_MB=$BIG_MB QUEUE_FILES=$QUEUE_FILES IDLE=$IDLE DURATION=$DURATION) on $(nproc) cores; ferry $(ferry_desc)."
+out "Produced by \`scripts/bench/resources.sh\` (BIG_MB=$BIG_MB QUEUED=$QUEUED QUEUE_FILES=$QUEUE_FILES IDLE=$IDLE DURATION=$DURATION) on $(nproc) cores; ferry $(ferry_desc)."
 out
 
 # --- rss ------------------------------------------------------------------------------------
 rss_case() {
-  local mb=$1 dir=$WORK/rss-$1
+  local mb=$1 queued=${2:-0} dir=$WORK/rss-$1
   mkdir -p "$dir/spool"
   head -c "$((mb << 20))" /dev/urandom >"$dir/spool/big-$mb.bin"
+  if ((queued > 0)); then
+    # 1 KiB each, in folders of 1,000, dated back so none waits spool.settle.
+    python3 - "$dir/spool/queued" "$queued" <<'PY'
+import os, sys
+root, n = sys.argv[1], int(sys.argv[2])
+for i in range(n):
+    d = os.path.join(root, f"d{i // 1000:03d}")
+    os.makedirs(d, exist_ok=True)
+    p = os.path.join(d, f"q{i:05d}.jpg")
+    with open(p, "wb") as f:
+        f.write(os.urandom(1024))
+    os.utime(p, (os.path.getmtime(p) - 600,) * 2)
+PY
+  fi
   ferry_env "$dir/spool" "$dir/archive" "$dir/catalog.db" bench-rss
   local t0 t1
   t0=$(date +%s.%N)
@@ -47,22 +64,26 @@ rss_case() {
     die "ferry sync --once ($mb MiB) failed; see $LOGS/rss-$mb.err"
   t1=$(date +%s.%N)
   [[ -f $dir/archive/big-$mb.bin ]] || die "big-$mb.bin was not archived"
-  local rss
+  local rss n_arch what="$mb MiB"
+  n_arch=$(find "$dir/archive" -type f | wc -l)
+  [[ $n_arch == $((queued + 1)) ]] || die "$n_arch of $((queued + 1)) files archived"
+  ((queued == 0)) || what="$mb MiB + $queued files of 1 KiB queued"
   rss=$(awk -F': ' '/Maximum resident set size/ {print $2}' "$LOGS/rss-$mb.err")
-  awk -v mb="$mb" -v rss="$rss" -v t0="$t0" -v t1="$t1" 'BEGIN {
-    printf "| %s MiB | %.1f MiB | %.1f s | %.0f MB/s |\n", mb, rss / 1024, t1 - t0, mb * 1.048576 / (t1 - t0)
+  awk -v what="$what" -v rss="$rss" -v t0="$t0" -v t1="$t1" -v mb="$mb" 'BEGIN {
+    printf "| %s | %.1f MiB | %.1f s | %.0f MB/s |\n", what, rss / 1024, t1 - t0, mb * 1.048576 / (t1 - t0)
   }'
   rm -rf "$dir"
 }
 part() { [[ " $PARTS " == *" $1 "* ]]; }
 if part rss; then
 log "rss: uploading ${BIG_MB} MiB and $((BIG_MB / 10)) MiB files"
-out "### Peak RSS while uploading one large file (\`ferry sync --once\`, defaults)"
+out "### Peak RSS while uploading one large file, alone and with $QUEUED small files queued beside it (\`ferry sync --once\`, defaults)"
 out
 out "| file | peak RSS | wall | throughput |"
 out "|---|---|---|---|"
 rss_case "$((BIG_MB / 10))"
 rss_case "$BIG_MB"
+rss_case "$BIG_MB" "$QUEUED"
 out
 fi
 
