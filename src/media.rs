@@ -4,7 +4,9 @@
 
 /// The Content-Type for a key, from its extension; unknown extensions are octet-stream.
 pub fn content_type(key: &str) -> String {
-    content_type_str(key).to_string()
+    // Lowercase, as a parsed `Mime` gave it: the table spells a few (`.xlsm`, `.psc1`) with
+    // capitals.
+    content_type_str(key).to_ascii_lowercase()
 }
 
 /// The same as a static string. It runs on every served request: the photo types come from
