@@ -82,6 +82,9 @@ mod tests {
             "a.jpgx",
             "a.tar.gz",
             "dir.jpg/file",
+            "a.xlsm",
+            "a.psc1",
+            "a.docm",
         ] {
             let table = mime_guess::from_path(key)
                 .first_or_octet_stream()
