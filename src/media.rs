@@ -17,17 +17,15 @@ fn content_type_str(key: &str) -> &'static str {
         .extension()
         .and_then(|e| e.to_str())
         .unwrap_or_default();
-    let mut lower = [0u8; 4];
-    if ext.len() <= lower.len() {
-        for (l, b) in lower.iter_mut().zip(ext.bytes()) {
-            *l = b.to_ascii_lowercase();
-        }
-        match &lower[..ext.len()] {
-            b"jpg" | b"jpeg" => return "image/jpeg",
-            b"png" => return "image/png",
-            b"gif" => return "image/gif",
-            b"webp" => return "image/webp",
-            _ => {}
+    for (e, t) in [
+        ("jpg", "image/jpeg"),
+        ("jpeg", "image/jpeg"),
+        ("png", "image/png"),
+        ("gif", "image/gif"),
+        ("webp", "image/webp"),
+    ] {
+        if ext.eq_ignore_ascii_case(e) {
+            return t;
         }
     }
     mime_guess::from_ext(ext)

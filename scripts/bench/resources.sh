@@ -44,18 +44,12 @@ rss_case() {
   mkdir -p "$dir/spool"
   head -c "$((mb << 20))" /dev/urandom >"$dir/spool/big-$mb.bin"
   if ((queued > 0)); then
-    # 1 KiB each, in folders of 1,000, dated back so none waits spool.settle.
-    python3 - "$dir/spool/queued" "$queued" <<'PY'
-import os, sys
-root, n = sys.argv[1], int(sys.argv[2])
-for i in range(n):
-    d = os.path.join(root, f"d{i // 1000:03d}")
-    os.makedirs(d, exist_ok=True)
-    p = os.path.join(d, f"q{i:05d}.jpg")
-    with open(p, "wb") as f:
-        f.write(os.urandom(1024))
-    os.utime(p, (os.path.getmtime(p) - 600,) * 2)
-PY
+    # 1 KiB each, in folders of 1,000, dated back (make_files) so none waits spool.settle.
+    local k left n
+    for ((k = 0, left = queued; left > 0; k++, left -= n)); do
+      n=$((left < 1000 ? left : 1000))
+      make_files "$dir/spool/queued/d$k" "$n" 1024
+    done
   fi
   ferry_env "$dir/spool" "$dir/archive" "$dir/catalog.db" bench-rss
   local t0 t1
