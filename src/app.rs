@@ -34,11 +34,15 @@ fn lock_sync(catalog_path: &Path) -> anyhow::Result<File> {
     // SAFETY: flock on a valid, owned fd.
     let rc = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
     if rc != 0 {
-        bail!(
-            "another ferry is already syncing with catalog {} (lock {} is held)",
-            catalog_path.display(),
-            Path::new(&p).display()
-        );
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+            bail!(
+                "another ferry is already syncing with catalog {} (lock {} is held)",
+                catalog_path.display(),
+                Path::new(&p).display()
+            );
+        }
+        bail!("cannot lock {}: {e}", Path::new(&p).display());
     }
     Ok(f)
 }

@@ -141,8 +141,8 @@ impl FileStat {
         use std::os::unix::fs::MetadataExt;
         FileStat {
             size: md.len(),
-            mtime_ns: md.mtime().saturating_mul(1_000_000_000) + md.mtime_nsec(),
-            ctime_ns: md.ctime().saturating_mul(1_000_000_000) + md.ctime_nsec(),
+            mtime_ns: stat_ns(md.mtime(), md.mtime_nsec()),
+            ctime_ns: stat_ns(md.ctime(), md.ctime_nsec()),
             inode: md.ino(),
         }
     }
@@ -168,6 +168,24 @@ pub struct Row {
     pub queued_at_ms: i64,
     /// Bumped whenever the row starts describing a different file version.
     pub gen: i64,
+}
+
+/// A stat time in nanoseconds since the epoch. Times past 2262 (or before 1678) do not fit
+/// an i64 and are pinned to its ends: a file can carry any mtime, and this runs in a scan
+/// worker, where an overflow would lose the worker's whole share of the spool.
+pub fn stat_ns(secs: i64, nsec: i64) -> i64 {
+    secs.saturating_mul(1_000_000_000).saturating_add(nsec)
+}
+
+/// The wall clock `d` from now, in the catalog's milliseconds; a delay too long to add is
+/// pinned at the end of time rather than wrapped to the past (which would mean "due now").
+pub fn due_after(d: std::time::Duration) -> i64 {
+    now_ms().saturating_add(i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+/// The wall clock `d` ago, in the catalog's milliseconds; pinned like [`due_after`].
+pub fn ago(d: std::time::Duration) -> i64 {
+    now_ms().saturating_sub(i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
 pub fn now_ms() -> i64 {
@@ -1365,6 +1383,25 @@ fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<Job>) {
 mod tests {
     use super::*;
     use crate::key::Key;
+
+    /// Any mtime a file can carry is a FileStat: one past 2262 overflowed the nanosecond sum
+    /// (a panic in a scan worker, whose files were then dropped from the scan).
+    #[test]
+    fn far_future_mtimes_do_not_overflow() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("f");
+        let f = std::fs::File::create(&p).unwrap();
+        let year_2400 = std::time::UNIX_EPOCH + std::time::Duration::new(13_569_465_600, 5);
+        f.set_modified(year_2400).unwrap();
+        let st = FileStat::of(&f.metadata().unwrap());
+        assert_eq!(st.mtime_ns, i64::MAX);
+        assert_eq!(stat_ns(13_569_465_600, 5), i64::MAX);
+        assert_eq!(stat_ns(9_223_372_036, 999_999_999), i64::MAX);
+        assert_eq!(stat_ns(-10_000_000_000, 0), i64::MIN);
+        assert_eq!(stat_ns(1, 5), 1_000_000_005);
+        assert_eq!(due_after(std::time::Duration::MAX), i64::MAX);
+        assert!(ago(std::time::Duration::MAX) < 0);
+    }
 
     fn stat(i: u64) -> FileStat {
         FileStat {

@@ -40,10 +40,23 @@ pub struct Dur(pub Duration);
 impl FromStr for Dur {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        humantime::parse_duration(s.trim())
-            .map(Dur)
-            .map_err(|e| format!("{s:?} is not a duration like \"500ms\" or \"5m\": {e}"))
+        let d = humantime::parse_duration(s.trim())
+            .map_err(|e| format!("{s:?} is not a duration like \"500ms\" or \"5m\": {e}"))?;
+        // Every duration is added to a clock somewhere (a deadline, a due time, a cut-off in
+        // milliseconds): past a century those sums overflow, and a wrapped one means "now".
+        if d > Dur::MAX.0 {
+            return Err(format!(
+                "{s:?} is longer than the longest duration ferry takes (100 years)"
+            ));
+        }
+        Ok(Dur(d))
     }
+}
+
+impl Dur {
+    /// The longest duration a config key or flag takes: 100 years as humantime counts them
+    /// (365.25 days each).
+    pub const MAX: Dur = Dur(Duration::from_secs(100 * 31_557_600));
 }
 impl fmt::Display for Dur {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -799,6 +812,21 @@ mod tests {
 
     fn no_env() -> Vec<(String, String)> {
         Vec::new()
+    }
+
+    /// A duration is added to a clock: one that would overflow the sum is refused when read,
+    /// naming the value, instead of panicking (or wrapping to "due now") when used.
+    #[test]
+    fn durations_past_a_century_are_refused() {
+        assert_eq!("100y".parse::<Dur>(), Ok(Dur::MAX));
+        assert!("101y".parse::<Dur>().is_err());
+        let e = "1000000000y".parse::<Dur>().unwrap_err();
+        assert!(e.contains("1000000000y") && e.contains("100 years"), "{e}");
+        assert!("36500d".parse::<Dur>().is_ok());
+        let e = Config::from_toml_with_env("[archive]\nretain = \"500000y\"\n", "t.toml", no_env())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("500000y"), "{e}");
     }
 
     #[test]

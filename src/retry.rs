@@ -117,8 +117,10 @@ impl Policy {
             ..ExponentialBackoff::default()
         };
         let jittered = b.next_backoff().unwrap_or(base).min(self.max_interval);
+        // The server's wish is honoured up to the operator's ceiling: an uncapped
+        // Retry-After could park a file for years, or overflow the due time it is added to.
         match retry_after {
-            Some(ra) if ra > jittered => ra,
+            Some(ra) if ra > jittered => ra.min(self.max_interval),
             _ => jittered,
         }
     }
@@ -158,6 +160,9 @@ mod tests {
         );
         let d = p.delay(1, Class::Transient, Some(Duration::from_secs(20)));
         assert_eq!(d, Duration::from_secs(20));
+        // A hostile or broken server's Retry-After stops at retry.max_interval.
+        let d = p.delay(1, Class::Transient, Some(Duration::from_secs(u64::MAX)));
+        assert_eq!(d, Duration::from_secs(300));
     }
 
     #[test]

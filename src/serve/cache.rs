@@ -57,7 +57,11 @@ pub struct Entry {
 fn stat_of(p: &Path) -> Option<(u64, i64, u64)> {
     use std::os::unix::fs::MetadataExt;
     let m = fs::metadata(p).ok()?;
-    Some((m.len(), m.mtime() * 1_000_000_000 + m.mtime_nsec(), m.ino()))
+    Some((
+        m.len(),
+        crate::catalog::stat_ns(m.mtime(), m.mtime_nsec()),
+        m.ino(),
+    ))
 }
 
 pub struct HotCache {
@@ -357,14 +361,11 @@ impl HotCache {
             return None;
         }
         let name = e.data.file_name()?.to_str()?;
-        let lf = super::local::try_open_cached(dir, name, preload)?.ok()??;
-        let mtime_ns = lf
-            .mtime
-            .duration_since(std::time::UNIX_EPOCH)
-            .ok()
-            .map(|d| d.as_nanos() as i64)?;
+        let mut lf = super::local::try_open_cached(dir, name, preload)?.ok()??;
+        // Ferry wrote this file and the fstat below is the check: no second one after the read.
+        lf.foreign = false;
         let seen = *e.seen.lock().ok()?;
-        (seen == Some((lf.len, mtime_ns, lf.inode))).then_some(lf)
+        (seen == Some((lf.len, lf.stat.mtime_ns, lf.inode))).then_some(lf)
     }
 
     /// A temp path for a fill in progress.

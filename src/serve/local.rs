@@ -26,10 +26,23 @@ pub struct LocalFile {
     /// The whole content of a small file, read on the same blocking thread as the open, so
     /// a small hit costs one hop off the executor instead of two.
     pub preloaded: Option<Bytes>,
+    /// Someone else writes this file (the spool, the archive): a rewrite in place can race
+    /// the read, so a body sent under a public, strong tag is checked against `stat` once
+    /// read. Files ferry wrote itself (the hot cache) skip the extra fstat.
+    pub foreign: bool,
 }
 
 impl LocalFile {
     /// Reads a small file whole (at most 256 KiB). Blocking.
+    /// Whether the file changed since it was opened: its stat now is not `stat`, or cannot be
+    /// had. A rewrite in place bumps mtime before its first byte lands, so a read that saw
+    /// any new byte is followed by a stat that differs.
+    pub fn changed_since_open(&self) -> bool {
+        self.file
+            .metadata()
+            .map_or(true, |m| FileStat::of(&m) != self.stat)
+    }
+
     pub fn preload(&mut self) -> io::Result<()> {
         if self.len <= SMALL_BODY && self.preloaded.is_none() {
             let mut buf = vec![0u8; self.len as usize];
@@ -82,6 +95,7 @@ fn open_with(
         stat: FileStat::of(&meta),
         file,
         preloaded: None,
+        foreign: true,
     }))
 }
 
@@ -173,6 +187,7 @@ pub fn try_open_cached(
         stat: FileStat::of(&meta),
         file,
         preloaded: None,
+        foreign: true,
     };
     if preload && lf.len <= SMALL_BODY {
         lf.preloaded = read_nowait(&lf.file, lf.len as usize);

@@ -421,8 +421,7 @@ impl MetaCache {
                 let last_modified = h
                     .metadata
                     .get("mtime")
-                    .and_then(|s| s.parse::<u64>().ok())
-                    .map(|secs| UNIX_EPOCH + Duration::from_secs(secs))
+                    .and_then(|s| stored_mtime(s))
                     .or(h.last_modified);
                 Ok(Meta {
                     at: Where::InS3,
@@ -497,9 +496,27 @@ impl MetaCache {
     }
 }
 
+/// The `x-amz-meta-mtime` the uploader stored, as a time. Anyone with write access to the
+/// bucket can set it: a value past what SystemTime holds is ignored, not a panic on every
+/// request for the key.
+fn stored_mtime(secs: &str) -> Option<SystemTime> {
+    UNIX_EPOCH.checked_add(Duration::from_secs(secs.parse().ok()?))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stored_mtime_takes_any_number() {
+        assert_eq!(
+            stored_mtime("1700000000"),
+            Some(UNIX_EPOCH + Duration::from_secs(1_700_000_000))
+        );
+        assert_eq!(stored_mtime(&u64::MAX.to_string()), None);
+        assert_eq!(stored_mtime("-1"), None);
+        assert_eq!(stored_mtime("soon"), None);
+    }
 
     const STAT: FileStat = FileStat {
         size: 10,

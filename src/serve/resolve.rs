@@ -903,6 +903,7 @@ fn open_path(p: &std::path::Path) -> std::io::Result<Option<local::LocalFile>> {
         stat: crate::catalog::FileStat::of(&md),
         file,
         preloaded: None,
+        foreign: false,
     }))
 }
 

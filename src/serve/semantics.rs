@@ -19,7 +19,7 @@ use futures_util::Stream;
 use http::header::{
     HeaderName, HeaderValue, ACCEPT_RANGES, CACHE_CONTROL, CONTENT_DISPOSITION, CONTENT_LENGTH,
     CONTENT_RANGE, CONTENT_TYPE, ETAG, IF_MATCH, IF_MODIFIED_SINCE, IF_NONE_MATCH, IF_RANGE,
-    IF_UNMODIFIED_SINCE, LAST_MODIFIED, RANGE,
+    IF_UNMODIFIED_SINCE, LAST_MODIFIED, RANGE, RETRY_AFTER,
 };
 use http::{HeaderMap, Method, StatusCode};
 use tokio::io::{AsyncReadExt, AsyncSeek, AsyncSeekExt};
@@ -27,6 +27,7 @@ use tokio_util::io::ReaderStream;
 use warp::reply::{Reply, Response};
 
 use super::local::LocalFile;
+use crate::catalog::FileStat;
 use crate::config::ActiveContent;
 
 /// Bodies up to this size are read in one blocking call: one thread hop instead of one per chunk.
@@ -545,8 +546,22 @@ pub async fn respond_file(
     if let Some(resp) = bodiless(&plan, rep, policy, source) {
         return resp;
     }
-    let mut resp = match body_response(lf, method == Method::HEAD, plan, sendable_type(rep)).await {
+    // A public answer promises these bytes are the version its tag names: a file someone
+    // rewrites in place while it is read must not go out under it.
+    let guard = lf.foreign && matches!(rep.caching, Caching::Public);
+    let head = method == Method::HEAD;
+    let mut resp = match body_response(lf, head, plan, sendable_type(rep), guard).await {
         Ok(resp) => resp,
+        Err(e) if e.get_ref().is_some_and(|r| r.is::<ChangedWhileRead>()) => {
+            tracing::info!(
+                source,
+                "the file changed while it was read; asking the client to retry"
+            );
+            let mut resp = StatusCode::SERVICE_UNAVAILABLE.into_response();
+            set(resp.headers_mut(), CACHE_CONTROL, "no-store");
+            set(resp.headers_mut(), RETRY_AFTER, "1");
+            return resp;
+        }
         Err(e) => {
             tracing::warn!(error = %e, source, "reading a local file failed");
             let mut resp = StatusCode::INTERNAL_SERVER_ERROR.into_response();
@@ -566,11 +581,22 @@ fn set(headers: &mut HeaderMap, name: HeaderName, value: &str) {
 }
 
 /// The 200/206 response: status, entity headers and a body laid out as segments.
+/// The file's stat moved between the open and the end of the read: what was read may mix
+/// two versions.
+#[derive(Debug, thiserror::Error)]
+#[error("the file changed while it was read")]
+struct ChangedWhileRead;
+
+fn changed_while_read() -> io::Error {
+    io::Error::other(ChangedWhileRead)
+}
+
 async fn body_response(
     lf: LocalFile,
     head: bool,
     plan: Plan,
     content_type: &str,
+    guard: bool,
 ) -> io::Result<Response> {
     let len = lf.len;
     let (status, segs, part_type, content_range) = match plan {
@@ -627,15 +653,30 @@ async fn body_response(
     let mut resp = if head {
         StatusCode::OK.into_response()
     } else if let (Some(all), true) = (preloaded, body_len <= SMALL_BODY) {
+        if guard && lf.changed_since_open() {
+            return Err(changed_while_read());
+        }
         http::Response::new(assemble(&all, segs, body_len)).into_response()
     } else if body_len <= SMALL_BODY {
-        let file = lf.file;
-        let body = tokio::task::spawn_blocking(move || read_segments(&file, segs, body_len))
-            .await
-            .map_err(io::Error::other)??;
+        let body = tokio::task::spawn_blocking(move || {
+            let body = read_segments(&lf.file, segs, body_len)?;
+            if guard && lf.changed_since_open() {
+                return Err(changed_while_read());
+            }
+            Ok(body)
+        })
+        .await
+        .map_err(io::Error::other)??;
         http::Response::new(Bytes::from(body)).into_response()
     } else {
-        stream_segments(lf.file, segs).await?
+        // Headers go before the last byte is read: a change found at the end cuts the body
+        // short of its Content-Length, which no cache keeps.
+        let check = if guard {
+            Some((lf.file.try_clone()?, lf.stat))
+        } else {
+            None
+        };
+        stream_segments(lf.file, segs, check).await?
     };
 
     *resp.status_mut() = status;
@@ -682,22 +723,75 @@ fn read_segments(file: &File, segs: Vec<Seg>, body_len: u64) -> io::Result<Vec<u
     Ok(out)
 }
 
-async fn stream_segments(file: File, segs: Vec<Seg>) -> io::Result<Response> {
+async fn stream_segments(
+    file: File,
+    segs: Vec<Seg>,
+    check: Option<(File, FileStat)>,
+) -> io::Result<Response> {
     let mut file = tokio::fs::File::from_std(file);
     if let [Seg::File(r)] = segs.as_slice() {
         let r = r.clone();
         file.seek(SeekFrom::Start(r.start)).await?;
         // Take: a file that grew since fstat must not overrun the Content-Length we announced.
         let stream = ReaderStream::with_capacity(file.take(r.end - r.start), CHUNK);
-        return Ok(warp::reply::stream(stream).into_response());
+        let len = r.end - r.start;
+        return Ok(warp::reply::stream(checked_at_end(stream, len, check)).into_response());
     }
+    let len = segs
+        .iter()
+        .map(|s| match s {
+            Seg::Bytes(b) => b.len() as u64,
+            Seg::File(r) => r.end - r.start,
+        })
+        .sum();
     let stream = SegmentStream {
         file,
         segs: VecDeque::from(segs),
         step: Step::Next,
         buf: BytesMut::new(),
     };
-    Ok(warp::reply::stream(stream).into_response())
+    Ok(warp::reply::stream(checked_at_end(stream, len, check)).into_response())
+}
+
+/// A body whose last frame goes out only if the file's stat still matches: hyper stops
+/// polling once Content-Length bytes are written, so the check must come before the last
+/// byte, and a failed one leaves the body short (the connection is aborted, and no cache
+/// keeps a response cut short of its length).
+struct CheckedAtEnd<S> {
+    body: S,
+    /// Bytes still to come.
+    left: u64,
+    /// The file (a second descriptor) and the stat it was opened with.
+    check: Option<(File, FileStat)>,
+}
+
+impl<S: Stream<Item = io::Result<Bytes>> + Unpin> Stream for CheckedAtEnd<S> {
+    type Item = io::Result<Bytes>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = self.get_mut();
+        let item = std::task::ready!(Pin::new(&mut this.body).poll_next(cx));
+        if let Some(Ok(b)) = &item {
+            this.left = this.left.saturating_sub(b.len() as u64);
+            if this.left == 0 {
+                if let Some((file, stat)) = this.check.take() {
+                    // An fstat of an open local file reads the in-memory inode: no disk wait.
+                    if !file.metadata().is_ok_and(|m| FileStat::of(&m) == stat) {
+                        return Poll::Ready(Some(Err(changed_while_read())));
+                    }
+                }
+            }
+        }
+        Poll::Ready(item)
+    }
+}
+
+fn checked_at_end<S>(body: S, len: u64, check: Option<(File, FileStat)>) -> CheckedAtEnd<S> {
+    CheckedAtEnd {
+        body,
+        left: len,
+        check,
+    }
 }
 
 /// A multipart body streamed from one file handle: framing bytes in between seek-and-read spans.
@@ -1171,8 +1265,95 @@ mod tests {
             stat: crate::catalog::FileStat::of(&meta),
             file,
             preloaded: None,
+            foreign: true,
         };
         (f, lf)
+    }
+
+    /// The body's bytes, and whether it ended in an error (cut short) rather than cleanly.
+    async fn drain(resp: Response) -> (Response, Vec<u8>, bool) {
+        let (parts, mut body) = resp.into_parts();
+        let mut out = Vec::new();
+        let mut failed = false;
+        while let Some(frame) =
+            std::future::poll_fn(|cx| warp::hyper::body::Body::poll_frame(Pin::new(&mut body), cx))
+                .await
+        {
+            match frame {
+                Ok(f) => out.extend_from_slice(&f.into_data().unwrap_or_default()),
+                Err(_) => {
+                    failed = true;
+                    break;
+                }
+            }
+        }
+        (Response::from_parts(parts, Default::default()), out, failed)
+    }
+
+    /// A ready file someone rewrites in place while it is read never goes out whole under
+    /// the public tag of the version it was opened as: a small body answers 503 no-store, a
+    /// streamed one ends in an error short of its Content-Length. (It went out whole, mixed
+    /// bytes under the old strong tag, before the stat was taken again after the read.)
+    #[tokio::test]
+    async fn a_rewrite_during_the_read_is_not_sent_under_the_opened_tag() {
+        use std::os::unix::fs::FileExt;
+        for (size, preload) in [(1000, true), (1000, false), (600_000, false)] {
+            let mut f = tempfile::NamedTempFile::new().unwrap();
+            f.write_all(&vec![b'a'; size]).unwrap();
+            // Dated back, as a settled file is: the rewrite's mtime (now) differs even on a
+            // coarse clock.
+            f.as_file()
+                .set_modified(UNIX_EPOCH + Duration::from_secs(1_600_000_000))
+                .unwrap();
+            let file = File::open(f.path()).unwrap();
+            let meta = file.metadata().unwrap();
+            let mut lf = LocalFile {
+                len: meta.len(),
+                mtime: meta.modified().unwrap(),
+                inode: meta.ino(),
+                stat: crate::catalog::FileStat::of(&meta),
+                file,
+                preloaded: None,
+                foreign: true,
+            };
+            if preload {
+                lf.preload().unwrap();
+            }
+            // The writer comes back between the open (and any preload) and the end of the read.
+            let w = std::fs::OpenOptions::new()
+                .write(true)
+                .open(f.path())
+                .unwrap();
+            w.write_all_at(&vec![b'b'; size / 2], 0).unwrap();
+            let resp = respond(lf, &Method::GET, &HeaderMap::new(), CT, CC).await;
+            let (resp, body, failed) = drain(resp).await;
+            if size <= SMALL_BODY as usize {
+                assert_eq!(
+                    resp.status(),
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "{size} {preload}"
+                );
+                assert_eq!(header(&resp, "cache-control"), Some("no-store"));
+                assert_eq!(header(&resp, "retry-after"), Some("1"));
+                assert!(header(&resp, "etag").is_none());
+            } else {
+                assert_eq!(resp.status(), StatusCode::OK);
+                assert!(failed, "the streamed body must end in an error");
+                assert!(body.len() < size, "{} of {size} bytes went out", body.len());
+            }
+        }
+    }
+
+    /// The check costs an unchanged file nothing: it streams whole, and ends cleanly.
+    #[tokio::test]
+    async fn an_unchanged_file_streams_whole_with_the_check_on() {
+        let data = vec![b'z'; 600_000];
+        let (_f, lf) = local(&data);
+        let (resp, body, failed) =
+            drain(respond(lf, &Method::GET, &HeaderMap::new(), CT, CC).await).await;
+        assert_eq!(resp.status(), StatusCode::OK);
+        assert!(!failed);
+        assert_eq!(body, data);
     }
 
     async fn send(data: &[u8], method: Method, pairs: &[(&str, &str)]) -> (Response, Vec<u8>) {

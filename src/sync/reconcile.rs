@@ -51,10 +51,7 @@ pub async fn check_archive(
     report: &mut Report,
     progress: &crate::progress::Progress,
 ) -> anyhow::Result<()> {
-    let since_ms = what
-        .since
-        .map(|d| crate::catalog::now_ms() - d.as_millis() as i64)
-        .unwrap_or(i64::MIN);
+    let since_ms = what.since.map(crate::catalog::ago).unwrap_or(i64::MIN);
     let sample = what.sample;
     let rows = ctx
         .catalog
@@ -267,7 +264,7 @@ pub async fn run(
 /// Deletes archive copies older than `retain` whose object S3 still holds with the same
 /// SHA-256 (a fresh HEAD). Anything unconfirmed is kept and logged. Returns how many went.
 pub async fn prune_archive(ctx: &Ctx, retain: std::time::Duration) -> anyhow::Result<usize> {
-    let before = crate::catalog::now_ms() - retain.as_millis() as i64;
+    let before = crate::catalog::ago(retain);
     let rows = ctx
         .catalog
         .read(move |c| ops::prunable(c, before, 1000))

@@ -506,20 +506,20 @@ impl Ctx {
             }
             _ => {}
         }
-        let settle_ms = self.cfg.spool.settle.0.as_millis() as i64;
+        let settle = self.cfg.spool.settle.0;
         let k = key_str.clone();
         match outcome {
             Attempt::Done | Attempt::Superseded => {}
             Attempt::Changed(why) => {
                 tracing::debug!(key = %key_str, why, "file changed; will look again");
-                let next = now_ms() + settle_ms;
+                let next = crate::catalog::due_after(settle);
                 self.write_until_done("requeue", &key_str, move |c| {
                     ops::requeue(c, &k, gen, next, None).map(|_| ())
                 })
                 .await;
             }
             Attempt::Wait(d) => {
-                let next = now_ms() + d.as_millis() as i64;
+                let next = crate::catalog::due_after(d);
                 self.write_until_done("requeue", &key_str, move |c| {
                     ops::requeue(c, &k, gen, next, None).map(|_| ())
                 })
@@ -537,7 +537,7 @@ impl Ctx {
                     })
                     .inc();
                 let delay = self.policy.delay(attempts, class, None);
-                let next = now_ms() + delay.as_millis() as i64;
+                let next = crate::catalog::due_after(delay);
                 let error = if permanent {
                     format!("{PERMANENT_ARCHIVE}{error}")
                 } else {
@@ -559,7 +559,7 @@ impl Ctx {
                 retry_after,
             } => {
                 let delay = self.policy.delay(attempts, class, retry_after);
-                let next = now_ms() + delay.as_millis() as i64;
+                let next = crate::catalog::due_after(delay);
                 match class {
                     Class::Permanent => {
                         tracing::error!(key = %key_str, attempts, error = %error, retry_in = ?delay, "upload failed (permanent)");

@@ -89,7 +89,9 @@ pub fn scan(spool: &Path, ignore: &IgnoreSet) -> ScanResult {
             .collect();
         handles
             .into_iter()
-            .map(|h| h.join().unwrap_or_default())
+            // A worker's panic is a bug, and its share of the spool is unknown: carry the
+            // panic on rather than report a scan that silently lacks those files.
+            .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
             .collect()
     });
     let mut out = ScanResult::default();
