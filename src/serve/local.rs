@@ -59,13 +59,26 @@ impl LocalFile {
 /// Returns `Ok(None)` when the file does not exist, a component is a symlink or not a directory,
 /// or the object is not a regular file. Blocking: run it on a blocking thread.
 pub fn open_beneath(dir: &File, rel: &str) -> io::Result<Option<LocalFile>> {
-    open_with(dir.as_fd(), rel, |dir, rel| {
-        match openat2_beneath(dir, rel) {
-            // Kernels before 5.6 (and some seccomp profiles) lack openat2; the walk gives the same guarantee, slower.
-            Err(e) if e.raw_os_error() == Some(libc::ENOSYS) => open_walk(dir, rel),
-            other => other,
-        }
-    })
+    open_with(dir.as_fd(), rel, confined)
+}
+
+/// Opens `rel` (as for [`open_beneath`]) beneath `dir` read-only, non-blocking, with no
+/// symlink in any component and no way out of `dir`: the descriptor, whatever it is (the
+/// caller checks the type). A symlink anywhere fails with ELOOP, an escape with EXDEV, a
+/// symlinked directory on the walk's fallback with ELOOP or ENOTDIR.
+pub fn open_confined(dir: BorrowedFd<'_>, rel: &str) -> io::Result<File> {
+    if !is_plain_relative(rel) {
+        return Err(io::Error::from_raw_os_error(libc::EXDEV));
+    }
+    confined(dir, rel).map(File::from)
+}
+
+fn confined(dir: BorrowedFd<'_>, rel: &str) -> io::Result<OwnedFd> {
+    match openat2_beneath(dir, rel) {
+        // Kernels before 5.6 (and some seccomp profiles) lack openat2; the walk gives the same guarantee, slower.
+        Err(e) if e.raw_os_error() == Some(libc::ENOSYS) => open_walk(dir, rel),
+        other => other,
+    }
 }
 
 fn open_with(

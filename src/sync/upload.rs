@@ -86,18 +86,43 @@ pub enum HashError {
     Io { path: PathBuf, source: io::Error },
 }
 
-fn open_nofollow(path: &Path) -> Result<File, HashError> {
-    // SECURITY: a symlink swapped in for a spool file must not make us upload its target.
+fn open_nofollow(spool: Option<&Path>, path: &Path) -> Result<File, HashError> {
+    // SECURITY: the file must be in the spool when it is hashed. A symlink swapped in for a
+    // spool file, or for any folder on its way down from the spool root, must not make us
+    // hash, upload and then archive its target: beneath the spool the open refuses a
+    // symlink in every component (RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS). Every later open
+    // (the PUT's body, the archive move) must then find this same inode with this same
+    // stat, so it is the file that was in the spool. The spool root itself is the
+    // operator's and may be a symlink.
     // O_NONBLOCK: a FIFO swapped in must not hang an uploader (and shutdown) on its open;
     // reads from regular files ignore the flag.
-    match std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-        .open(path)
+    let opened = match spool
+        .and_then(|spool| Some((spool, path.strip_prefix(spool).ok()?.to_str()?)))
+        .filter(|(_, rel)| !rel.is_empty())
     {
+        Some((spool, rel)) => std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_DIRECTORY | libc::O_PATH)
+            .open(spool)
+            .and_then(|root| {
+                crate::serve::local::open_confined(std::os::fd::AsFd::as_fd(&root), rel)
+            }),
+        None => std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+            .open(path),
+    };
+    match opened {
         Ok(f) => Ok(f),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Err(HashError::Gone),
-        Err(e) if e.raw_os_error() == Some(libc::ELOOP) => Err(HashError::NotRegular),
+        Err(e)
+            if matches!(
+                e.raw_os_error(),
+                Some(libc::ELOOP | libc::EXDEV | libc::ENOTDIR)
+            ) =>
+        {
+            Err(HashError::NotRegular)
+        }
         Err(e) => Err(HashError::Io {
             path: path.to_path_buf(),
             source: e,
@@ -117,12 +142,12 @@ pub fn read_buffer(size: u64) -> Vec<u8> {
 ///
 /// Fails with `Busy` if someone has the file open for writing (lease refused, or broken
 /// while we read), and with `Changed` if the file's identity moved while it was read.
-pub fn hash_file(path: &Path, part_size: Option<u64>) -> Result<Hashed, HashError> {
+pub fn hash_file(spool: &Path, path: &Path, part_size: Option<u64>) -> Result<Hashed, HashError> {
     let io_err = |source| HashError::Io {
         path: path.to_path_buf(),
         source,
     };
-    let f = open_nofollow(path)?;
+    let f = open_nofollow(Some(spool), path)?;
     let md = f.metadata().map_err(io_err)?;
     if !md.file_type().is_file() {
         return Err(HashError::NotRegular);
@@ -209,7 +234,8 @@ fn md5s(path: &Path, h: &Hashed) -> Result<(String, Option<String>), HashError> 
         path: path.to_path_buf(),
         source,
     };
-    let mut f = open_nofollow(path)?;
+    // Not confined: what this reads must hash to the SHA-256 of the confined read, or fail.
+    let mut f = open_nofollow(None, path)?;
     if !f.metadata().is_ok_and(|m| m.is_file()) {
         return Err(HashError::NotRegular);
     }
@@ -629,7 +655,8 @@ impl Ctx {
             .unwrap_or(0);
         let part_size = (size_now > threshold).then(|| part_size_for(size_now, configured_part));
         let p = path.clone();
-        let hashed = tokio::task::spawn_blocking(move || hash_file(&p, part_size)).await;
+        let spool = self.spool.clone();
+        let hashed = tokio::task::spawn_blocking(move || hash_file(&spool, &p, part_size)).await;
         let h = match hashed {
             Ok(Ok(h)) => h,
             Ok(Err(HashError::Gone)) | Ok(Err(HashError::NotRegular)) => {
@@ -884,7 +911,8 @@ impl Ctx {
         let part_size = (size > self.cfg.s3.multipart_threshold.0)
             .then(|| part_size_for(size, self.cfg.s3.part_size.0));
         let p = path.to_path_buf();
-        let h = tokio::task::spawn_blocking(move || hash_file(&p, part_size))
+        let spool = self.spool.clone();
+        let h = tokio::task::spawn_blocking(move || hash_file(&spool, &p, part_size))
             .await
             .map_err(|e| e.to_string())?
             .map_err(|e| format!("{}: {e}", path.display()))?;
@@ -1278,13 +1306,13 @@ mod tests {
         let p = t.path().join("f");
         let data: Vec<u8> = (0..(5u32 << 20) + 123).map(|i| (i % 251) as u8).collect();
         std::fs::write(&p, &data).unwrap();
-        let h = hash_file(&p, Some(2 << 20)).unwrap();
+        let h = hash_file(t.path(), &p, Some(2 << 20)).unwrap();
         assert_eq!(h.sha256_hex(), hex::encode(Sha256::digest(&data)));
         assert_eq!(h.parts.len(), 3);
         assert_eq!(h.parts[2].1, (1 << 20) + 123);
         let d: [u8; 32] = Sha256::digest(&data[(4 << 20)..]).into();
         assert_eq!(h.parts[2].2, d);
-        let whole = hash_file(&p, None).unwrap();
+        let whole = hash_file(t.path(), &p, None).unwrap();
         assert!(whole.parts.is_empty());
         assert_eq!(whole.sha256, h.sha256);
         let (md5_full, multi) = md5s(&p, &h).unwrap();
@@ -1297,7 +1325,7 @@ mod tests {
         let t = tempfile::tempdir().unwrap();
         let p = t.path().join("e");
         std::fs::write(&p, b"").unwrap();
-        let h = hash_file(&p, None).unwrap();
+        let h = hash_file(t.path(), &p, None).unwrap();
         assert_eq!(h.stat.size, 0);
         assert_eq!(h.sha256_hex(), hex::encode(Sha256::digest(b"")));
     }
@@ -1309,6 +1337,43 @@ mod tests {
         std::fs::write(&target, b"x").unwrap();
         let link = t.path().join("link");
         std::os::unix::fs::symlink(&target, &link).unwrap();
-        assert!(matches!(hash_file(&link, None), Err(HashError::NotRegular)));
+        assert!(matches!(
+            hash_file(t.path(), &link, None),
+            Err(HashError::NotRegular)
+        ));
+    }
+
+    /// A spool folder swapped for a symlink after the scan listed its file (the web
+    /// application can write the spool): the uploader must not hash, and so never upload or
+    /// archive, the file the link leads to outside the spool. It did, until the open was
+    /// confined beneath the spool root; the root itself may be a symlink.
+    #[test]
+    fn a_folder_swapped_for_a_symlink_is_not_followed() {
+        let t = tempfile::tempdir().unwrap();
+        let spool = t.path().join("spool");
+        let outside = t.path().join("outside");
+        std::fs::create_dir_all(spool.join("2026")).unwrap();
+        std::fs::create_dir_all(&outside).unwrap();
+        std::fs::write(outside.join("a.jpg"), b"not the spool's").unwrap();
+        std::fs::write(spool.join("2026/a.jpg"), b"the spool's").unwrap();
+        let listed = spool.join("2026/a.jpg");
+        assert!(hash_file(&spool, &listed, None).is_ok());
+        std::fs::rename(spool.join("2026"), t.path().join("moved")).unwrap();
+        std::os::unix::fs::symlink(&outside, spool.join("2026")).unwrap();
+        assert!(matches!(
+            hash_file(&spool, &listed, None),
+            Err(HashError::NotRegular)
+        ));
+        // A symlinked spool root is the operator's choice and is followed.
+        let root_link = t.path().join("spool-link");
+        std::os::unix::fs::symlink(t.path().join("moved"), &root_link).unwrap();
+        std::fs::create_dir_all(t.path().join("moved/2026")).unwrap();
+        std::fs::rename(
+            t.path().join("moved/a.jpg"),
+            t.path().join("moved/2026/a.jpg"),
+        )
+        .unwrap();
+        let h = hash_file(&root_link, &root_link.join("2026/a.jpg"), None).unwrap();
+        assert_eq!(h.sha256_hex(), hex::encode(Sha256::digest(b"the spool's")));
     }
 }
