@@ -294,7 +294,8 @@ pub fn render_cluster(nodes: &[crate::shared::NodeLine], this: &str) -> String {
 }
 
 fn ago(ms: i64) -> String {
-    let d = Duration::from_millis((now_ms() - ms).max(0) as u64 / 1000 * 1000);
+    // `ms` may come from another node (the shared catalog): any value, never a panic.
+    let d = Duration::from_millis(now_ms().saturating_sub(ms).max(0) as u64 / 1000 * 1000);
     humantime::format_duration(d).to_string()
 }
 

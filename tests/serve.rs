@@ -691,3 +691,96 @@ fn a_catalog_that_cannot_answer_costs_public_status_and_a_head_never_a_500() {
     assert!(log.contains("serving the spool file as not ready"), "{log}");
     assert!(log.contains("catalog unreadable; asking S3"), "{log}");
 }
+
+// ---- a ready spool file changing under a download (semantics.rs, the rewrite guard) ----
+
+fn guard_get(addr: std::net::SocketAddr, path: &str, headers: &[(&str, &str)]) -> RawResponse {
+    raw_request(addr, "GET", path.as_bytes(), headers)
+}
+
+/// Starts a GET (keep-alive, so only an aborted connection ends the read early) for `path`, reads `first` bytes, runs `mid`, then reads to EOF (10 s limit).
+/// Returns (header text, body bytes received).
+fn get_with_pause(
+    addr: std::net::SocketAddr,
+    path: &str,
+    first: usize,
+    mid: impl FnOnce(),
+) -> (String, Vec<u8>) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    // No "Connection: close": if hyper did not abort, read_to_end would hang on keep-alive.
+    write!(s, "GET {path} HTTP/1.1\r\nHost: a\r\n\r\n").unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut got = vec![0u8; first];
+    s.read_exact(&mut got).unwrap();
+    mid();
+    let _ = s.read_to_end(&mut got);
+    let end = got.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+    let head = String::from_utf8_lossy(&got[..end]).into_owned();
+    (head, got[end..].to_vec())
+}
+
+/// The archive move (a rename, what ferry itself does once S3 verified the file) changes
+/// the inode's ctime but not one byte: a download in flight completes. (It was cut short
+/// while the rewrite guard compared ctime too.)
+#[test]
+fn archiving_a_spool_file_mid_download_does_not_cut_the_download() {
+    let t = tempfile::tempdir().unwrap();
+    let s3 = S3::start(t.path());
+    let env = env_serving_spool(&s3);
+    let size = 32 << 20;
+    let bytes = content("big.bin", size);
+    env.drop_file("big.bin", &bytes);
+    record_ready(&env, "big.bin", Some(&sha256_hex(&bytes)));
+    let d = env.spawn(&["serve"]);
+    wait_for(Duration::from_secs(10), "public", || {
+        guard_get(d.addr(), "/static/big.bin", &[("Range", "bytes=0-0")]).header("cache-control")
+            != Some("no-store")
+    });
+    std::thread::sleep(Duration::from_millis(50)); // past the coarse-clock tick of the write
+    let (head, body) = get_with_pause(d.addr(), "/static/big.bin", 1 << 16, || {
+        std::fs::create_dir_all(env.archive()).unwrap();
+        std::fs::rename(env.spool().join("big.bin"), env.archive().join("big.bin")).unwrap();
+    });
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(head.contains("public"), "{head}");
+    assert_eq!(
+        body.len(),
+        size,
+        "the archive rename cut a download of unchanged bytes short"
+    );
+}
+
+/// A ready file rewritten in place mid-download: hyper aborts the connection short of the
+/// Content-Length (the guard replaces the last chunk with an error), so no cache keeps it.
+#[test]
+fn a_rewrite_mid_download_cuts_the_body_and_closes_the_connection() {
+    let t = tempfile::tempdir().unwrap();
+    let s3 = S3::start(t.path());
+    let env = env_serving_spool(&s3);
+    let size = 32 << 20;
+    let bytes = content("big.bin", size);
+    env.drop_file("big.bin", &bytes);
+    record_ready(&env, "big.bin", Some(&sha256_hex(&bytes)));
+    let d = env.spawn(&["serve"]);
+    wait_for(Duration::from_secs(10), "public", || {
+        guard_get(d.addr(), "/static/big.bin", &[("Range", "bytes=0-0")]).header("cache-control")
+            != Some("no-store")
+    });
+    std::thread::sleep(Duration::from_millis(50));
+    let started = std::time::Instant::now();
+    let (head, body) = get_with_pause(d.addr(), "/static/big.bin", 1 << 16, || {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(env.spool().join("big.bin"))
+            .unwrap();
+        f.write_all_at(&vec![b'X'; size], 0).unwrap();
+    });
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(body.len() < size, "whole body went out");
+    assert!(
+        started.elapsed() < Duration::from_secs(9),
+        "connection was not closed"
+    );
+}

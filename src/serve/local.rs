@@ -34,13 +34,15 @@ pub struct LocalFile {
 
 impl LocalFile {
     /// Reads a small file whole (at most 256 KiB). Blocking.
-    /// Whether the file changed since it was opened: its stat now is not `stat`, or cannot be
-    /// had. A rewrite in place bumps mtime before its first byte lands, so a read that saw
-    /// any new byte is followed by a stat that differs.
+    /// Whether the file's bytes may have changed since it was opened: its size, mtime or
+    /// inode now differ from `stat`, or cannot be had. A rewrite in place bumps mtime before
+    /// its first byte lands, so a read that saw any new byte is followed by a stat that
+    /// differs. Not ctime: a rename sets it (ferry's own archive move, mid-download), and so
+    /// do chmod and link, none of which touch a byte.
     pub fn changed_since_open(&self) -> bool {
         self.file
             .metadata()
-            .map_or(true, |m| FileStat::of(&m) != self.stat)
+            .map_or(true, |m| !same_bytes(&FileStat::of(&m), &self.stat))
     }
 
     pub fn preload(&mut self) -> io::Result<()> {
@@ -110,6 +112,11 @@ fn open_with(
         preloaded: None,
         foreign: true,
     }))
+}
+
+/// Size, mtime and inode agree: what a reader can check of the bytes without reading them.
+pub fn same_bytes(a: &FileStat, b: &FileStat) -> bool {
+    (a.size, a.mtime_ns, a.inode) == (b.size, b.mtime_ns, b.inode)
 }
 
 fn is_plain_relative(rel: &str) -> bool {

@@ -659,11 +659,13 @@ async fn body_response(
         http::Response::new(assemble(&all, segs, body_len)).into_response()
     } else if body_len <= SMALL_BODY {
         let body = tokio::task::spawn_blocking(move || {
-            let body = read_segments(&lf.file, segs, body_len)?;
+            let body = read_segments(&lf.file, segs, body_len);
+            // Checked on a failed read too: a file cut short mid-read is a rewrite, not a
+            // fault of ours.
             if guard && lf.changed_since_open() {
                 return Err(changed_while_read());
             }
-            Ok(body)
+            body
         })
         .await
         .map_err(io::Error::other)??;
@@ -776,7 +778,8 @@ impl<S: Stream<Item = io::Result<Bytes>> + Unpin> Stream for CheckedAtEnd<S> {
             if this.left == 0 {
                 if let Some((file, stat)) = this.check.take() {
                     // An fstat of an open local file reads the in-memory inode: no disk wait.
-                    if !file.metadata().is_ok_and(|m| FileStat::of(&m) == stat) {
+                    let now = file.metadata().map(|m| FileStat::of(&m));
+                    if !now.is_ok_and(|now| super::local::same_bytes(&now, &stat)) {
                         return Poll::Ready(Some(Err(changed_while_read())));
                     }
                 }
@@ -1353,6 +1356,49 @@ mod tests {
             drain(respond(lf, &Method::GET, &HeaderMap::new(), CT, CC).await).await;
         assert_eq!(resp.status(), StatusCode::OK);
         assert!(!failed);
+        assert_eq!(body, data);
+    }
+
+    /// A small file cut short between the open and the read is a rewrite in progress: the
+    /// client is told to retry (503), not that ferry failed (500).
+    #[tokio::test]
+    async fn a_file_truncated_before_the_read_is_a_retry_not_a_fault() {
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        f.write_all(&[b'a'; 1000]).unwrap();
+        f.as_file()
+            .set_modified(UNIX_EPOCH + Duration::from_secs(1_600_000_000))
+            .unwrap();
+        let file = File::open(f.path()).unwrap();
+        let meta = file.metadata().unwrap();
+        let lf = LocalFile {
+            len: meta.len(),
+            mtime: meta.modified().unwrap(),
+            inode: meta.ino(),
+            stat: crate::catalog::FileStat::of(&meta),
+            file,
+            preloaded: None,
+            foreign: true,
+        };
+        f.as_file().set_len(10).unwrap();
+        let resp = respond(lf, &Method::GET, &HeaderMap::new(), CT, CC).await;
+        assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(header(&resp, "cache-control"), Some("no-store"));
+    }
+
+    /// A rename mid-stream (ferry's own archive move) sets the ctime and not one byte: the
+    /// body still goes out whole. (It was cut short while the check compared ctime too.)
+    #[tokio::test]
+    async fn a_rename_mid_stream_does_not_cut_an_unchanged_body() {
+        let data = vec![b'z'; 600_000];
+        let (f, lf) = local(&data);
+        // Past the coarse clock's tick of the write, so the rename's ctime differs.
+        std::thread::sleep(Duration::from_millis(20));
+        let resp = respond(lf, &Method::GET, &HeaderMap::new(), CT, CC).await;
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::rename(f.path(), dir.path().join("archived")).unwrap();
+        let (resp, body, failed) = drain(resp).await;
+        assert_eq!(resp.status(), StatusCode::OK);
+        assert!(!failed, "cut short: {} of {} bytes", body.len(), data.len());
         assert_eq!(body, data);
     }
 

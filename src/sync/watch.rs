@@ -720,9 +720,15 @@ impl Watcher {
     ) {
         let spool = self.spool.clone();
         let ignore = self.ignore.clone();
-        let found = tokio::task::spawn_blocking(move || scan(&spool, &ignore))
-            .await
-            .unwrap_or_default();
+        let found = match tokio::task::spawn_blocking(move || scan(&spool, &ignore)).await {
+            Ok(found) => found,
+            Err(e) => {
+                // A bug, not a spool fault: said loudly, and the next rescan looks again
+                // (nothing was queued from this one, so nothing is lost).
+                tracing::error!(error = %e, "the spool scan failed; the next rescan looks again");
+                return;
+            }
+        };
         let now = Instant::now();
         for rel in found.skipped {
             if warned.insert(rel.clone()) {
