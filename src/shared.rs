@@ -71,25 +71,29 @@ const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (key, node)
      );
      CREATE INDEX ferry_files_latest ON ferry_files (key, changed_ms DESC);",
+    // 2: the spool file's ctime, the last part of a not-yet-hashed file's ETag (a rewrite
+    //    that keeps length and mtime changes only the ctime). Rows published by an older
+    //    ferry read as 0 until that node publishes them again.
+    "ALTER TABLE ferry_files ADD COLUMN IF NOT EXISTS ctime_ns bigint NOT NULL DEFAULT 0;",
 ];
 
 /// The serving query: the newest change of a key on any other node, vanished rows aside
 /// (a file that left a spool unuploaded says nothing about the key).
 const LOOKUP_SQL: &str = "SELECT f.node, n.url, f.state, f.size, f.sha256, f.mtime_ns, f.inode, \
-    f.changed_ms \
+    f.changed_ms, f.ctime_ns \
     FROM ferry_files f JOIN ferry_nodes n ON n.node = f.node \
     WHERE f.key = $1 AND f.node <> $2 AND f.state <> 'vanished' \
     ORDER BY f.changed_ms DESC LIMIT 1";
 
 const UPSERT_SQL: &str = "INSERT INTO ferry_files (key, node, gen, state, size, sha256, \
-    mtime_ns, inode, deleted, still_local, changed_ms) \
-    SELECT k, $1, g, s, sz, sh, mt, ino, s = 'deleted', \
+    mtime_ns, inode, ctime_ns, deleted, still_local, changed_ms) \
+    SELECT k, $1, g, s, sz, sh, mt, ino, ct, s = 'deleted', \
         s IN ('queued', 'uploading', 'failed', 'verified', 'archive_failed'), ch \
     FROM unnest($2::text[], $3::int8[], $4::text[], $5::int8[], $6::text[], $7::int8[], \
-        $8::int8[], $9::int8[]) AS t(k, g, s, sz, sh, mt, ino, ch) \
+        $8::int8[], $9::int8[], $10::int8[]) AS t(k, g, s, sz, sh, mt, ino, ch, ct) \
     ON CONFLICT (key, node) DO UPDATE SET gen = EXCLUDED.gen, state = EXCLUDED.state, \
         size = EXCLUDED.size, sha256 = EXCLUDED.sha256, mtime_ns = EXCLUDED.mtime_ns, \
-        inode = EXCLUDED.inode, deleted = EXCLUDED.deleted, \
+        inode = EXCLUDED.inode, ctime_ns = EXCLUDED.ctime_ns, deleted = EXCLUDED.deleted, \
         still_local = EXCLUDED.still_local, changed_ms = EXCLUDED.changed_ms";
 
 const NODE_SQL: &str = "INSERT INTO ferry_nodes (node, url, queue_depth, queue_bytes, \
@@ -196,6 +200,7 @@ pub struct SharedRow {
     pub sha256: Option<String>,
     pub mtime_ns: i64,
     pub inode: u64,
+    pub ctime_ns: i64,
     /// When that node's row last changed (its clock).
     pub changed_ms: i64,
 }
@@ -464,6 +469,7 @@ impl Shared {
             mtime_ns: r.get(5),
             inode: r.get::<_, i64>(6) as u64,
             changed_ms: r.get(7),
+            ctime_ns: r.get(8),
         }))
     }
 
@@ -482,6 +488,7 @@ impl Shared {
         let mut shas: Vec<Option<String>> = Vec::new();
         let mut mtimes = Vec::new();
         let mut inodes = Vec::new();
+        let mut ctimes = Vec::new();
         let mut changed = Vec::new();
         let mut gone = Vec::new();
         let mut all: Vec<&str> = Vec::new();
@@ -496,6 +503,7 @@ impl Shared {
                     shas.push(r.sha256.clone());
                     mtimes.push(r.stat.mtime_ns);
                     inodes.push(r.stat.inode as i64);
+                    ctimes.push(r.stat.ctime_ns);
                     changed.push(r.updated_at_ms);
                 }
                 None => gone.push(key.as_str()),
@@ -510,7 +518,7 @@ impl Shared {
                     &stmt,
                     &[
                         &self.node, &keys, &gens, &states, &sizes, &shas, &mtimes, &inodes,
-                        &changed,
+                        &changed, &ctimes,
                     ],
                 )
                 .await?;

@@ -350,11 +350,11 @@ fn a_peer_that_dies_mid_answer_never_yields_a_clean_looking_short_200() {
     let s3 = S3::start(t.path());
     let env = node_env("x", &s3.endpoint(), &s3.bucket, &pg);
     let [d] = run_all([&env]);
-    // The tag a peer sends for a spool file not yet hashed (len, mtime ns, inode): the one
-    // published, so the answer is taken for the version and cut when the body dies.
+    // The tag a peer sends for a spool file not yet hashed (len, mtime ns, inode, ctime ns):
+    // the one published, so the answer is taken for the version and cut when the body dies.
     let etag = format!(
-        "\"{:x}-{:x}-{:x}\"",
-        100_000, 1_700_000_000_000_000_000u64, 7
+        "\"{:x}-{:x}-{:x}-{:x}\"",
+        100_000, 1_700_000_000_000_000_000u64, 7, 1_700_000_000_000_000_005u64
     );
     let mut peer = std::process::Command::new("python3")
         .args(["-u", "-c", BAD_PEER, &etag])
@@ -374,9 +374,9 @@ fn a_peer_that_dies_mid_answer_never_yields_a_clean_looking_short_200() {
     });
     pg.psql(&format!(
         "INSERT INTO ferry_nodes (node, url, published_ms) VALUES ('bad', 'http://127.0.0.1:{port}', 0);
-         INSERT INTO ferry_files (key, node, gen, state, size, sha256, mtime_ns, inode, deleted, still_local, changed_ms)
-         VALUES ('dies-late.jpg', 'bad', 1, 'queued', 100000, NULL, 1700000000000000000, 7, false, true, 1),
-                ('dies-early.jpg', 'bad', 1, 'queued', 100000, NULL, 1700000000000000000, 8, false, true, 1);"
+         INSERT INTO ferry_files (key, node, gen, state, size, sha256, mtime_ns, inode, ctime_ns, deleted, still_local, changed_ms)
+         VALUES ('dies-late.jpg', 'bad', 1, 'queued', 100000, NULL, 1700000000000000000, 7, 1700000000000000005, false, true, 1),
+                ('dies-early.jpg', 'bad', 1, 'queued', 100000, NULL, 1700000000000000000, 8, 1700000000000000005, false, true, 1);"
     ));
     // Before the response head: S3 does not have it either, so a 503 to retry.
     let r = raw_request(d.addr(), "GET", b"/static/dies-early.jpg", &[]);

@@ -784,3 +784,50 @@ fn a_rewrite_mid_download_cuts_the_body_and_closes_the_connection() {
         "connection was not closed"
     );
 }
+
+/// A ready file not yet hashed is public under its local tag. Rewritten in place with the
+/// same length and its mtime put back (cp -p, rsync --inplace -t, touch -d), then ready
+/// again: a new tag, so a cache holding the first version is not told it is current. (Both
+/// versions had one tag while it was "len-mtime-inode", without the ctime.)
+#[test]
+fn an_mtime_preserving_rewrite_gets_a_new_local_tag() {
+    let t = tempfile::tempdir().unwrap();
+    let s3 = S3::start(t.path());
+    let env = env_serving_spool(&s3);
+    env.drop_file("a.jpg", b"version one");
+    let p = env.spool().join("a.jpg");
+    let mtime = std::fs::metadata(&p).unwrap().modified().unwrap();
+    record_ready(&env, "a.jpg", None);
+    let d = env.spawn(&["serve"]);
+    let mut r = guard_get(d.addr(), "/static/a.jpg", &[]);
+    wait_for(Duration::from_secs(10), "public", || {
+        r = guard_get(d.addr(), "/static/a.jpg", &[]);
+        r.header("cache-control") != Some("no-store")
+    });
+    let tag1 = r.header("etag").unwrap().to_string();
+    // Past the coarse clock's tick of the first write, as any later rewrite is.
+    std::thread::sleep(Duration::from_millis(20));
+    std::fs::write(&p, b"VERSION TWO").unwrap(); // same length, same inode
+    std::fs::File::options()
+        .write(true)
+        .open(&p)
+        .unwrap()
+        .set_modified(mtime)
+        .unwrap();
+    record_ready(&env, "a.jpg", None);
+    wait_for(Duration::from_secs(10), "public again", || {
+        r = guard_get(d.addr(), "/static/a.jpg", &[]);
+        r.header("cache-control") != Some("no-store")
+    });
+    assert_eq!(r.body, b"VERSION TWO");
+    let r304 = guard_get(d.addr(), "/static/a.jpg", &[("If-None-Match", &tag1)]);
+    assert_ne!(
+        r.header("etag").unwrap(),
+        tag1,
+        "two versions, one strong public tag"
+    );
+    assert_ne!(
+        r304.status, 304,
+        "a cache holding 'version one' is told it is current"
+    );
+}

@@ -47,6 +47,8 @@ pub struct Peer {
     pub url: String,
     pub mtime_ns: i64,
     pub inode: u64,
+    /// With mtime and inode, what the peer's local ETag is made of.
+    pub ctime_ns: i64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -135,6 +137,7 @@ fn meta_from_shared(r: crate::shared::SharedRow) -> Option<Meta> {
                 url: r.url.clone(),
                 mtime_ns: r.mtime_ns,
                 inode: r.inode,
+                ctime_ns: r.ctime_ns,
             })),
         ),
         _ => return None,

@@ -48,9 +48,9 @@ pub struct Resolver {
     /// The last readiness check and when it ran (an async lock: probes wait for the one
     /// check in flight instead of starting their own).
     readiness: tokio::sync::Mutex<Option<(Instant, Result<(), String>)>>,
-    /// SHA-256 of archive copies by (inode, length, mtime): the fallback serves a copy under
+    /// SHA-256 of archive copies by (inode, length, mtime, ctime): the fallback serves a copy under
     /// the version's ETag only once its bytes were seen to be that version.
-    archive_sha: moka::sync::Cache<(u64, u64, SystemTime), String>,
+    archive_sha: moka::sync::Cache<(u64, u64, SystemTime, i64), String>,
 }
 
 /// Passes a proxied body through under two guards. A source that stops sending for
@@ -629,7 +629,7 @@ impl Resolver {
             len: meta.size,
             etag: Some(match meta.sha256.as_deref() {
                 Some(sha) => Etag::sha256(sha),
-                None => Etag::local(meta.size, mtime, peer.inode),
+                None => Etag::local(meta.size, mtime, peer.inode, peer.ctime_ns),
             }),
             last_modified: Some(mtime),
             content_type: crate::media::content_type(key.as_str()),
@@ -683,14 +683,14 @@ impl Resolver {
             return Err(ServeError::NotFound);
         };
         // The archive copy is the current version when its bytes hash to the version's
-        // SHA-256 (checked once per inode, length and mtime; an older copy of the same
+        // SHA-256 (checked once per inode, length, mtime and ctime; an older copy of the same
         // length is not). Anything else is described by its own stat, and kept by no cache
         // when the metadata names another version; without metadata (S3 down, nothing
         // known) it is all there is.
         let want = meta.and_then(|m| m.sha256.clone());
         let same = match (&rep, &want) {
             (Some(r), Some(want)) if r.len == lf.len => {
-                let id = (lf.inode, lf.len, lf.mtime);
+                let id = (lf.inode, lf.len, lf.mtime, lf.stat.ctime_ns);
                 let got = match self.archive_sha.get(&id) {
                     Some(s) => Some(s),
                     None => {
@@ -720,7 +720,7 @@ impl Resolver {
             Some(r) if same => r,
             other => Representation {
                 len: lf.len,
-                etag: Some(Etag::local(lf.len, lf.mtime, lf.inode)),
+                etag: Some(Etag::local(lf.len, lf.mtime, lf.inode, lf.stat.ctime_ns)),
                 last_modified: Some(lf.mtime),
                 content_type: crate::media::content_type(key.as_str()),
                 caching: if other.is_some() {
@@ -876,7 +876,7 @@ fn spool_representation(
     record: Option<&Record>,
 ) -> Representation {
     let ready = record.is_some_and(|r| r.ready_for(&lf.stat));
-    let local_tag = Etag::local(lf.len, lf.mtime, lf.inode);
+    let local_tag = Etag::local(lf.len, lf.mtime, lf.inode, lf.stat.ctime_ns);
     let (etag, caching) = match record.and_then(|r| r.sha256_for(&lf.stat)) {
         Some(sha) => (Etag::sha256(sha), Caching::Public),
         None if ready => (local_tag, Caching::Public),

@@ -63,16 +63,18 @@ impl Etag {
         }
     }
 
-    /// A file not yet hashed, from (len, mtime nanos, inode), quoted hex: `"5f3a-1a2b3c-77"`.
-    /// The inode distinguishes a file replaced by rename with the same size and mtime.
-    pub fn local(len: u64, mtime: SystemTime, inode: u64) -> Etag {
+    /// A file not yet hashed, from (len, mtime nanos, inode, ctime nanos), quoted hex:
+    /// `"5f3a-1a2b3c-77-1a2b3d"`. The inode distinguishes a file replaced by rename with the
+    /// same size and mtime; the ctime one rewritten in place with its length and mtime kept
+    /// (`cp -p`, `rsync --inplace -t`, `touch -d`), which the kernel cannot backdate.
+    pub fn local(len: u64, mtime: SystemTime, inode: u64, ctime_ns: i64) -> Etag {
         // Signed so an mtime before 1970 still yields a distinct tag instead of an error.
         let nanos: i128 = match mtime.duration_since(UNIX_EPOCH) {
             Ok(d) => d.as_nanos() as i128,
             Err(e) => -(e.duration().as_nanos() as i128),
         };
         Etag {
-            quoted: format!("\"{len:x}-{nanos:x}-{inode:x}\""),
+            quoted: format!("\"{len:x}-{nanos:x}-{inode:x}-{ctime_ns:x}\""),
             weak: false,
         }
     }
@@ -902,8 +904,8 @@ mod tests {
         super::plan(method, headers, &rep(len, mtime, tag))
     }
 
-    fn etag(len: u64, mtime: SystemTime, inode: u64) -> String {
-        Etag::local(len, mtime, inode).header()
+    fn etag(len: u64, mtime: SystemTime, inode: u64, ctime_ns: i64) -> String {
+        Etag::local(len, mtime, inode, ctime_ns).header()
     }
 
     fn mtime() -> SystemTime {
@@ -1175,13 +1177,15 @@ mod tests {
     #[test]
     fn etag_is_quoted_hex() {
         let t = UNIX_EPOCH + Duration::from_nanos(0x1a2b3c);
-        assert_eq!(etag(0x5f3a, t, 0x77), "\"5f3a-1a2b3c-77\"");
+        assert_eq!(etag(0x5f3a, t, 0x77, 0x1a2b3d), "\"5f3a-1a2b3c-77-1a2b3d\"");
         let before = UNIX_EPOCH - Duration::from_secs(1);
         assert_ne!(
-            etag(1, before, 1),
-            etag(1, UNIX_EPOCH + Duration::from_secs(1), 1)
+            etag(1, before, 1, 1),
+            etag(1, UNIX_EPOCH + Duration::from_secs(1), 1, 1)
         );
-        assert!(HeaderValue::from_str(&etag(u64::MAX, before, u64::MAX)).is_ok());
+        // Only the ctime differs: a rewrite in place that put length and mtime back.
+        assert_ne!(etag(1, t, 1, 1), etag(1, t, 1, 2));
+        assert!(HeaderValue::from_str(&etag(u64::MAX, before, u64::MAX, i64::MIN)).is_ok());
     }
 
     #[test]
@@ -1245,7 +1249,7 @@ mod tests {
     ) -> Response {
         let rep = Representation {
             len: lf.len,
-            etag: Some(Etag::local(lf.len, lf.mtime, lf.inode)),
+            etag: Some(Etag::local(lf.len, lf.mtime, lf.inode, lf.stat.ctime_ns)),
             last_modified: Some(lf.mtime),
             content_type: content_type.to_string(),
             caching: Caching::Public,
@@ -1594,7 +1598,7 @@ mod tests {
     async fn not_modified_on_matching_etag() {
         let data = content(100);
         let (_f, lf) = local(&data);
-        let tag = etag(lf.len, lf.mtime, lf.inode);
+        let tag = etag(lf.len, lf.mtime, lf.inode, lf.stat.ctime_ns);
         let resp = respond(lf, &Method::GET, &hdrs(&[("if-none-match", &tag)]), CT, CC).await;
         assert_eq!(resp.status(), StatusCode::NOT_MODIFIED);
         assert_validators(&resp);
