@@ -452,3 +452,96 @@ fn tls_with_sslmode_require_verifies_the_server_against_ssl_cert_file() {
     assert!(all.parse::<u32>().unwrap() >= 2, "{sessions}");
     assert_eq!(all, tls, "every session is TLS: {sessions}");
 }
+
+/// A peer that answers every GET whole: 1000 bytes, with the ETag argv[1] maps its path to.
+const GOOD_PEER: &str = r#"
+import socket, sys, threading, json
+tags = json.loads(sys.argv[1])
+def serve(conn):
+    try:
+        req = b''
+        while b'\r\n\r\n' not in req:
+            d = conn.recv(4096)
+            if not d: return
+            req += d
+        path = req.split(b' ')[1].decode()
+        head = 'HTTP/1.1 200 OK\r\nContent-Length: 1000\r\nCache-Control: public\r\nETag: %s\r\n\r\n' % tags.get(path, '"none"')
+        conn.sendall(head.encode() + b'x' * 1000)
+    finally:
+        conn.close()
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(('127.0.0.1', 0)); s.listen(16)
+print(s.getsockname()[1], flush=True)
+while True:
+    c, _ = s.accept()
+    threading.Thread(target=serve, args=(c,), daemon=True).start()
+"#;
+
+/// Schema version 2 during and after a rolling upgrade. (1) A node still on version 1
+/// publishes without ctime_ns (it reads 0) and sends its 3-part local tag. (2) A node
+/// upgraded after it published: its row still says ctime_ns = 0 (nothing republishes a row
+/// whose state did not change), while it now sends the 4-part tag with its real ctime. Both
+/// files are served by the proxying node, with no ETag (it cannot name the owner's); both
+/// were a 503 while the proxy wanted the 4-part tag exactly.
+#[test]
+fn peer_files_published_under_schema_1_are_still_served() {
+    let Some(pg) = common::pg::start_or_skip() else {
+        return;
+    };
+    let t = tempfile::tempdir().unwrap();
+    let s3 = S3::start(t.path());
+    let env = node_env("x", &s3.endpoint(), &s3.bucket, &pg);
+    let [d] = run_all([&env]);
+    let (len, mt, ino, ct) = (
+        1000u64,
+        1_700_000_000_000_000_000u64,
+        7u64,
+        1_700_000_000_000_000_005u64,
+    );
+    let tags = format!(
+        r#"{{"/static/old-node.jpg": "\"{len:x}-{mt:x}-{ino:x}\"", "/static/upgraded-node.jpg": "\"{len:x}-{mt:x}-{ino:x}-{ct:x}\""}}"#
+    );
+    let mut peer = std::process::Command::new("python3")
+        .args(["-u", "-c", GOOD_PEER, &tags])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("python3");
+    let mut port = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(peer.stdout.take().unwrap()),
+        &mut port,
+    )
+    .unwrap();
+    let port: u16 = port.trim().parse().expect("the peer's port");
+    within(Duration::from_secs(10), "the schema", || {
+        pg.try_psql("SELECT 1 FROM ferry_nodes LIMIT 1").is_ok()
+    });
+    // The version-1 UPSERT's columns: no ctime_ns.
+    pg.psql(&format!(
+        "INSERT INTO ferry_nodes (node, url, published_ms) VALUES ('old', 'http://127.0.0.1:{port}', 0);
+         INSERT INTO ferry_files (key, node, gen, state, size, sha256, mtime_ns, inode, deleted, still_local, changed_ms)
+         VALUES ('old-node.jpg', 'old', 1, 'queued', {len}, NULL, {mt}, {ino}, false, true, 1),
+                ('upgraded-node.jpg', 'old', 1, 'queued', {len}, NULL, {mt}, {ino}, false, true, 1);"
+    ));
+    let mut statuses = Vec::new();
+    for k in ["old-node.jpg", "upgraded-node.jpg"] {
+        let r = raw_request(d.addr(), "GET", format!("/static/{k}").as_bytes(), &[]);
+        statuses.push((k, r.status));
+        if r.status == 200 {
+            assert_eq!(r.body.len(), 1000, "{k}");
+            assert_eq!(
+                r.header("etag"),
+                None,
+                "{k}: a tag that may not be the owner's"
+            );
+        }
+    }
+    let _ = peer.kill();
+    let _ = peer.wait();
+    assert_eq!(
+        statuses,
+        [("old-node.jpg", 200), ("upgraded-node.jpg", 200)],
+        "{}",
+        d.log()
+    );
+}

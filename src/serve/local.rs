@@ -77,10 +77,22 @@ pub fn open_confined(dir: BorrowedFd<'_>, rel: &str) -> io::Result<File> {
 
 fn confined(dir: BorrowedFd<'_>, rel: &str) -> io::Result<OwnedFd> {
     match openat2_beneath(dir, rel) {
-        // Kernels before 5.6 (and some seccomp profiles) lack openat2; the walk gives the same guarantee, slower.
-        Err(e) if e.raw_os_error() == Some(libc::ENOSYS) => open_walk(dir, rel),
+        // Kernels before 5.6 lack openat2 (ENOSYS), and seccomp filters that do not know it
+        // refuse it: systemd's SystemCallErrorNumber=EPERM, Docker before 20.10. The walk
+        // gives the same guarantee, slower.
+        Err(e) if openat2_missing(&e) => open_walk(dir, rel),
         other => other,
     }
+}
+
+/// openat2 itself is not to be had here, as opposed to the file refusing us: a filtered call
+/// answers EPERM (or ENOSYS), an old kernel ENOSYS, a kernel that knows no flag EINVAL or
+/// E2BIG. A permission refusal on the file itself is EACCES, so EPERM is safe to take here.
+fn openat2_missing(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::ENOSYS | libc::EPERM | libc::EINVAL | libc::E2BIG)
+    )
 }
 
 fn open_with(
@@ -180,8 +192,10 @@ pub fn try_open_cached(
                 // microsecond; only a directory block not in memory could make it wait, and that
                 // is a metadata read, not file I/O. Anything found goes the careful way.
                 Some(libc::EAGAIN) if absent_by_lookup(dir, &path) => Some(Ok(None)),
-                // Not cached, a rename race, or a kernel without openat2/RESOLVE_CACHED.
+                // Not cached, a rename race, or a kernel (or seccomp filter) without
+                // openat2/RESOLVE_CACHED.
                 Some(libc::EAGAIN | libc::EINTR | libc::ENOSYS | libc::EINVAL) => None,
+                _ if openat2_missing(&err) => None,
                 _ if means_absent(&err) => Some(Ok(None)),
                 _ => Some(Err(err)),
             };

@@ -625,12 +625,22 @@ impl Resolver {
             return Err(ServeError::NotFound);
         };
         let mtime = system_time(peer.mtime_ns).unwrap_or(std::time::UNIX_EPOCH);
+        // A row without a ctime (0: published by a ferry before schema version 2, and not
+        // since) cannot name the owner's local tag. Its answer is then taken when the
+        // owner's tag agrees on length, mtime and inode (either format), and sent with no
+        // ETag at all rather than one that might not be the owner's; never a 503 for it.
+        let unknown_ctime = meta.sha256.is_none() && peer.ctime_ns == 0;
+        let loose = unknown_ctime.then(|| {
+            let t = Etag::local(meta.size, mtime, peer.inode, 0).header();
+            t[..t.len() - "-0\"".len()].to_string()
+        });
         let rep = Representation {
             len: meta.size,
-            etag: Some(match meta.sha256.as_deref() {
-                Some(sha) => Etag::sha256(sha),
-                None => Etag::local(meta.size, mtime, peer.inode, peer.ctime_ns),
-            }),
+            etag: match meta.sha256.as_deref() {
+                Some(sha) => Some(Etag::sha256(sha)),
+                None if unknown_ctime => None,
+                None => Some(Etag::local(meta.size, mtime, peer.inode, peer.ctime_ns)),
+            },
             last_modified: Some(mtime),
             content_type: crate::media::content_type(key.as_str()),
             caching: Caching::Public,
@@ -646,6 +656,7 @@ impl Resolver {
                 headers,
                 &self.policy,
                 "peer",
+                loose.as_deref(),
             )
             .await
     }
@@ -670,6 +681,7 @@ impl Resolver {
                     headers,
                     &self.policy,
                     "archive",
+                    None,
                 )
                 .await;
         }
@@ -951,6 +963,8 @@ impl FallbackClient {
         headers: &HeaderMap,
         policy: &Policy,
         source: &'static str,
+        // A peer's local tag known only up to its ctime: `"len-mtime-inode`, unclosed.
+        loose_tag: Option<&str>,
     ) -> Result<Response, ServeError> {
         let range = match &rep {
             Some(rep) => match sem::streamed(method, headers, rep, policy, source) {
@@ -1014,7 +1028,19 @@ impl FallbackClient {
                 .get(http::header::CACHE_CONTROL)
                 .and_then(|v| v.to_str().ok())
                 .is_some_and(|v| v.contains("no-store"));
-            if got != want.as_deref() || no_store {
+            let agrees = match (loose_tag, got) {
+                (Some(prefix), Some(got)) => got.strip_prefix(prefix).is_some_and(|rest| {
+                    rest == "\""
+                        || rest
+                            .strip_prefix('-')
+                            .and_then(|r| r.strip_suffix('"'))
+                            .is_some_and(|c| {
+                                !c.is_empty() && c.bytes().all(|b| b.is_ascii_hexdigit())
+                            })
+                }),
+                _ => got == want.as_deref(),
+            };
+            if !agrees || no_store {
                 tracing::warn!(
                     url,
                     ?got,

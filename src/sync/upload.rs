@@ -1376,4 +1376,64 @@ mod tests {
         let h = hash_file(&root_link, &root_link.join("2026/a.jpg"), None).unwrap();
         assert_eq!(h.sha256_hex(), hex::encode(Sha256::digest(b"the spool's")));
     }
+
+    /// Installs, on this thread only, a seccomp filter that answers openat2 with EPERM, as
+    /// systemd's SystemCallErrorNumber=EPERM (ferry.service) does for a call outside its
+    /// list, or Docker before 20.10.
+    fn deny_openat2_with_eperm() {
+        let filter: [libc::sock_filter; 4] = [
+            libc::sock_filter {
+                code: 0x20,
+                jt: 0,
+                jf: 0,
+                k: 0,
+            }, // ld [nr]
+            libc::sock_filter {
+                code: 0x15,
+                jt: 0,
+                jf: 1,
+                k: libc::SYS_openat2 as u32,
+            },
+            libc::sock_filter {
+                code: 0x06,
+                jt: 0,
+                jf: 0,
+                k: 0x0005_0000 | libc::EPERM as u32,
+            },
+            libc::sock_filter {
+                code: 0x06,
+                jt: 0,
+                jf: 0,
+                k: 0x7fff_0000,
+            },
+        ];
+        let prog = libc::sock_fprog {
+            len: 4,
+            filter: filter.as_ptr() as *mut _,
+        };
+        // SAFETY: prctl with a live filter program.
+        unsafe {
+            assert_eq!(libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), 0);
+            assert_eq!(libc::prctl(libc::PR_SET_SECCOMP, 2, &prog as *const _), 0);
+        }
+    }
+
+    /// Where a seccomp filter answers openat2 with EPERM instead of ENOSYS, the confined open
+    /// takes the walk. (It did not, and every hash failed with EPERM, a permanent error:
+    /// every file `failed`.)
+    #[test]
+    fn openat2_denied_with_eperm_still_hashes() {
+        let t = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(t.path().join("d")).unwrap();
+        let p = t.path().join("d/a.jpg");
+        std::fs::write(&p, b"bytes").unwrap();
+        let root = t.path().to_path_buf();
+        let r = std::thread::spawn(move || {
+            deny_openat2_with_eperm();
+            hash_file(&root, &p, None).map(|h| h.sha256_hex())
+        })
+        .join()
+        .unwrap();
+        assert!(r.is_ok(), "{r:?}");
+    }
 }
