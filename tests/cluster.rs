@@ -317,6 +317,33 @@ fn a_kill_9_between_publishing_and_clearing_the_outbox_publishes_again_harmlessl
     assert_eq!(s3.object_bytes("crash.jpg"), bytes);
 }
 
+/// The accept loop every fake peer shares: a thread per connection running its `serve`.
+const PEER_LOOP: &str = r#"
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(('127.0.0.1', 0)); s.listen(16)
+print(s.getsockname()[1], flush=True)
+while True:
+    c, _ = s.accept()
+    threading.Thread(target=serve, args=(c,), daemon=True).start()
+"#;
+
+/// Starts the fake peer `serve` (Python) with `arg` as argv[1]; returns it and its port.
+fn fake_peer(serve: &str, arg: &str) -> (std::process::Child, u16) {
+    let mut peer = std::process::Command::new("python3")
+        .args(["-u", "-c", &format!("{serve}{PEER_LOOP}"), arg])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("python3");
+    let mut port = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(peer.stdout.take().unwrap()),
+        &mut port,
+    )
+    .unwrap();
+    let port = port.trim().parse().expect("the peer's port");
+    (peer, port)
+}
+
 /// A peer that answers a head and part of a body, then closes; or accepts and closes.
 const BAD_PEER: &str = r#"
 import socket, sys, threading
@@ -333,12 +360,6 @@ def serve(conn):
         conn.sendall(head.encode() + b'x' * 30000)
     finally:
         conn.close()
-s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind(('127.0.0.1', 0)); s.listen(16)
-print(s.getsockname()[1], flush=True)
-while True:
-    c, _ = s.accept()
-    threading.Thread(target=serve, args=(c,), daemon=True).start()
 "#;
 
 #[test]
@@ -356,18 +377,7 @@ fn a_peer_that_dies_mid_answer_never_yields_a_clean_looking_short_200() {
         "\"{:x}-{:x}-{:x}-{:x}\"",
         100_000, 1_700_000_000_000_000_000u64, 7, 1_700_000_000_000_000_005u64
     );
-    let mut peer = std::process::Command::new("python3")
-        .args(["-u", "-c", BAD_PEER, &etag])
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .expect("python3");
-    let mut port = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(peer.stdout.take().unwrap()),
-        &mut port,
-    )
-    .unwrap();
-    let port: u16 = port.trim().parse().expect("the peer's port");
+    let (mut peer, port) = fake_peer(BAD_PEER, &etag);
     // A node "bad" that claims two files in its spool, as the shared catalog would say.
     within(Duration::from_secs(10), "the schema", || {
         pg.try_psql("SELECT 1 FROM ferry_nodes LIMIT 1").is_ok()
@@ -469,12 +479,6 @@ def serve(conn):
         conn.sendall(head.encode() + b'x' * 1000)
     finally:
         conn.close()
-s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind(('127.0.0.1', 0)); s.listen(16)
-print(s.getsockname()[1], flush=True)
-while True:
-    c, _ = s.accept()
-    threading.Thread(target=serve, args=(c,), daemon=True).start()
 "#;
 
 /// Schema version 2 during and after a rolling upgrade. (1) A node still on version 1
@@ -501,18 +505,7 @@ fn peer_files_published_under_schema_1_are_still_served() {
     let tags = format!(
         r#"{{"/static/old-node.jpg": "\"{len:x}-{mt:x}-{ino:x}\"", "/static/upgraded-node.jpg": "\"{len:x}-{mt:x}-{ino:x}-{ct:x}\""}}"#
     );
-    let mut peer = std::process::Command::new("python3")
-        .args(["-u", "-c", GOOD_PEER, &tags])
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .expect("python3");
-    let mut port = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(peer.stdout.take().unwrap()),
-        &mut port,
-    )
-    .unwrap();
-    let port: u16 = port.trim().parse().expect("the peer's port");
+    let (mut peer, port) = fake_peer(GOOD_PEER, &tags);
     within(Duration::from_secs(10), "the schema", || {
         pg.try_psql("SELECT 1 FROM ferry_nodes LIMIT 1").is_ok()
     });

@@ -698,8 +698,9 @@ fn guard_get(addr: std::net::SocketAddr, path: &str, headers: &[(&str, &str)]) -
     raw_request(addr, "GET", path.as_bytes(), headers)
 }
 
-/// Starts a GET (keep-alive, so only an aborted connection ends the read early) for `path`, reads `first` bytes, runs `mid`, then reads to EOF (10 s limit).
-/// Returns (header text, body bytes received).
+/// Starts a GET (keep-alive, so only an aborted connection ends the read early) for `path`,
+/// reads `first` bytes, runs `mid`, then reads to EOF (10 s limit). Returns (header text,
+/// body bytes received).
 fn get_with_pause(
     addr: std::net::SocketAddr,
     path: &str,
@@ -720,13 +721,10 @@ fn get_with_pause(
     (head, got[end..].to_vec())
 }
 
-/// The archive move (a rename, what ferry itself does once S3 verified the file) changes
-/// the inode's ctime but not one byte: a download in flight completes. (It was cut short
-/// while the rewrite guard compared ctime too.)
-#[test]
-fn archiving_a_spool_file_mid_download_does_not_cut_the_download() {
-    let t = tempfile::tempdir().unwrap();
-    let s3 = S3::start(t.path());
+/// `ferry serve` with one ready, verified 32 MiB spool file, `big.bin`, answered as public;
+/// returns once the coarse clock's tick of its write is past, so a later rewrite shows.
+fn serving_a_big_ready_file(dir: &std::path::Path) -> (S3, Env, Daemon, usize) {
+    let s3 = S3::start(dir);
     let env = env_serving_spool(&s3);
     let size = 32 << 20;
     let bytes = content("big.bin", size);
@@ -737,7 +735,17 @@ fn archiving_a_spool_file_mid_download_does_not_cut_the_download() {
         guard_get(d.addr(), "/static/big.bin", &[("Range", "bytes=0-0")]).header("cache-control")
             != Some("no-store")
     });
-    std::thread::sleep(Duration::from_millis(50)); // past the coarse-clock tick of the write
+    std::thread::sleep(Duration::from_millis(50));
+    (s3, env, d, size)
+}
+
+/// The archive move (a rename, what ferry itself does once S3 verified the file) changes
+/// the inode's ctime but not one byte: a download in flight completes. (It was cut short
+/// while the rewrite guard compared ctime too.)
+#[test]
+fn archiving_a_spool_file_mid_download_does_not_cut_the_download() {
+    let t = tempfile::tempdir().unwrap();
+    let (_s3, env, d, size) = serving_a_big_ready_file(t.path());
     let (head, body) = get_with_pause(d.addr(), "/static/big.bin", 1 << 16, || {
         std::fs::create_dir_all(env.archive()).unwrap();
         std::fs::rename(env.spool().join("big.bin"), env.archive().join("big.bin")).unwrap();
@@ -756,18 +764,7 @@ fn archiving_a_spool_file_mid_download_does_not_cut_the_download() {
 #[test]
 fn a_rewrite_mid_download_cuts_the_body_and_closes_the_connection() {
     let t = tempfile::tempdir().unwrap();
-    let s3 = S3::start(t.path());
-    let env = env_serving_spool(&s3);
-    let size = 32 << 20;
-    let bytes = content("big.bin", size);
-    env.drop_file("big.bin", &bytes);
-    record_ready(&env, "big.bin", Some(&sha256_hex(&bytes)));
-    let d = env.spawn(&["serve"]);
-    wait_for(Duration::from_secs(10), "public", || {
-        guard_get(d.addr(), "/static/big.bin", &[("Range", "bytes=0-0")]).header("cache-control")
-            != Some("no-store")
-    });
-    std::thread::sleep(Duration::from_millis(50));
+    let (_s3, env, d, size) = serving_a_big_ready_file(t.path());
     let started = std::time::Instant::now();
     let (head, body) = get_with_pause(d.addr(), "/static/big.bin", 1 << 16, || {
         use std::os::unix::fs::FileExt;

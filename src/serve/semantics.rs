@@ -1263,9 +1263,26 @@ mod tests {
     fn local(data: &[u8]) -> (tempfile::NamedTempFile, LocalFile) {
         let mut f = tempfile::NamedTempFile::new().expect("tempfile");
         f.write_all(data).expect("write");
+        let lf = open_local(&f);
+        (f, lf)
+    }
+
+    /// A spool file dated back, as a settled one is: a later rewrite's mtime (now) differs
+    /// from it even on a coarse clock.
+    fn settled(data: &[u8]) -> (tempfile::NamedTempFile, LocalFile) {
+        let mut f = tempfile::NamedTempFile::new().expect("tempfile");
+        f.write_all(data).expect("write");
+        f.as_file()
+            .set_modified(UNIX_EPOCH + Duration::from_secs(1_600_000_000))
+            .expect("set mtime");
+        let lf = open_local(&f);
+        (f, lf)
+    }
+
+    fn open_local(f: &tempfile::NamedTempFile) -> LocalFile {
         let file = File::open(f.path()).expect("open");
         let meta = file.metadata().expect("meta");
-        let lf = LocalFile {
+        LocalFile {
             len: meta.len(),
             mtime: meta.modified().expect("mtime"),
             inode: meta.ino(),
@@ -1273,8 +1290,7 @@ mod tests {
             file,
             preloaded: None,
             foreign: true,
-        };
-        (f, lf)
+        }
     }
 
     /// The body's bytes, and whether it ended in an error (cut short) rather than cleanly.
@@ -1305,24 +1321,7 @@ mod tests {
     async fn a_rewrite_during_the_read_is_not_sent_under_the_opened_tag() {
         use std::os::unix::fs::FileExt;
         for (size, preload) in [(1000, true), (1000, false), (600_000, false)] {
-            let mut f = tempfile::NamedTempFile::new().unwrap();
-            f.write_all(&vec![b'a'; size]).unwrap();
-            // Dated back, as a settled file is: the rewrite's mtime (now) differs even on a
-            // coarse clock.
-            f.as_file()
-                .set_modified(UNIX_EPOCH + Duration::from_secs(1_600_000_000))
-                .unwrap();
-            let file = File::open(f.path()).unwrap();
-            let meta = file.metadata().unwrap();
-            let mut lf = LocalFile {
-                len: meta.len(),
-                mtime: meta.modified().unwrap(),
-                inode: meta.ino(),
-                stat: crate::catalog::FileStat::of(&meta),
-                file,
-                preloaded: None,
-                foreign: true,
-            };
+            let (f, mut lf) = settled(&vec![b'a'; size]);
             if preload {
                 lf.preload().unwrap();
             }
@@ -1367,22 +1366,7 @@ mod tests {
     /// client is told to retry (503), not that ferry failed (500).
     #[tokio::test]
     async fn a_file_truncated_before_the_read_is_a_retry_not_a_fault() {
-        let mut f = tempfile::NamedTempFile::new().unwrap();
-        f.write_all(&[b'a'; 1000]).unwrap();
-        f.as_file()
-            .set_modified(UNIX_EPOCH + Duration::from_secs(1_600_000_000))
-            .unwrap();
-        let file = File::open(f.path()).unwrap();
-        let meta = file.metadata().unwrap();
-        let lf = LocalFile {
-            len: meta.len(),
-            mtime: meta.modified().unwrap(),
-            inode: meta.ino(),
-            stat: crate::catalog::FileStat::of(&meta),
-            file,
-            preloaded: None,
-            foreign: true,
-        };
+        let (f, lf) = settled(&[b'a'; 1000]);
         f.as_file().set_len(10).unwrap();
         let resp = respond(lf, &Method::GET, &HeaderMap::new(), CT, CC).await;
         assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
