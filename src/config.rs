@@ -380,8 +380,10 @@ pub struct HttpConfig {
     /// This node's internal URL for other nodes (`peer` answers, with a shared catalog);
     /// "" = http:// and the address the node bound.
     pub advertise_url: String,
-    /// Runtime worker threads (serving, routing and syncing share them); 0 = one per core.
-    /// Where a load generator or the local S3 server shares the cores, fewer can win.
+    /// HTTP front threads of `ferry serve`/`run` and `ferry route`, each owning the
+    /// connections it is handed, and the worker threads of the runtime that syncs; 0 = one
+    /// per core. Where a load generator or the local S3 server shares the cores, fewer can
+    /// win.
     pub workers: usize,
 }
 impl Default for HttpConfig {

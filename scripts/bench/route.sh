@@ -5,8 +5,9 @@
 # a run straight at one backend ("direct") gives the added latency.
 # Prints markdown on stdout (medians over ROUNDS, ratios); progress on stderr.
 #
-# Env: ROUNDS (3), DURATION (wrk -d, 10s), CONNS ("64 256"), FERRY_BIN, BENCH_TMP,
-# BENCH_LOGS, KEEP_WORK=1.
+# Env: ROUNDS (3), DURATION (wrk -d, 10s), CONNS ("64 256"), FERRY_BIN, FERRY_BASE_BIN (a
+# second build, measured in the same rounds as "ferry route (base)"), BENCH_TMP, BENCH_LOGS,
+# KEEP_WORK=1.
 #
 # Router CPU is the utime+stime delta of the router process alone across the wrk run (the
 # backend's is the same for every router and is left out). wrk shares the 2 cores.
@@ -38,21 +39,30 @@ for p in $P1 $P2 $P3; do wait_port "$p" "$BPID" || die "backend nginx did not st
 RPORT[direct]=$P1
 
 # ferry route, at its defaults apart from the listen address and backends.
-(
-  unset FERRY_CONFIG
-  export FERRY_ROUTER_LISTEN=127.0.0.1:0
-  export FERRY_ROUTER_BACKENDS="http://127.0.0.1:$P1,http://127.0.0.1:$P2,http://127.0.0.1:$P3"
-  exec "$FERRY" route
-) >"$LOGS/ferry-route.out" 2>"$LOGS/ferry-route.err" &
-RPID["ferry route"]=$!
-SPAWNED+=("${RPID["ferry route"]}")
-for _ in $(seq 1 200); do
-  addr=$(sed -n 's/^ferry: router listening on //p' "$LOGS/ferry-route.out")
-  [[ -n $addr ]] && break
-  sleep 0.05
-done
-[[ -n ${addr:-} ]] || die "ferry route did not report its address; see $LOGS/ferry-route.err"
-RPORT["ferry route"]=${addr##*:}
+start_ferry_route() {
+  local name=$1 bin=$2 tag=$3 addr=
+  (
+    unset FERRY_CONFIG
+    export FERRY_ROUTER_LISTEN=127.0.0.1:0
+    export FERRY_ROUTER_BACKENDS="http://127.0.0.1:$P1,http://127.0.0.1:$P2,http://127.0.0.1:$P3"
+    exec "$bin" route
+  ) >"$LOGS/$tag.out" 2>"$LOGS/$tag.err" &
+  RPID[$name]=$!
+  SPAWNED+=("${RPID[$name]}")
+  for _ in $(seq 1 200); do
+    addr=$(sed -n 's/^ferry: router listening on //p' "$LOGS/$tag.out")
+    [[ -n $addr ]] && break
+    sleep 0.05
+  done
+  [[ -n ${addr:-} ]] || die "$name did not report its address; see $LOGS/$tag.err"
+  RPORT[$name]=${addr##*:}
+}
+start_ferry_route "ferry route" "$FERRY" ferry-route
+# FERRY_BASE_BIN: another build measured in the same rounds, for before/after figures.
+if [[ -n ${FERRY_BASE_BIN:-} ]]; then
+  ROUTERS+=("ferry route (base)")
+  start_ferry_route "ferry route (base)" "$FERRY_BASE_BIN" ferry-route-base
+fi
 
 for t in 1 2; do
   name="haproxy ($t thread$([[ $t == 1 ]] || echo s))"
@@ -114,6 +124,8 @@ def med(name, conns, field):
     return statistics.median(v) if v else float("nan")
 conns = sorted({r["conns"] for r in rows}, key=int)
 names = ["direct", "ferry route", "haproxy (1 thread)", "haproxy (2 threads)"]
+if any(r["router"] == "ferry route (base)" for r in rows):
+    names.append("ferry route (base)")
 print("| conns | router | req/s | p50 ms | p99 ms | added p99 ms | CPU µs/req | errors |")
 print("|---:|---|---:|---:|---:|---:|---:|---:|")
 for c in conns:

@@ -110,7 +110,12 @@ pub struct Router {
     hash: HashBy,
     mount: String,
     interval: Duration,
+    /// The health probes' client; each front thread builds its own (`Router::client`).
     client: Client<HttpConnector, Body>,
+    /// `pool_idle_timeout` of every client.
+    pool_idle: Duration,
+    /// `http.workers`: front threads; 0 = one per core.
+    workers: usize,
     /// `http.header_read_timeout`: a client gets this long to send its first request head.
     header_timeout: Duration,
     /// `http.send_timeout`: a response write may stall this long.
@@ -152,16 +157,11 @@ impl Router {
         if r.health_interval.0 < MIN_HEALTH_INTERVAL {
             return Err(RouteError::HealthInterval(r.health_interval.0));
         }
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(CONNECT_TIMEOUT));
-        let client = Client::builder(TokioExecutor::new())
-            .pool_timer(TokioTimer::new())
-            // Well below the nodes' idle close (http.header_read_timeout, when they share
-            // the setting): a pooled connection the node is about to close is dropped here
-            // first, instead of failing the request that reuses it.
-            .pool_idle_timeout((cfg.http.header_read_timeout.0 / 3).min(POOL_IDLE_MAX))
-            .build(connector);
+        // Well below the nodes' idle close (http.header_read_timeout, when they share the
+        // setting): a pooled connection the node is about to close is dropped here first,
+        // instead of failing the request that reuses it.
+        let pool_idle = (cfg.http.header_read_timeout.0 / 3).min(POOL_IDLE_MAX);
+        let client = build_client(pool_idle);
         Ok(Router {
             names: backends.iter().map(|b| b.name.clone()).collect(),
             backends,
@@ -169,12 +169,20 @@ impl Router {
             mount: cfg.http.mount.clone(),
             interval: r.health_interval.0,
             client,
+            pool_idle,
+            workers: cfg.http.workers,
             header_timeout: cfg.http.header_read_timeout.0,
             send_timeout: cfg.http.send_timeout.0,
             max_connections: r.max_connections,
             balance_factor: r.balance_factor,
             load_metrics,
         })
+    }
+
+    /// A pooled client of its own for the calling thread: its connection tasks run on the
+    /// thread that made it.
+    fn client(&self) -> Client<HttpConnector, Body> {
+        build_client(self.pool_idle)
     }
 
     /// Each backend with its requests in flight, in config order.
@@ -210,12 +218,17 @@ impl Router {
     }
 
     /// Answers one client request: the router's own endpoints, else the proxy.
-    pub async fn handle(&self, req: Request<Incoming>, peer: IpAddr) -> Response<Body> {
+    pub async fn handle(
+        &self,
+        req: Request<Incoming>,
+        peer: IpAddr,
+        client: &Client<HttpConnector, Body>,
+    ) -> Response<Body> {
         // The router's own metrics answer /metrics; nodes are scraped directly.
         if req.uri().path().starts_with(OWN_PREFIX) || req.uri().path() == "/metrics" {
             return self.own(&req);
         }
-        self.proxy(req, peer).await
+        self.proxy(req, peer, client).await
     }
 
     fn own(&self, req: &Request<Incoming>) -> Response<Body> {
@@ -257,9 +270,34 @@ impl Router {
         }
     }
 
-    /// Accepts on `listener` until `shutdown`, then lets open connections finish for up to
-    /// 10 s.
-    pub async fn serve(self: Arc<Self>, listener: TcpListener, shutdown: CancellationToken) {
+    /// Serves `listener` on `http.workers` threads until `shutdown` (see
+    /// `conn::thread_per_core`), then lets open connections finish for up to 10 s.
+    pub async fn serve(
+        self: Arc<Self>,
+        listener: TcpListener,
+        shutdown: CancellationToken,
+    ) -> anyhow::Result<()> {
+        let cap = crate::serve::conn::Cap::new(self.max_connections);
+        let workers = self.workers;
+        let stop = shutdown.clone();
+        crate::serve::conn::thread_per_core(
+            "ferry-route",
+            listener,
+            workers,
+            cap,
+            shutdown,
+            move |rx| self.clone().front_thread(rx, stop.clone()),
+        )
+        .await
+    }
+
+    /// One front thread: its own pool of backend connections, so a request and the
+    /// backend connection it rides stay on one thread.
+    async fn front_thread(
+        self: Arc<Self>,
+        mut handed: tokio::sync::mpsc::UnboundedReceiver<crate::serve::conn::Handed>,
+        shutdown: CancellationToken,
+    ) {
         // HTTP/1 only: hyper-util's auto builder reads an HTTP/2 preface with no deadline
         // (its header timeout covers HTTP/1 only), so one byte of "PRI * HTTP/2.0" held a
         // connection forever. Here every connection is under one deadline until its first
@@ -270,34 +308,25 @@ impl Router {
             .header_read_timeout(self.header_timeout)
             .keep_alive(true);
         let builder = Arc::new(builder);
+        let client = self.client();
         let header_timeout = self.header_timeout;
         let send_timeout = self.send_timeout;
-        let cap = crate::serve::conn::Cap::new(self.max_connections);
         let tracker = TaskTracker::new();
-        loop {
-            // At the cap, wait: the kernel's backlog holds newcomers until a slot frees.
-            let slot = tokio::select! {
-                _ = shutdown.cancelled() => break,
-                s = cap.slot() => s,
+        while let Some(handed) = handed.recv().await {
+            let peer = handed.peer;
+            let (stream, held) = match handed.into_tokio() {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(%peer, error = %e, "could not register a connection");
+                    continue;
+                }
             };
-            let (stream, peer) = tokio::select! {
-                _ = shutdown.cancelled() => break,
-                r = listener.accept() => match r {
-                    Ok(x) => x,
-                    Err(e) => {
-                        // Out of descriptors or a connection reset before accept: keep
-                        // serving, without spinning.
-                        tracing::warn!(error = %e, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                },
-            };
-            let _ = stream.set_nodelay(true);
             let router = self.clone();
+            let client = client.clone();
             let builder = builder.clone();
             let stop = shutdown.clone();
             tracker.spawn(async move {
+                let _held = held;
                 // A silent client holds no hyper buffers, and does not hold up shutdown.
                 let spoke = tokio::select! {
                     ok = crate::serve::first_byte(&stream, header_timeout) => ok,
@@ -309,9 +338,9 @@ impl Router {
                 let ip = peer.ip().to_canonical();
                 let svc = hyper::service::service_fn(move |req| {
                     let router = router.clone();
-                    async move { Ok::<_, Infallible>(router.handle(req, ip).await) }
+                    let client = client.clone();
+                    async move { Ok::<_, Infallible>(router.handle(req, ip, &client).await) }
                 });
-                let _slot = slot;
                 let io = crate::serve::conn::SendTimeout::new(stream, send_timeout);
                 let conn = builder.serve_connection(TokioIo::new(io), svc);
                 tokio::pin!(conn);
@@ -327,7 +356,6 @@ impl Router {
                 }
             });
         }
-        drop(listener);
         tracker.close();
         if tokio::time::timeout(DRAIN, tracker.wait()).await.is_err() {
             tracing::warn!(
@@ -336,6 +364,17 @@ impl Router {
             );
         }
     }
+}
+
+/// A pooled HTTP/1 client for the backends.
+fn build_client(pool_idle: Duration) -> Client<HttpConnector, Body> {
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    connector.set_connect_timeout(Some(CONNECT_TIMEOUT));
+    Client::builder(TokioExecutor::new())
+        .pool_timer(TokioTimer::new())
+        .pool_idle_timeout(pool_idle)
+        .build(connector)
 }
 
 /// Runs the router on `router.listen` until `shutdown`.
@@ -363,11 +402,11 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
     // systemd/ferry-router.service is Type=notify with a watchdog.
     crate::telemetry::notify_ready(shutdown.clone());
     let health = tokio::spawn(router.clone().check_health(shutdown.clone()));
-    router.serve(listener, shutdown.clone()).await;
+    let served = router.serve(listener, shutdown.clone()).await;
     crate::telemetry::notify_stopping();
     shutdown.cancel();
     let _ = health.await;
-    Ok(())
+    served
 }
 
 #[cfg(test)]

@@ -6,7 +6,12 @@ use super::*;
 
 impl Router {
     /// Sends one request to the first backend of its ranking that answers.
-    pub(super) async fn proxy(&self, req: Request<Incoming>, peer: IpAddr) -> Response<Body> {
+    pub(super) async fn proxy(
+        &self,
+        req: Request<Incoming>,
+        peer: IpAddr,
+        client: &Client<HttpConnector, Body>,
+    ) -> Response<Body> {
         let (parts, body) = req.into_parts();
         let key = self.key_for(&parts.headers, &parts.uri);
         let order = rank_indices(&self.names, &key);
@@ -53,7 +58,7 @@ impl Router {
                     return text(StatusCode::BAD_REQUEST, "bad request\n");
                 }
             };
-            match tokio::time::timeout(RESPONSE_TIMEOUT, self.client.request(out)).await {
+            match tokio::time::timeout(RESPONSE_TIMEOUT, client.request(out)).await {
                 Ok(Ok(resp)) => {
                     let (mut rp, rb) = resp.into_parts();
                     strip_hop_by_hop(&mut rp.headers);

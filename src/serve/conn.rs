@@ -1,18 +1,192 @@
-//! Bounds on client connections, shared by the node's front and the router: a cap on how
+//! Client connections, shared by the node's front and the router: the thread-per-core
+//! accept loop that hands each connection to one thread for its whole life, a cap on how
 //! many are open (accepting waits at the cap, the kernel's backlog holds the rest), and a
 //! write-progress timeout like nginx's `send_timeout`, so a client that stops reading
 //! cannot pin a descriptor and the response buffers forever.
 
 use std::future::Future;
 use std::io;
+use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Sleep;
+use tokio_util::sync::CancellationToken;
+
+/// One accepted connection, handed to the front thread that serves it.
+#[derive(Debug)]
+pub struct Handed {
+    /// Nonblocking, with TCP_NODELAY; not yet registered with any runtime.
+    pub stream: std::net::TcpStream,
+    pub peer: SocketAddr,
+    /// Its slot under the cap: hold it for the connection's life.
+    pub slot: OwnedSemaphorePermit,
+    /// Counts the connection on its thread until dropped: hold it for the connection's life.
+    pub open: Open,
+}
+
+impl Handed {
+    /// The socket, registered with the calling thread's runtime.
+    pub fn into_tokio(self) -> io::Result<(tokio::net::TcpStream, Held)> {
+        let s = tokio::net::TcpStream::from_std(self.stream)?;
+        Ok((
+            s,
+            Held {
+                _slot: self.slot,
+                _open: self.open,
+            },
+        ))
+    }
+}
+
+/// A connection's slot and count, released together when it ends.
+#[derive(Debug)]
+pub struct Held {
+    _slot: OwnedSemaphorePermit,
+    _open: Open,
+}
+
+/// One front thread's count of open connections; one unit per `Open`.
+#[derive(Debug)]
+pub struct Open(Arc<AtomicUsize>);
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Serves `listener` on `workers` threads (0 = one per core) until `shutdown`.
+///
+/// Each thread runs a single-threaded runtime and `thread(connections)` on it, which owns
+/// every connection handed to it: a request is parsed, answered and written on one thread,
+/// with no wake-up of another thread and no work-stealing queue in between (under the
+/// multi-threaded runtime those cost a futex call every few requests). This task accepts
+/// and hands each connection to the thread with the fewest open ones. Threads accepting
+/// from one shared socket took connections in bursts (the first awake took a whole burst),
+/// and SO_REUSEPORT's port hash ignores load and lets any process of the same user join
+/// the port unnoticed. `thread` returns once its channel closes and its connections have
+/// drained; this returns once every thread has.
+pub async fn thread_per_core<F, Fut>(
+    name: &str,
+    listener: tokio::net::TcpListener,
+    workers: usize,
+    cap: Cap,
+    shutdown: CancellationToken,
+    thread: F,
+) -> anyhow::Result<()>
+where
+    F: Fn(UnboundedReceiver<Handed>) -> Fut + Clone + Send + 'static,
+    Fut: Future<Output = ()> + 'static,
+{
+    let workers = match workers {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n,
+    };
+    // Accepted as plain sockets: a connection is registered once, with the epoll of the
+    // thread that serves it.
+    // SAFETY: the AsyncFd owns the std listener, so its descriptor stays open and the same
+    // for the AsyncFd's whole life.
+    let listener = unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(
+            listener.into_std()?,
+            tokio::io::Interest::READABLE,
+        )
+    }
+    .map_err(|e| anyhow::anyhow!("registering the listener: {e}"))?;
+    let mut threads: Vec<(UnboundedSender<Handed>, Arc<AtomicUsize>)> = Vec::new();
+    let mut ended = Vec::new();
+    for i in 0..workers {
+        let (tx, rx) = unbounded_channel();
+        let (end_tx, end_rx) = tokio::sync::oneshot::channel();
+        let thread = thread.clone();
+        std::thread::Builder::new()
+            .name(format!("{name}-{i}"))
+            .spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build();
+                let r = rt.map(|rt| rt.block_on(thread(rx)));
+                let _ = end_tx.send(r);
+            })?;
+        threads.push((tx, Arc::new(AtomicUsize::new(0))));
+        ended.push(end_rx);
+    }
+    let mut failure = None;
+    loop {
+        // At the cap, wait here: new connections queue in the kernel's backlog rather than
+        // being accepted with no descriptor or memory left to serve them.
+        let slot = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            s = cap.slot() => s,
+        };
+        let (stream, peer) = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            r = accept(&listener) => match r {
+                Ok(pair) => pair,
+                Err(e) => {
+                    // EMFILE/ENFILE: out of descriptors; back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let Some((tx, count)) = threads
+            .iter()
+            .min_by_key(|(_, count)| count.load(Ordering::Relaxed))
+        else {
+            break;
+        };
+        count.fetch_add(1, Ordering::Relaxed);
+        let handed = Handed {
+            stream,
+            peer,
+            slot,
+            open: Open(count.clone()),
+        };
+        if tx.send(handed).is_err() {
+            // A thread is gone (its runtime did not start, or it panicked): a node serving
+            // on a fraction of its threads is worse than one that stops and is restarted.
+            failure = Some(anyhow::anyhow!("{name}: a front thread stopped"));
+            shutdown.cancel();
+            break;
+        }
+    }
+    drop(listener);
+    // Closed channels tell each thread to drain and finish.
+    drop(threads);
+    for end in ended {
+        let r = match end.await {
+            Ok(Ok(())) => continue,
+            Ok(Err(e)) => anyhow::anyhow!("{name}: cannot start a front thread's runtime: {e}"),
+            Err(_) => anyhow::anyhow!("{name}: a front thread panicked"),
+        };
+        failure.get_or_insert(r);
+    }
+    failure.map_or(Ok(()), Err)
+}
+
+/// Accepts one connection as a plain nonblocking socket with TCP_NODELAY.
+async fn accept(
+    listener: &tokio::io::unix::AsyncFd<std::net::TcpListener>,
+) -> io::Result<(std::net::TcpStream, SocketAddr)> {
+    loop {
+        let mut ready = listener.readable().await?;
+        if let Ok(r) = ready.try_io(|l| l.get_ref().accept()) {
+            let (stream, peer) = r?;
+            stream.set_nonblocking(true)?;
+            let _ = stream.set_nodelay(true);
+            return Ok((stream, peer));
+        }
+    }
+}
 
 /// At most `max` connections at once; a permit is held for a connection's whole life.
 #[derive(Clone, Debug)]
@@ -163,6 +337,110 @@ mod tests {
             w.write_all(&chunk).await.expect("slow but moving");
         }
         assert_eq!(reader.await.expect("reader"), 300 * 1024);
+    }
+
+    /// Starts `thread_per_core` on a loopback port with `workers` threads running `thread`.
+    async fn front<F, Fut>(
+        workers: usize,
+        thread: F,
+    ) -> (
+        SocketAddr,
+        CancellationToken,
+        tokio::task::JoinHandle<anyhow::Result<()>>,
+    )
+    where
+        F: Fn(UnboundedReceiver<Handed>) -> Fut + Clone + Send + 'static,
+        Fut: Future<Output = ()> + 'static,
+    {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let stop = CancellationToken::new();
+        let run = tokio::spawn(thread_per_core(
+            "test-front",
+            listener,
+            workers,
+            Cap::new(100),
+            stop.clone(),
+            thread,
+        ));
+        (addr, stop, run)
+    }
+
+    #[tokio::test]
+    async fn each_connection_goes_to_the_thread_with_the_fewest_open() {
+        let (seen_tx, mut seen) = unbounded_channel::<String>();
+        let (addr, stop, run) = front(2, move |mut rx: UnboundedReceiver<Handed>| {
+            let seen_tx = seen_tx.clone();
+            async move {
+                // Every connection stays open (and counted) until the channel closes.
+                let mut open = Vec::new();
+                while let Some(h) = rx.recv().await {
+                    let name = std::thread::current().name().unwrap_or("?").to_string();
+                    let _ = seen_tx.send(name);
+                    open.push(h);
+                }
+            }
+        })
+        .await;
+        let mut clients = Vec::new();
+        let mut names = Vec::new();
+        for _ in 0..6 {
+            clients.push(tokio::net::TcpStream::connect(addr).await.expect("connect"));
+            // One at a time, so each hand-off sees the counts of the ones before.
+            let name = tokio::time::timeout(Duration::from_secs(10), seen.recv())
+                .await
+                .expect("handed within 10 s")
+                .expect("a thread name");
+            names.push(name);
+        }
+        let on = |t: &str| names.iter().filter(|n| *n == t).count();
+        assert_eq!(
+            (on("test-front-0"), on("test-front-1")),
+            (3, 3),
+            "{names:?}"
+        );
+        stop.cancel();
+        tokio::time::timeout(Duration::from_secs(10), run)
+            .await
+            .expect("stops within 10 s")
+            .expect("task")
+            .expect("no thread failed");
+        drop(clients);
+    }
+
+    #[tokio::test]
+    async fn a_front_thread_that_dies_stops_the_front_with_an_error() {
+        let (addr, stop, run) = front(1, |mut rx: UnboundedReceiver<Handed>| async move {
+            if rx.recv().await.is_some() {
+                panic!("a bug in a connection's thread");
+            }
+        })
+        .await;
+        // The first connection kills the only thread; the next one finds it gone.
+        let _a = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let res = tokio::time::timeout(Duration::from_secs(10), async {
+            let mut clients = Vec::new();
+            loop {
+                if run.is_finished() {
+                    return run.await;
+                }
+                if let Ok(c) = tokio::net::TcpStream::connect(addr).await {
+                    clients.push(c);
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await
+        .expect("the front stops within 10 s")
+        .expect("task");
+        let err = res.expect_err("a dead thread is an error");
+        assert!(err.to_string().contains("front thread"), "{err}");
+        assert!(
+            stop.is_cancelled(),
+            "the rest of the process is told to stop"
+        );
     }
 
     #[tokio::test]

@@ -100,15 +100,31 @@ impl ServeError {
     }
 }
 
-/// Runs the HTTP front on `listener` until `shutdown`.
+/// Runs the HTTP front on `listener` until `shutdown`: `http.workers` threads, each owning
+/// the connections handed to it (see `conn::thread_per_core`).
 pub async fn serve(
     state: Arc<resolve::Resolver>,
     listener: tokio::net::TcpListener,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    let cap = conn::Cap::new(state.cfg.http.max_connections);
+    let workers = state.cfg.http.workers;
+    let stop = shutdown.clone();
+    conn::thread_per_core("ferry-http", listener, workers, cap, shutdown, move |rx| {
+        front_thread(state.clone(), rx, stop.clone())
+    })
+    .await
+}
+
+/// One front thread: serves the connections handed to it until the accept loop stops,
+/// then drains them within `DRAIN_DEADLINE`.
+async fn front_thread(
+    state: Arc<resolve::Resolver>,
+    mut handed: tokio::sync::mpsc::UnboundedReceiver<conn::Handed>,
+    shutdown: CancellationToken,
+) {
     let header_timeout = state.cfg.http.header_read_timeout.0;
     let send_timeout = state.cfg.http.send_timeout.0;
-    let cap = conn::Cap::new(state.cfg.http.max_connections);
     let node = HeaderValue::from_str(&state.node_name)
         .unwrap_or_else(|_| HeaderValue::from_static("ferry"));
     // A plain hyper service: the request's parts are taken, not copied (warp's filter chain
@@ -145,38 +161,27 @@ pub async fn serve(
             Ok::<_, std::convert::Infallible>(resp)
         })
     });
-    // Our own accept loop: a client that never finishes its headers is cut off, and
-    // shutdown drains connections with a deadline.
+    // A client that never finishes its headers is cut off, and shutdown drains connections
+    // with a deadline.
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(hyper_util::rt::TokioTimer::new())
         .header_read_timeout(header_timeout)
         .keep_alive(true);
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-    loop {
-        // At the cap, wait here: new connections queue in the kernel's backlog rather than
-        // being accepted with no descriptor or memory left to serve them.
-        let slot = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            s = cap.slot() => s,
+    while let Some(handed) = handed.recv().await {
+        let (stream, held) = match handed.into_tokio() {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "could not register a connection");
+                continue;
+            }
         };
-        let (stream, _peer) = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            r = listener.accept() => match r {
-                Ok(pair) => pair,
-                Err(e) => {
-                    // EMFILE/ENFILE: out of descriptors; back off instead of spinning.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
-        let _ = stream.set_nodelay(true);
         let svc = svc.clone();
         let http = http.clone();
         let watcher = graceful.watcher();
         let stop = shutdown.clone();
         tokio::spawn(async move {
+            let _held = held;
             // A silent client holds no hyper buffers, and does not hold up shutdown.
             let spoke = tokio::select! {
                 ok = first_byte(&stream, header_timeout) => ok,
@@ -185,7 +190,6 @@ pub async fn serve(
             if !spoke {
                 return;
             }
-            let _slot = slot;
             let io = hyper_util::rt::TokioIo::new(conn::SendTimeout::new(stream, send_timeout));
             let conn = http.serve_connection(io, svc);
             // Boxed: the connection's state machine is several KiB, and inline it would size
@@ -195,14 +199,12 @@ pub async fn serve(
             }
         });
     }
-    drop(listener);
     if tokio::time::timeout(DRAIN_DEADLINE, graceful.shutdown())
         .await
         .is_err()
     {
         tracing::warn!("HTTP connections still open after the drain deadline; closing them");
     }
-    Ok(())
 }
 
 /// Waits until the client sends its first byte, within `deadline`; false if it closed,
