@@ -89,6 +89,7 @@ pub async fn run(cfg: Config, with_sync: bool, with_serve: bool) -> anyhow::Resu
     };
     let mut bound = None;
     let mut tasks = tokio::task::JoinSet::new();
+    let serve_failure = Arc::new(std::sync::Mutex::new(None::<anyhow::Error>));
     if with_serve {
         serve::raise_fd_limit();
         let resolver =
@@ -109,9 +110,14 @@ pub async fn run(cfg: Config, with_sync: bool, with_serve: bool) -> anyhow::Resu
             ));
         }
         let s = shutdown.clone();
+        let failed = serve_failure.clone();
         tasks.spawn(async move {
-            if let Err(e) = serve::serve(resolver, listener, s).await {
+            if let Err(e) = serve::serve(resolver, listener, s.clone()).await {
                 tracing::error!(error = %e, "http server stopped");
+                // The process stops with an error (systemd restarts it on failure) rather
+                // than syncing on with nothing serving, or exiting 0.
+                *failed.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
+                s.cancel();
             }
         });
         tracing::info!(%addr, mount = %cfg.http.mount, "http listening");
@@ -158,7 +164,11 @@ pub async fn run(cfg: Config, with_sync: bool, with_serve: bool) -> anyhow::Resu
         while tasks.join_next().await.is_some() {}
     })
     .await;
-    match failure {
+    let served = serve_failure
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .take();
+    match failure.or(served) {
         Some(e) => Err(e),
         None => Ok(()),
     }

@@ -106,14 +106,43 @@ where
         let (tx, rx) = unbounded_channel();
         let (end_tx, end_rx) = tokio::sync::oneshot::channel();
         let thread = thread.clone();
+        let stop = shutdown.clone();
+        // Each runtime's share of the blocking pool the multi-threaded runtime had alone, so
+        // a slow disk cannot make `workers` times as many threads.
+        let blocking = (MAX_BLOCKING_THREADS / workers).max(8);
         std::thread::Builder::new()
             .name(format!("{name}-{i}"))
             .spawn(move || {
-                let rt = tokio::runtime::Builder::new_current_thread()
+                let rt = match tokio::runtime::Builder::new_current_thread()
                     .enable_all()
-                    .build();
-                let r = rt.map(|rt| rt.block_on(thread(rx)));
-                let _ = end_tx.send(r);
+                    .max_blocking_threads(blocking)
+                    .build()
+                {
+                    Ok(rt) => rt,
+                    Err(e) => {
+                        // At once, not when a connection first lands on the missing thread.
+                        stop.cancel();
+                        let _ = end_tx.send(Err(anyhow::anyhow!(
+                            "cannot start a front thread's runtime: {e}"
+                        )));
+                        return;
+                    }
+                };
+                let served = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    rt.block_on(thread(rx))
+                }));
+                if served.is_err() {
+                    stop.cancel();
+                    let _ = end_tx.send(Err(anyhow::anyhow!("a front thread panicked")));
+                    return;
+                }
+                let _ = end_tx.send(Ok(()));
+                // The runtime lives until the process ends, as the multi-threaded one did:
+                // tasks spawned on it outlive this thread's connections. A pooled S3 or
+                // PostgreSQL connection opened by a request here carries the sync's uploads
+                // too, and a cache fill started here feeds clients on other threads; dropping
+                // the runtime now would cut them off mid-shutdown.
+                rt.block_on(std::future::pending::<()>());
             })?;
         threads.push((tx, Arc::new(AtomicUsize::new(0))));
         ended.push(end_rx);
@@ -165,13 +194,16 @@ where
     for end in ended {
         let r = match end.await {
             Ok(Ok(())) => continue,
-            Ok(Err(e)) => anyhow::anyhow!("{name}: cannot start a front thread's runtime: {e}"),
-            Err(_) => anyhow::anyhow!("{name}: a front thread panicked"),
+            Ok(Err(e)) => anyhow::anyhow!("{name}: {e}"),
+            Err(_) => anyhow::anyhow!("{name}: a front thread ended without a word"),
         };
         failure.get_or_insert(r);
     }
     failure.map_or(Ok(()), Err)
 }
+
+/// tokio's default cap on a runtime's blocking threads, shared out among the front's.
+const MAX_BLOCKING_THREADS: usize = 512;
 
 /// Accepts one connection as a plain nonblocking socket with TCP_NODELAY.
 async fn accept(
@@ -408,6 +440,47 @@ mod tests {
             .expect("task")
             .expect("no thread failed");
         drop(clients);
+    }
+
+    #[tokio::test]
+    async fn tasks_a_front_thread_spawned_outlive_its_drained_connections() {
+        // As a pooled S3 connection opened by a request carries the sync's upload, or a
+        // cache fill feeds a client on another thread, after shutdown drained this thread.
+        let (done_tx, mut done) = unbounded_channel::<&'static str>();
+        let (handed_tx, mut handed_rx) = unbounded_channel::<()>();
+        let (addr, stop, run) = front(1, move |mut rx: UnboundedReceiver<Handed>| {
+            let (done_tx, handed_tx) = (done_tx.clone(), handed_tx.clone());
+            async move {
+                while let Some(h) = rx.recv().await {
+                    let done_tx = done_tx.clone();
+                    tokio::spawn(async move {
+                        tokio::time::sleep(Duration::from_millis(300)).await;
+                        let _ = done_tx.send("finished");
+                    });
+                    let _ = handed_tx.send(());
+                    drop(h);
+                }
+            }
+        })
+        .await;
+        let _c = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        tokio::time::timeout(Duration::from_secs(10), handed_rx.recv())
+            .await
+            .expect("handed within 10 s");
+        stop.cancel();
+        tokio::time::timeout(Duration::from_secs(10), run)
+            .await
+            .expect("stops within 10 s")
+            .expect("task")
+            .expect("no thread failed");
+        let got = tokio::time::timeout(Duration::from_secs(10), done.recv())
+            .await
+            .expect("within 10 s");
+        assert_eq!(
+            got,
+            Some("finished"),
+            "the task died with its thread's runtime"
+        );
     }
 
     #[tokio::test]
