@@ -339,8 +339,8 @@ echo
 context_lines
 echo "- $(nginx -v 2>&1 | sed 's/.*: //'), $(lighttpd -v | cut -d' ' -f1), $(wrk -v 2>&1 | head -1 | cut -d' ' -f1-2)${HOT_CASES:+, $(varnishd -V 2>&1 | head -1 | cut -d' ' -f2 | tr -d '(')}"
 echo "- wrk -t1 -c{$CONNS} -d$DURATION --latency over $BENCH_FILES paths (paths.lua), $ROUNDS rounds, server order rotated per round; wrk shares the 2 cores with the server"
-if [[ ${FERRY_HTTP_WORKERS:-0} != 0 ]]; then ferry_threads="$FERRY_HTTP_WORKERS worker thread(s) (FERRY_HTTP_WORKERS, http.workers)"; else ferry_threads="one worker thread per core"; fi
-echo "- processes: ferry = tokio, $ferry_threads; nginx = worker_processes auto ($(nproc)) + master; lighttpd = one single-threaded process"
+if [[ ${FERRY_HTTP_WORKERS:-0} != 0 ]]; then ferry_threads="$FERRY_HTTP_WORKERS front thread(s) (FERRY_HTTP_WORKERS, http.workers)"; else ferry_threads="one front thread per core (http.workers 0)"; fi
+echo "- processes: ferry = $ferry_threads, each a single-threaded tokio runtime; nginx = worker_processes auto ($(nproc)) + master; lighttpd = one single-threaded process"
 echo "- ferry runs with cache.max_size = 0 (hot cache off) in the redirect and local cases, so the redirect case measures ferry's 302 and not its S3 cache; everything else at ferry's defaults"
 if [[ -n $HOT_CASES ]]; then
   echo "- hot cases ($HOT_CASES): the files were uploaded by \`ferry sync --once\` to s3s-fs (catalog: archived); \`ferry serve\` with cache.max_size = 1GiB, cache.hot_hits = ${HOT_HITS:-10 (default)}, http.mode redirect (default), warmed with ${HOT_WARM_PASSES:-${HOT_HITS:-10}} passes over all keys (warm.py, 4 keep-alive connections); varnish: \`varnishd -F -a 127.0.0.1:PORT -b 127.0.0.1:ORIGIN -s malloc,1G -t 604800 -T none -n DIR\` (builtin VCL; -t because the origin sends no Cache-Control and the default TTL, 120 s, would expire objects mid-run) in front of an nginx (nginx.conf) serving copies of the files, warmed with one pass; then both get the 2 s wrk warm-up every server gets. Before measuring, every key was checked to be a hit (X-Ferry-Source: cache; X-Varnish with two ids), and one request before each run"
