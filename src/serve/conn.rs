@@ -400,6 +400,19 @@ mod tests {
         (addr, stop, run)
     }
 
+    /// Stops the front and waits for it to finish without a failed thread.
+    async fn stop_cleanly(
+        stop: &CancellationToken,
+        run: tokio::task::JoinHandle<anyhow::Result<()>>,
+    ) {
+        stop.cancel();
+        tokio::time::timeout(Duration::from_secs(10), run)
+            .await
+            .expect("stops within 10 s")
+            .expect("task")
+            .expect("no thread failed");
+    }
+
     #[tokio::test]
     async fn each_connection_goes_to_the_thread_with_the_fewest_open() {
         let (seen_tx, mut seen) = unbounded_channel::<String>();
@@ -433,12 +446,7 @@ mod tests {
             (3, 3),
             "{names:?}"
         );
-        stop.cancel();
-        tokio::time::timeout(Duration::from_secs(10), run)
-            .await
-            .expect("stops within 10 s")
-            .expect("task")
-            .expect("no thread failed");
+        stop_cleanly(&stop, run).await;
         drop(clients);
     }
 
@@ -467,12 +475,7 @@ mod tests {
         tokio::time::timeout(Duration::from_secs(10), handed_rx.recv())
             .await
             .expect("handed within 10 s");
-        stop.cancel();
-        tokio::time::timeout(Duration::from_secs(10), run)
-            .await
-            .expect("stops within 10 s")
-            .expect("task")
-            .expect("no thread failed");
+        stop_cleanly(&stop, run).await;
         let got = tokio::time::timeout(Duration::from_secs(10), done.recv())
             .await
             .expect("within 10 s");
