@@ -120,13 +120,13 @@ impl Drop for InFlight {
 
 /// A backend's response body that holds its [`InFlight`] guard until the last frame (or an
 /// error) is read, or until hyper drops it because the client went away.
-pub(super) struct Counted {
-    inner: Incoming,
+pub(super) struct Counted<B> {
+    inner: B,
     guard: Option<InFlight>,
 }
 
-impl Counted {
-    pub(super) fn new(inner: Incoming, guard: InFlight) -> Counted {
+impl<B> Counted<B> {
+    pub(super) fn new(inner: B, guard: InFlight) -> Counted<B> {
         Counted {
             inner,
             guard: Some(guard),
@@ -134,15 +134,21 @@ impl Counted {
     }
 }
 
-impl hyper::body::Body for Counted {
+impl<B> hyper::body::Body for Counted<B>
+where
+    B: hyper::body::Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let r = Pin::new(&mut self.inner).poll_frame(cx);
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let r = Pin::new(&mut self.inner)
+            .poll_frame(cx)
+            .map(|f| f.map(|f| f.map_err(Into::into)));
         // Done as soon as the end is seen: hyper may keep the body value a little longer.
         if matches!(r, Poll::Ready(None) | Poll::Ready(Some(Err(_)))) {
             self.guard = None;

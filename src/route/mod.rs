@@ -47,6 +47,7 @@ mod health;
 pub mod load;
 mod proxy;
 mod ring;
+mod upstream;
 
 use health::Backend;
 pub use health::Health;
@@ -55,7 +56,16 @@ use proxy::{empty, text};
 pub use ring::{host_key, path_key, rank, rank_indices, weight, HashBy};
 
 /// The body type on both sides of the proxy: a client's or backend's stream, or our own text.
-pub type Body = UnsyncBoxBody<Bytes, hyper::Error>;
+pub type Body = UnsyncBoxBody<Bytes, BoxError>;
+/// A body's error: hyper's, or the hand-written backend client's (`upstream`).
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// What one front thread sends requests to the backends with: its own idle connections for
+/// bodiless GET and HEAD (`upstream`), and hyper-util's pooled client for the rest.
+pub(super) struct Lanes {
+    client: Client<HttpConnector, Body>,
+    pool: Arc<upstream::Pool>,
+}
 
 /// The router's own endpoints live under this prefix; everything else is proxied, including
 /// `/healthz`, which belongs to the nodes.
@@ -218,17 +228,12 @@ impl Router {
     }
 
     /// Answers one client request: the router's own endpoints, else the proxy.
-    pub async fn handle(
-        &self,
-        req: Request<Incoming>,
-        peer: IpAddr,
-        client: &Client<HttpConnector, Body>,
-    ) -> Response<Body> {
+    async fn handle(&self, req: Request<Incoming>, peer: IpAddr, lanes: &Lanes) -> Response<Body> {
         // The router's own metrics answer /metrics; nodes are scraped directly.
         if req.uri().path().starts_with(OWN_PREFIX) || req.uri().path() == "/metrics" {
             return self.own(&req);
         }
-        self.proxy(req, peer, client).await
+        self.proxy(req, peer, lanes).await
     }
 
     fn own(&self, req: &Request<Incoming>) -> Response<Body> {
@@ -308,7 +313,12 @@ impl Router {
             .header_read_timeout(self.header_timeout)
             .keep_alive(true);
         let builder = Arc::new(builder);
-        let client = self.client();
+        let pool = upstream::Pool::new(self.backends.len(), self.pool_idle);
+        tokio::spawn(upstream::Pool::sweep(Arc::downgrade(&pool)));
+        let lanes = Arc::new(Lanes {
+            client: self.client(),
+            pool,
+        });
         let header_timeout = self.header_timeout;
         let send_timeout = self.send_timeout;
         let tracker = TaskTracker::new();
@@ -322,7 +332,7 @@ impl Router {
                 }
             };
             let router = self.clone();
-            let client = client.clone();
+            let lanes = lanes.clone();
             let builder = builder.clone();
             let stop = shutdown.clone();
             tracker.spawn(async move {
@@ -338,8 +348,12 @@ impl Router {
                 let ip = peer.ip().to_canonical();
                 let svc = hyper::service::service_fn(move |req| {
                     let router = router.clone();
-                    let client = client.clone();
-                    async move { Ok::<_, Infallible>(router.handle(req, ip, &client).await) }
+                    let lanes = lanes.clone();
+                    // Boxed: hyper moves the service's future into place, and inline it is
+                    // kilobytes.
+                    Box::pin(
+                        async move { Ok::<_, Infallible>(router.handle(req, ip, &lanes).await) },
+                    )
                 });
                 let io = crate::serve::conn::SendTimeout::new(stream, send_timeout);
                 let conn = builder.serve_connection(TokioIo::new(io), svc);

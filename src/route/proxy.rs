@@ -10,7 +10,7 @@ impl Router {
         &self,
         req: Request<Incoming>,
         peer: IpAddr,
-        client: &Client<HttpConnector, Body>,
+        lanes: &Lanes,
     ) -> Response<Body> {
         let (parts, body) = req.into_parts();
         let key = self.key_for(&parts.headers, &parts.uri);
@@ -18,13 +18,10 @@ impl Router {
         let mut headers = parts.headers;
         strip_hop_by_hop(&mut headers);
         add_forwarded(&mut headers, peer);
-        let path = parts
-            .uri
-            .path_and_query()
-            .map_or("/", |p| p.as_str())
-            .to_string();
+        let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
         // Only a request whose whole body is known (none) can be sent twice; GET and HEAD are
-        // safe to repeat, and nothing has reached the client yet when we retry.
+        // safe to repeat, and nothing has reached the client yet when we retry. These are
+        // also what the hand-written backend client takes (`upstream`).
         let replayable = matches!(parts.method, Method::GET | Method::HEAD) && body.is_end_stream();
         let mut body = Some(body);
         let mut attempts = 0;
@@ -39,37 +36,54 @@ impl Router {
         let order = self.bounded(order);
         for i in order {
             let b = &self.backends[i];
-            let send_body = if replayable {
-                empty()
-            } else {
-                match body.take() {
-                    Some(incoming) => incoming.boxed_unsync(),
-                    None => break,
-                }
-            };
             attempts += 1;
             // Counted from before the send, so concurrent placements see it at once; the
             // guard goes down with a failed attempt, or rides in the response body.
             let guard = load::InFlight::new(&b.in_flight);
-            let out = match upstream_request(b, &parts.method, &path, &headers, send_body) {
-                Ok(r) => r,
-                Err(e) => {
-                    tracing::warn!(backend = %b.name, error = %e, "cannot build the upstream request");
-                    return text(StatusCode::BAD_REQUEST, "bad request\n");
+            let sent = if replayable {
+                let send = upstream::send(
+                    &lanes.pool,
+                    i,
+                    b.authority.as_str(),
+                    CONNECT_TIMEOUT,
+                    &parts.method,
+                    path,
+                    &headers,
+                );
+                match tokio::time::timeout(RESPONSE_TIMEOUT, send).await {
+                    Ok(Ok(resp)) => Ok(Ok(counted(resp, guard))),
+                    Ok(Err(e)) => Ok(Err((e.is_connect(), e.to_string()))),
+                    Err(elapsed) => Err(elapsed),
+                }
+            } else {
+                let Some(incoming) = body.take() else { break };
+                let out = match upstream_request(
+                    b,
+                    &parts.method,
+                    path,
+                    &headers,
+                    incoming.map_err(BoxError::from).boxed_unsync(),
+                ) {
+                    Ok(r) => r,
+                    Err(e) => {
+                        tracing::warn!(backend = %b.name, error = %e, "cannot build the upstream request");
+                        return text(StatusCode::BAD_REQUEST, "bad request\n");
+                    }
+                };
+                match tokio::time::timeout(RESPONSE_TIMEOUT, lanes.client.request(out)).await {
+                    Ok(Ok(resp)) => Ok(Ok(counted(resp, guard))),
+                    Ok(Err(e)) => Ok(Err((e.is_connect(), e.to_string()))),
+                    Err(elapsed) => Err(elapsed),
                 }
             };
-            match tokio::time::timeout(RESPONSE_TIMEOUT, client.request(out)).await {
-                Ok(Ok(resp)) => {
-                    let (mut rp, rb) = resp.into_parts();
-                    strip_hop_by_hop(&mut rp.headers);
-                    return Response::from_parts(rp, load::Counted::new(rb, guard).boxed_unsync());
-                }
-                Ok(Err(e)) => {
+            match sent {
+                Ok(Ok(resp)) => return resp,
+                Ok(Err((connect, error))) => {
                     let now = std::time::Instant::now();
-                    if e.is_connect() && b.update(|h| h.connect_failed(now)) {
-                        tracing::warn!(backend = %b.name, error = %e, "backend down: connect failed");
+                    if connect && b.update(|h| h.connect_failed(now)) {
+                        tracing::warn!(backend = %b.name, %error, "backend down: connect failed");
                     } else {
-                        tracing::warn!(backend = %b.name, error = %e, "proxying failed");
+                        tracing::warn!(backend = %b.name, %error, "proxying failed");
                     }
                     if !replayable || attempts >= 2 {
                         break;
@@ -89,6 +103,18 @@ impl Router {
             text(StatusCode::BAD_GATEWAY, "backend unreachable\n")
         }
     }
+}
+
+/// A backend's response with the hop-by-hop headers out and the in-flight guard riding in
+/// its body.
+fn counted<B>(resp: Response<B>, guard: load::InFlight) -> Response<Body>
+where
+    B: hyper::body::Body<Data = Bytes> + Unpin + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    let (mut rp, rb) = resp.into_parts();
+    strip_hop_by_hop(&mut rp.headers);
+    Response::from_parts(rp, load::Counted::new(rb, guard).boxed_unsync())
 }
 
 impl Router {
@@ -171,6 +197,11 @@ fn upstream_request(
 /// Removes the headers that describe one connection (RFC 9110 7.6.1), including any the
 /// Connection header names: they must not leak onto our connection to the other side.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Most messages carry none: one pass over the names instead of a lookup for each. Any
+    // name the Connection header lists needs a Connection header, which is in the list.
+    if !headers.keys().any(|n| is_hop_by_hop(n.as_str())) {
+        return;
+    }
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
@@ -200,6 +231,23 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     // to the spool); a client's own marker is dropped at the front.
     headers.remove("x-ferry-peer");
     headers.remove("proxy-connection");
+}
+
+/// The names `strip_hop_by_hop` always removes (lowercase, as HeaderName keeps them).
+fn is_hop_by_hop(name: &str) -> bool {
+    matches!(
+        name,
+        "connection"
+            | "te"
+            | "trailer"
+            | "transfer-encoding"
+            | "upgrade"
+            | "proxy-authorization"
+            | "proxy-authenticate"
+            | "keep-alive"
+            | "x-ferry-peer"
+            | "proxy-connection"
+    )
 }
 
 /// Appends the client's address to X-Forwarded-For and sets X-Forwarded-Proto.
