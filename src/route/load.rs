@@ -21,6 +21,7 @@
 //! response body is finished or dropped (sent out, the client gone, or an error), through
 //! [`InFlight`], a guard that the response body carries.
 
+use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
@@ -119,17 +120,28 @@ impl Drop for InFlight {
 }
 
 /// A backend's response body that holds its [`InFlight`] guard until the last frame (or an
-/// error) is read, or until hyper drops it because the client went away.
+/// error) is read, or until hyper drops it because the client went away; and that fails
+/// when the backend sends nothing of it for `stall`. Without that deadline a backend that
+/// stops mid-body would hold the client (and the in-flight count) for as long as the client
+/// cares to wait: the head timeout ends at the head.
 pub(super) struct Counted<B> {
     inner: B,
     guard: Option<InFlight>,
+    stall: Duration,
+    /// Armed the first time the body waits, so a body that is all there costs no timer.
+    deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// A frame came since the deadline was last set.
+    moved: bool,
 }
 
 impl<B> Counted<B> {
-    pub(super) fn new(inner: B, guard: InFlight) -> Counted<B> {
+    pub(super) fn new(inner: B, guard: InFlight, stall: Duration) -> Counted<B> {
         Counted {
             inner,
             guard: Some(guard),
+            stall,
+            deadline: None,
+            moved: false,
         }
     }
 }
@@ -146,14 +158,48 @@ where
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let r = Pin::new(&mut self.inner)
-            .poll_frame(cx)
-            .map(|f| f.map(|f| f.map_err(Into::into)));
-        // Done as soon as the end is seen: hyper may keep the body value a little longer.
-        if matches!(r, Poll::Ready(None) | Poll::Ready(Some(Err(_)))) {
-            self.guard = None;
+        let this = &mut *self;
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(r) => {
+                let r = r.map(|f| f.map_err(Into::into));
+                // Done as soon as the end is seen: hyper may keep the body value a little
+                // longer.
+                if matches!(r, None | Some(Err(_))) {
+                    this.guard = None;
+                    this.deadline = None;
+                }
+                this.moved = true;
+                Poll::Ready(r)
+            }
+            Poll::Pending => {
+                let stall = this.stall;
+                let deadline = match this.deadline.as_mut() {
+                    Some(d) => {
+                        if std::mem::take(&mut this.moved) {
+                            d.as_mut().reset(tokio::time::Instant::now() + stall);
+                        }
+                        d
+                    }
+                    None => {
+                        this.moved = false;
+                        this.deadline.insert(Box::pin(tokio::time::sleep(stall)))
+                    }
+                };
+                if deadline.as_mut().poll(cx).is_pending() {
+                    return Poll::Pending;
+                }
+                this.guard = None;
+                this.deadline = None;
+                tracing::warn!(
+                    "a backend sent nothing of a response body for {stall:?}; the client's \
+                     response is cut off"
+                );
+                Poll::Ready(Some(Err(format!(
+                    "the backend sent nothing of the body for {stall:?}"
+                )
+                .into())))
+            }
         }
-        r
     }
 
     fn is_end_stream(&self) -> bool {
@@ -206,6 +252,57 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[tokio::test]
+    async fn a_body_that_keeps_coming_outlives_the_stall_and_one_that_stops_does_not() {
+        use http_body_util::BodyExt;
+        // Five frames 120 ms apart: 600 ms in all, never 200 ms without one.
+        let frames = |n: usize| {
+            futures_util::stream::unfold(0usize, move |i| async move {
+                if i == n {
+                    return None;
+                }
+                tokio::time::sleep(Duration::from_millis(120)).await;
+                Some((
+                    Ok::<_, BoxError>(Frame::data(Bytes::from_static(b"x"))),
+                    i + 1,
+                ))
+            })
+        };
+        let g = Gauge::default();
+        let stall = Duration::from_millis(200);
+        let body = Counted::new(
+            http_body_util::StreamBody::new(Box::pin(frames(5))),
+            InFlight::new(&g),
+            stall,
+        );
+        let got = body.collect().await.expect("a trickle is not a stall");
+        assert_eq!(&got.to_bytes()[..], b"xxxxx");
+        assert_eq!(g.get(), 0);
+
+        // Two frames, then nothing.
+        let stalled = futures_util::StreamExt::chain(
+            frames(2),
+            futures_util::stream::pending::<Result<Frame<Bytes>, BoxError>>(),
+        );
+        let mut body = Counted::new(
+            http_body_util::StreamBody::new(Box::pin(stalled)),
+            InFlight::new(&g),
+            stall,
+        );
+        for _ in 0..2 {
+            let f = body.frame().await.expect("a frame").expect("data");
+            assert!(f.is_data());
+        }
+        assert_eq!(g.get(), 1);
+        let started = std::time::Instant::now();
+        let end = tokio::time::timeout(Duration::from_secs(5), body.frame())
+            .await
+            .expect("the stall ends it");
+        assert!(matches!(end, Some(Err(_))), "{end:?}");
+        assert!(started.elapsed() >= stall);
+        assert_eq!(g.get(), 0, "the guard went with the error");
     }
 
     #[test]

@@ -77,6 +77,9 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// A backend that sends no response headers by then gets the client a 504. Generous: a node
 /// may be fetching from S3 before it answers.
 const RESPONSE_TIMEOUT: Duration = Duration::from_secs(60);
+/// A backend that then sends nothing of the body for this long has the client's response
+/// cut off (`load::Counted`), on either lane.
+const BODY_STALL: Duration = Duration::from_secs(60);
 /// Consecutive probe results needed to change a backend's state.
 const FLIP_AFTER: u32 = 2;
 /// Connect failures while proxying that mark a backend down at once (before the probes

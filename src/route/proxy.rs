@@ -105,8 +105,8 @@ impl Router {
     }
 }
 
-/// A backend's response with the hop-by-hop headers out and the in-flight guard riding in
-/// its body.
+/// A backend's response with the hop-by-hop headers out, and the in-flight guard and the
+/// body's stall deadline riding in its body.
 fn counted<B>(resp: Response<B>, guard: load::InFlight) -> Response<Body>
 where
     B: hyper::body::Body<Data = Bytes> + Unpin + Send + 'static,
@@ -114,7 +114,7 @@ where
 {
     let (mut rp, rb) = resp.into_parts();
     strip_hop_by_hop(&mut rp.headers);
-    Response::from_parts(rp, load::Counted::new(rb, guard).boxed_unsync())
+    Response::from_parts(rp, load::Counted::new(rb, guard, BODY_STALL).boxed_unsync())
 }
 
 impl Router {

@@ -37,6 +37,10 @@ const MAX_HEADERS: usize = 100;
 const MAX_LINE: usize = 4096;
 /// Read size for bodies.
 const READ_CHUNK: usize = 16 * 1024;
+/// Idle connections kept per backend per front thread; past it the oldest is closed. Far
+/// above what a front thread has in flight to one node at -c256, so it only bounds the
+/// file descriptors a burst of thousands of concurrent requests would leave open.
+const MAX_IDLE: usize = 1024;
 
 /// Why a backend exchange failed.
 #[derive(Debug, thiserror::Error)]
@@ -61,16 +65,6 @@ impl UpstreamError {
             UpstreamError::Connect(_) | UpstreamError::ConnectTimeout(_)
         )
     }
-
-    /// Nothing of a response arrived on a reused connection: the backend closed it while
-    /// it sat idle (its keep-alive ran out as we wrote), so a new connection is tried.
-    fn stale(&self) -> bool {
-        matches!(self, UpstreamError::Closed)
-            || matches!(self, UpstreamError::Io(e) if matches!(
-                e.kind(),
-                io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionAborted
-            ))
-    }
 }
 
 /// One open connection to a backend, with any bytes read past the last response.
@@ -88,6 +82,7 @@ struct Idle {
 pub(super) struct Pool {
     idle: Vec<Mutex<Vec<Idle>>>,
     idle_timeout: Duration,
+    max_idle: usize,
 }
 
 impl Pool {
@@ -95,6 +90,7 @@ impl Pool {
         Arc::new(Pool {
             idle: (0..backends).map(|_| Mutex::new(Vec::new())).collect(),
             idle_timeout,
+            max_idle: MAX_IDLE,
         })
     }
 
@@ -115,7 +111,12 @@ impl Pool {
     }
 
     fn put(&self, backend: usize, conn: Conn) {
-        self.slot(backend).push(Idle {
+        let mut idle = self.slot(backend);
+        if idle.len() >= self.max_idle {
+            // The oldest is the likeliest to be closed by the node soon anyway.
+            idle.remove(0);
+        }
+        idle.push(Idle {
             conn,
             since: Instant::now(),
         });
@@ -158,8 +159,10 @@ fn quiet(stream: &TcpStream) -> bool {
 
 /// Sends a bodiless `method` request for `path` with `headers` (hop-by-hop already removed,
 /// forwarding headers added) to backend `backend` at `authority`, and returns the response
-/// with its body still on the wire. A reused connection that turns out closed is replaced
-/// by a new one once; the request is safe to repeat (GET or HEAD, no body).
+/// with its body still on the wire. A reused connection that fails before a whole final
+/// response head (closed, reset, or bytes that are no response: late ones from an earlier
+/// exchange, say) is replaced by a new one once; the request is safe to repeat (GET or HEAD,
+/// no body). A new connection's failure is the answer.
 pub(super) async fn send(
     pool: &Arc<Pool>,
     backend: usize,
@@ -174,10 +177,9 @@ pub(super) async fn send(
     if let Some(conn) = pool.take(backend) {
         match exchange(conn, &head, is_head).await {
             Ok(r) => return Ok(finish(r, pool, backend)),
-            Err(e) if e.stale() => {
-                tracing::debug!(backend = authority, error = %e, "a pooled connection was closed; opening a new one");
+            Err(e) => {
+                tracing::debug!(backend = authority, error = %e, "a pooled connection failed; retrying on a new one");
             }
-            Err(e) => return Err(e),
         }
     }
     let conn = connect(authority, connect_timeout).await?;
@@ -360,7 +362,12 @@ fn parse_head(buf: &mut BytesMut, is_head: bool) -> Result<Option<Head>, Upstrea
         Framing::Length(0)
     } else if transfer_encoded {
         // The coding frames the body; a Content-Length beside it is a lie or an attack, and
-        // hyper frames what we pass on anew.
+        // hyper frames what we pass on anew. Either that or a Transfer-Encoding on HTTP/1.0
+        // means the sender's framing cannot be trusted past this response (RFC 9112 6.1,
+        // 6.3): the connection is not reused.
+        if content_length.is_some() || version == Version::HTTP_10 {
+            close = true;
+        }
         headers.remove(header::CONTENT_LENGTH);
         if chunked {
             Framing::Chunked(Chunk::Size)
@@ -411,8 +418,8 @@ enum Chunk {
     Data(u64),
     /// Expecting the CRLF after a chunk's data.
     DataEnd,
-    /// After the last chunk: trailer lines until an empty one.
-    Trailers,
+    /// After the last chunk: trailer lines until an empty one; this many bytes so far.
+    Trailers(usize),
 }
 
 /// A backend response body read straight off its connection; the connection goes back to
@@ -476,7 +483,7 @@ impl UpstreamBody {
                 }
                 let size = u64::from_str_radix(std::str::from_utf8(digits)?, 16)?;
                 self.framing = Framing::Chunked(if size == 0 {
-                    Chunk::Trailers
+                    Chunk::Trailers(0)
                 } else {
                     Chunk::Data(size)
                 });
@@ -507,16 +514,21 @@ impl UpstreamBody {
                 self.framing = Framing::Chunked(Chunk::Size);
                 Ok(Some(Some(Bytes::new())))
             }
-            Chunk::Trailers => {
+            Chunk::Trailers(seen) => {
                 let Some(line) = take_line(buf)? else {
                     return Ok(None);
                 };
                 // Trailers are dropped: hyper would pass them on only to a client that
-                // asked with "TE: trailers", and the nodes send none.
+                // asked with "TE: trailers", and the nodes send none. Bounded as a head is.
                 if line.is_empty() {
                     self.framing = Framing::Done;
                     Ok(Some(None))
                 } else {
+                    let seen = seen + line.len() + 2;
+                    if seen > MAX_HEAD {
+                        return Err("trailers too large from the backend".into());
+                    }
+                    self.framing = Framing::Chunked(Chunk::Trailers(seen));
                     Ok(Some(Some(Bytes::new())))
                 }
             }
@@ -527,6 +539,7 @@ impl UpstreamBody {
 /// Takes one CRLF-terminated line off the front of `buf` (without the CRLF).
 fn take_line(buf: &mut BytesMut) -> Result<Option<BytesMut>, BoxError> {
     match buf.windows(2).position(|w| w == b"\r\n") {
+        Some(i) if i > MAX_LINE => Err("chunk line too long from the backend".into()),
         Some(i) => {
             let line = buf.split_to(i);
             buf.advance(2);
@@ -819,7 +832,7 @@ mod tests {
     async fn a_chunked_body_is_decoded_across_reads_and_the_connection_reused() {
         let b = backend(vec![hold(vec![
             vec![
-                b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ncontent-length: 99\r\n\r\n",
+                b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n",
                 b"4;ext=1\r\nab",
                 b"cd\r",
                 b"\n",
@@ -830,12 +843,8 @@ mod tests {
         ])])
         .await;
         let p = pool();
-        let (st, h, body) = get(&p, &b, Method::GET).await.expect("chunked");
+        let (st, _, body) = get(&p, &b, Method::GET).await.expect("chunked");
         assert_eq!((st, &body[..]), (StatusCode::OK, &b"abcd0123456789"[..]));
-        assert!(
-            h.get(header::CONTENT_LENGTH).is_none(),
-            "a length beside chunked is dropped"
-        );
         assert_eq!(p.idle_count(0), 1);
         let (st, _, body) = get(&p, &b, Method::GET).await.expect("204");
         assert_eq!((st, body.len()), (StatusCode::NO_CONTENT, 0));
@@ -1047,6 +1056,155 @@ mod tests {
             "{:?}",
             r.err()
         );
+    }
+
+    #[tokio::test]
+    async fn a_length_beside_chunked_or_chunked_on_http_1_0_is_decoded_but_not_reused() {
+        for reply in [
+            &b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ncontent-length: 99\r\n\r\n2\r\nok\r\n0\r\n\r\n"[..],
+            b"HTTP/1.0 200 OK\r\nconnection: keep-alive\r\ntransfer-encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n",
+        ] {
+            let b = backend(vec![hold(vec![vec![reply]])]).await;
+            let p = pool();
+            let (st, h, body) = get(&p, &b, Method::GET).await.expect("chunked");
+            assert_eq!((st, &body[..]), (StatusCode::OK, &b"ok"[..]));
+            assert!(
+                h.get(header::CONTENT_LENGTH).is_none(),
+                "a length beside chunked is dropped"
+            );
+            assert_eq!(
+                p.idle_count(0),
+                0,
+                "framing not to be trusted: {:?}",
+                String::from_utf8_lossy(reply)
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_chunk_line_or_trailers_past_their_limits_are_refused_even_when_whole() {
+        static LONG_LINE: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
+        static BIG_TRAILERS: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
+        let long_line = LONG_LINE.get_or_init(|| {
+            let mut v = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2;x=".to_vec();
+            v.resize(v.len() + MAX_LINE + 10, b'a');
+            v.extend_from_slice(b"\r\nok\r\n0\r\n\r\n");
+            v
+        });
+        let big_trailers = BIG_TRAILERS.get_or_init(|| {
+            let mut v =
+                b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n".to_vec();
+            for i in 0..(MAX_HEAD / 100 + 10) {
+                v.extend_from_slice(format!("x-t{i}: {}\r\n", "b".repeat(90)).as_bytes());
+            }
+            v.extend_from_slice(b"\r\n");
+            v
+        });
+        for reply in [&long_line[..], &big_trailers[..]] {
+            let b = backend(vec![Script {
+                replies: vec![vec![reply]],
+                after: After::Hold,
+            }])
+            .await;
+            let p = pool();
+            assert!(get(&p, &b, Method::GET).await.is_err());
+            assert_eq!(p.idle_count(0), 0);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_pooled_connection_that_answers_with_no_response_is_retried_on_a_new_one() {
+        let b = backend(vec![
+            Script {
+                // The second answer on this connection is what late bytes of an earlier
+                // exchange would look like: not a response head.
+                replies: vec![
+                    vec![b"HTTP/1.1 200 OK\r\ncontent-length: 1\r\n\r\na"],
+                    vec![b"junk\r\n\r\n"],
+                ],
+                after: After::Close,
+            },
+            hold(vec![vec![b"HTTP/1.1 200 OK\r\ncontent-length: 1\r\n\r\nb"]]),
+        ])
+        .await;
+        let p = pool();
+        assert_eq!(get(&p, &b, Method::GET).await.expect("first").2, b"a");
+        assert_eq!(p.idle_count(0), 1);
+        let (st, _, body) = get(&p, &b, Method::GET).await.expect("second");
+        assert_eq!((st, &body[..]), (StatusCode::OK, &b"b"[..]));
+        assert_eq!(b.accepted.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn the_idle_pool_keeps_at_most_its_cap_per_backend() {
+        let ok: &'static [u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 1\r\n\r\na";
+        let b = backend(vec![
+            hold(vec![vec![ok]]),
+            hold(vec![vec![ok]]),
+            hold(vec![vec![ok]]),
+        ])
+        .await;
+        let p = Arc::new(Pool {
+            idle: vec![Mutex::new(Vec::new())],
+            idle_timeout: Duration::from_secs(30),
+            max_idle: 2,
+        });
+        let mut h = HeaderMap::new();
+        h.insert(header::HOST, HeaderValue::from_static("x"));
+        let t = Duration::from_secs(2);
+        // Three at once: each head arrives before any body is read, so three connections.
+        let (r1, r2, r3) = tokio::join!(
+            send(&p, 0, &b.addr, t, &Method::GET, "/", &h),
+            send(&p, 0, &b.addr, t, &Method::GET, "/", &h),
+            send(&p, 0, &b.addr, t, &Method::GET, "/", &h),
+        );
+        for r in [r1, r2, r3] {
+            let body = r.expect("head").into_body().collect().await.expect("body");
+            assert_eq!(&body.to_bytes()[..], b"a");
+        }
+        assert_eq!(b.accepted.load(Ordering::SeqCst), 3);
+        assert_eq!(p.idle_count(0), 2);
+    }
+
+    #[tokio::test]
+    async fn a_body_the_backend_stops_sending_is_cut_off_after_the_stall() {
+        let b = backend(vec![hold(vec![vec![
+            b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nabc",
+            b"de",
+        ]])])
+        .await;
+        let p = pool();
+        let mut h = HeaderMap::new();
+        h.insert(header::HOST, HeaderValue::from_static("x"));
+        let r = send(
+            &p,
+            0,
+            &b.addr,
+            Duration::from_secs(2),
+            &Method::GET,
+            "/",
+            &h,
+        )
+        .await
+        .expect("head");
+        let gauge = prometheus_client::metrics::gauge::Gauge::default();
+        let stall = Duration::from_millis(200);
+        let body = super::super::load::Counted::new(
+            r.into_body(),
+            super::super::load::InFlight::new(&gauge),
+            stall,
+        );
+        let started = Instant::now();
+        let got = tokio::time::timeout(Duration::from_secs(5), body.collect())
+            .await
+            .expect("the stall deadline ends the body, not the test's timeout");
+        assert!(
+            got.is_err(),
+            "a cut-off body is an error, never a short 200"
+        );
+        assert!(started.elapsed() >= stall);
+        assert_eq!(gauge.get(), 0, "no longer in flight");
+        assert_eq!(p.idle_count(0), 0);
     }
 
     #[test]
