@@ -490,6 +490,32 @@ mod tests {
     }
 
     #[test]
+    fn an_absolute_target_names_the_host_the_node_sees() {
+        let mut h = HeaderMap::new();
+        let abs: Uri = "http://user:pw@Site7.example:81/x".parse().unwrap();
+        proxy::host_from_target(&mut h, &abs);
+        assert_eq!(
+            h.get(header::HOST).map(|v| v.as_bytes()),
+            Some(&b"Site7.example:81"[..])
+        );
+        h.insert(header::HOST, HeaderValue::from_static("other.example"));
+        let abs: Uri = "http://site8.example/x".parse().unwrap();
+        proxy::host_from_target(&mut h, &abs);
+        assert_eq!(
+            h.get(header::HOST).map(|v| v.as_bytes()),
+            Some(&b"site8.example"[..]),
+            "the target wins over a Host"
+        );
+        // Origin form: the Host stays.
+        let origin: Uri = "/x".parse().unwrap();
+        proxy::host_from_target(&mut h, &origin);
+        assert_eq!(
+            h.get(header::HOST).map(|v| v.as_bytes()),
+            Some(&b"site8.example"[..])
+        );
+    }
+
+    #[test]
     fn path_key_is_the_first_segment_after_the_mount() {
         assert_eq!(path_key("/static/", "/static/blog1/2026/a.jpg"), "blog1");
         assert_eq!(path_key("/static/", "/static/a.jpg"), "a.jpg");

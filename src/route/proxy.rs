@@ -12,7 +12,8 @@ impl Router {
         peer: IpAddr,
         lanes: &Lanes,
     ) -> Response<Body> {
-        let (parts, body) = req.into_parts();
+        let (mut parts, body) = req.into_parts();
+        host_from_target(&mut parts.headers, &parts.uri);
         let key = self.key_for(&parts.headers, &parts.uri);
         let order = rank_indices(&self.names, &key);
         let mut headers = parts.headers;
@@ -102,6 +103,20 @@ impl Router {
         } else {
             text(StatusCode::BAD_GATEWAY, "backend unreachable\n")
         }
+    }
+}
+
+/// A request in absolute form (`GET http://site.example/x`) names its site in the target,
+/// which wins over any Host it carries (RFC 9112 3.2.2): the node and the hash both see
+/// that one.
+pub(super) fn host_from_target(headers: &mut HeaderMap, uri: &Uri) {
+    let Some(authority) = uri.authority() else {
+        return;
+    };
+    // Userinfo is never passed on.
+    let host = authority.as_str().rsplit('@').next().unwrap_or("");
+    if let Ok(v) = HeaderValue::from_str(host) {
+        headers.insert(header::HOST, v);
     }
 }
 

@@ -37,6 +37,8 @@ const MAX_HEADERS: usize = 100;
 const MAX_LINE: usize = 4096;
 /// Read size for bodies.
 const READ_CHUNK: usize = 16 * 1024;
+/// Interim (1xx) responses taken before the final one; a node that sends more is broken.
+const MAX_INTERIM: usize = 16;
 /// Idle connections kept per backend per front thread; past it the oldest is closed. Far
 /// above what a front thread has in flight to one node at -c256, so it only bounds the
 /// file descriptors a burst of thousands of concurrent requests would leave open.
@@ -53,6 +55,9 @@ pub enum UpstreamError {
     Io(#[from] io::Error),
     #[error("the backend closed the connection before a response")]
     Closed,
+    /// What arrived does not begin like a response at all.
+    #[error("bad response from the backend: not HTTP")]
+    NotHttp,
     #[error("bad response from the backend: {0}")]
     Protocol(&'static str),
 }
@@ -64,6 +69,19 @@ impl UpstreamError {
             self,
             UpstreamError::Connect(_) | UpstreamError::ConnectTimeout(_)
         )
+    }
+
+    /// Nothing of an answer to this request arrived on a reused connection: the node closed
+    /// or reset it while it sat idle (its keep-alive ran out as we wrote), or what came
+    /// first is no response head (late bytes of an earlier exchange). A new connection is
+    /// tried. A head that arrived and was refused is the node's answer: sent again it would
+    /// only be refused again, at the cost of another request to the node.
+    fn stale(&self) -> bool {
+        matches!(self, UpstreamError::Closed | UpstreamError::NotHttp)
+            || matches!(self, UpstreamError::Io(e) if matches!(
+                e.kind(),
+                io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionAborted
+            ))
     }
 }
 
@@ -159,10 +177,10 @@ fn quiet(stream: &TcpStream) -> bool {
 
 /// Sends a bodiless `method` request for `path` with `headers` (hop-by-hop already removed,
 /// forwarding headers added) to backend `backend` at `authority`, and returns the response
-/// with its body still on the wire. A reused connection that fails before a whole final
-/// response head (closed, reset, or bytes that are no response: late ones from an earlier
-/// exchange, say) is replaced by a new one once; the request is safe to repeat (GET or HEAD,
-/// no body). A new connection's failure is the answer.
+/// with its body still on the wire. A reused connection that gave nothing of an answer
+/// (`stale`), or answered 408 with a close (a node's idle timeout racing the request, as
+/// browsers treat it), is replaced by a new one once; the request is safe to repeat (GET or
+/// HEAD, no body). A new connection's failure is the answer.
 pub(super) async fn send(
     pool: &Arc<Pool>,
     backend: usize,
@@ -176,10 +194,17 @@ pub(super) async fn send(
     let is_head = method == Method::HEAD;
     if let Some(conn) = pool.take(backend) {
         match exchange(conn, &head, is_head).await {
-            Ok(r) => return Ok(finish(r, pool, backend)),
-            Err(e) => {
-                tracing::debug!(backend = authority, error = %e, "a pooled connection failed; retrying on a new one");
+            Ok(r) if r.status == StatusCode::REQUEST_TIMEOUT && !r.keep_alive => {
+                tracing::debug!(
+                    backend = authority,
+                    "a pooled connection answered 408 and closed; retrying on a new one"
+                );
             }
+            Ok(r) => return Ok(finish(r, pool, backend)),
+            Err(e) if e.stale() => {
+                tracing::debug!(backend = authority, error = %e, "a pooled connection was closed; retrying on a new one");
+            }
+            Err(e) => return Err(e),
         }
     }
     let conn = connect(authority, connect_timeout).await?;
@@ -245,8 +270,28 @@ async fn exchange(mut conn: Conn, head: &[u8], is_head: bool) -> Result<Exchange
         return Err(UpstreamError::Protocol("bytes after the previous response"));
     }
     conn.stream.write_all(head).await?;
+    // Bytes already searched for the head's end: a head that arrives a byte at a time is
+    // parsed once, not once per read.
+    let mut searched = 0;
+    let mut interim = 0;
     loop {
-        if let Some(parsed) = parse_head(&mut conn.buf, is_head)? {
+        // Empty lines before a status line are skipped (httparse does), as a request's are.
+        let lead = conn
+            .buf
+            .iter()
+            .take_while(|&&b| b == b'\r' || b == b'\n')
+            .count();
+        let rest = &conn.buf[lead..];
+        if !rest.starts_with(&b"HTTP/"[..rest.len().min(5)]) {
+            return Err(UpstreamError::NotHttp);
+        }
+        let parsed = if head_may_end(&conn.buf, searched) {
+            parse_head(&mut conn.buf, is_head)?
+        } else {
+            None
+        };
+        searched = conn.buf.len();
+        if let Some(parsed) = parsed {
             let (status, version, headers, framing, keep_alive) = parsed;
             if status.is_informational() {
                 // 100 Continue, 103 Early Hints: the real answer follows. 101 cannot: we never
@@ -254,6 +299,11 @@ async fn exchange(mut conn: Conn, head: &[u8], is_head: bool) -> Result<Exchange
                 if status == StatusCode::SWITCHING_PROTOCOLS {
                     return Err(UpstreamError::Protocol("101 without an upgrade request"));
                 }
+                interim += 1;
+                if interim > MAX_INTERIM {
+                    return Err(UpstreamError::Protocol("too many interim responses"));
+                }
+                searched = 0;
                 continue;
             }
             return Ok(Exchanged {
@@ -283,6 +333,22 @@ async fn exchange(mut conn: Conn, head: &[u8], is_head: bool) -> Result<Exchange
     }
 }
 
+/// Whether `buf` may hold a whole head: an empty line (`\n\n` or `\n\r\n`, as httparse
+/// accepts both) ends somewhere past the first `from` bytes, which were searched before.
+fn head_may_end(buf: &[u8], from: usize) -> bool {
+    let start = from.saturating_sub(2);
+    let mut at = start;
+    while let Some(i) = memchr::memchr(b'\n', &buf[at..]) {
+        let i = at + i;
+        match buf.get(i + 1) {
+            Some(b'\n') => return true,
+            Some(b'\r') if buf.get(i + 2) == Some(&b'\n') => return true,
+            _ => at = i + 1,
+        }
+    }
+    false
+}
+
 type Head = (StatusCode, Version, HeaderMap, Framing, bool);
 
 /// Parses one response head off the front of `buf`, if it is all there.
@@ -309,6 +375,7 @@ fn parse_head(buf: &mut BytesMut, is_head: bool) -> Result<Option<Head>, Upstrea
     let mut content_length: Option<u64> = None;
     let mut chunked = false;
     let mut transfer_encoded = false;
+    let mut cl_listed = false;
     let mut close = version == Version::HTTP_10;
     for h in resp.headers.iter() {
         let name = HeaderName::from_bytes(h.name.as_bytes())
@@ -316,6 +383,7 @@ fn parse_head(buf: &mut BytesMut, is_head: bool) -> Result<Option<Head>, Upstrea
         let value = HeaderValue::from_bytes(h.value)
             .map_err(|_| UpstreamError::Protocol("bad header value"))?;
         if name == header::CONTENT_LENGTH {
+            cl_listed |= content_length.is_some() || value.as_bytes().contains(&b',');
             for part in value
                 .to_str()
                 .map_err(|_| UpstreamError::Protocol("bad content-length"))?
@@ -354,6 +422,20 @@ fn parse_head(buf: &mut BytesMut, is_head: bool) -> Result<Option<Head>, Upstrea
         headers.append(name, value);
     }
     buf.advance(len);
+    if transfer_encoded {
+        // The coding frames the body; a Content-Length beside it is a lie or an attack, and
+        // hyper frames what we pass on anew (RFC 9112 6.3: an intermediary removes it). That,
+        // or a Transfer-Encoding on HTTP/1.0, means the sender's framing cannot be trusted
+        // past this response (RFC 9112 6.1, 6.3), even one without a body (HEAD, 204, 304):
+        // the connection is not reused.
+        if content_length.is_some() || version == Version::HTTP_10 {
+            close = true;
+        }
+        headers.remove(header::CONTENT_LENGTH);
+    } else if let Some(n) = content_length.filter(|_| cl_listed) {
+        // "3, 3" or two equal headers are one length; pass on the one number.
+        headers.insert(header::CONTENT_LENGTH, HeaderValue::from(n));
+    }
     let framing = if is_head
         || status.is_informational()
         || status == StatusCode::NO_CONTENT
@@ -361,14 +443,6 @@ fn parse_head(buf: &mut BytesMut, is_head: bool) -> Result<Option<Head>, Upstrea
     {
         Framing::Length(0)
     } else if transfer_encoded {
-        // The coding frames the body; a Content-Length beside it is a lie or an attack, and
-        // hyper frames what we pass on anew. Either that or a Transfer-Encoding on HTTP/1.0
-        // means the sender's framing cannot be trusted past this response (RFC 9112 6.1,
-        // 6.3): the connection is not reused.
-        if content_length.is_some() || version == Version::HTTP_10 {
-            close = true;
-        }
-        headers.remove(header::CONTENT_LENGTH);
         if chunked {
             Framing::Chunked(Chunk::Size)
         } else {
@@ -475,6 +549,12 @@ impl UpstreamBody {
                 };
                 let digits = line[..].split(|&b| b == b';').next().unwrap_or(&[]);
                 let digits = trim_ows(digits);
+                // Leading zeros add nothing; the length check is on what is left.
+                let digits = match digits.iter().position(|&b| b != b'0') {
+                    Some(i) => &digits[i..],
+                    None if digits.is_empty() => digits,
+                    None => &digits[digits.len() - 1..],
+                };
                 if digits.is_empty()
                     || digits.len() > 16
                     || !digits.iter().all(u8::is_ascii_hexdigit)
@@ -919,8 +999,16 @@ mod tests {
             b"HTTP/1.1 200 OK\r\ncontent-length: 3, 3\r\ncontent-length: 3\r\n\r\nabc",
         ]])])
         .await;
-        let (_, _, body) = get(&pool(), &b, Method::GET).await.expect("equal lengths");
+        let (_, h, body) = get(&pool(), &b, Method::GET).await.expect("equal lengths");
         assert_eq!(&body[..], b"abc");
+        assert_eq!(
+            h.get_all(header::CONTENT_LENGTH)
+                .iter()
+                .map(|v| v.as_bytes())
+                .collect::<Vec<_>>(),
+            vec![&b"3"[..]],
+            "one length, passed on as one number"
+        );
     }
 
     #[tokio::test]
@@ -1205,6 +1293,124 @@ mod tests {
         assert!(started.elapsed() >= stall);
         assert_eq!(gauge.get(), 0, "no longer in flight");
         assert_eq!(p.idle_count(0), 0);
+    }
+
+    #[tokio::test]
+    async fn a_refused_head_on_a_pooled_connection_is_the_answer_not_resent() {
+        let b = backend(vec![
+            Script {
+                replies: vec![
+                    vec![b"HTTP/1.1 200 OK\r\ncontent-length: 1\r\n\r\na"],
+                    vec![b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\ncontent-length: 3\r\n\r\nabc"],
+                ],
+                after: After::Close,
+            },
+            hold(vec![vec![b"HTTP/1.1 200 OK\r\ncontent-length: 1\r\n\r\nb"]]),
+        ])
+        .await;
+        let p = pool();
+        assert_eq!(get(&p, &b, Method::GET).await.expect("first").2, b"a");
+        assert!(matches!(
+            get(&p, &b, Method::GET).await,
+            Err(UpstreamError::Protocol("conflicting content-length"))
+        ));
+        assert_eq!(
+            b.accepted.load(Ordering::SeqCst),
+            1,
+            "the node answered; sending again would only be refused again"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_408_with_close_on_a_pooled_connection_is_retried_on_a_new_one() {
+        let b = backend(vec![
+            Script {
+                replies: vec![
+                    vec![b"HTTP/1.1 200 OK\r\ncontent-length: 1\r\n\r\na"],
+                    vec![b"HTTP/1.1 408 Request Timeout\r\nconnection: close\r\ncontent-length: 0\r\n\r\n"],
+                ],
+                after: After::Close,
+            },
+            hold(vec![vec![b"HTTP/1.1 200 OK\r\ncontent-length: 1\r\n\r\nb"]]),
+        ])
+        .await;
+        let p = pool();
+        assert_eq!(get(&p, &b, Method::GET).await.expect("first").2, b"a");
+        let (st, _, body) = get(&p, &b, Method::GET).await.expect("second");
+        assert_eq!((st, &body[..]), (StatusCode::OK, &b"b"[..]));
+        assert_eq!(b.accepted.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn transfer_encoding_rules_hold_for_responses_without_a_body_too() {
+        for (method, reply) in [
+            (
+                Method::HEAD,
+                &b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ncontent-length: 9\r\n\r\n"[..],
+            ),
+            (
+                Method::GET,
+                b"HTTP/1.0 204 No Content\r\nconnection: keep-alive\r\ntransfer-encoding: chunked\r\n\r\n",
+            ),
+            (
+                Method::GET,
+                b"HTTP/1.1 304 Not Modified\r\ntransfer-encoding: chunked\r\ncontent-length: 9\r\n\r\n",
+            ),
+        ] {
+            let b = backend(vec![hold(vec![vec![reply]])]).await;
+            let p = pool();
+            let (_, h, body) = get(&p, &b, method).await.expect("bodiless");
+            assert!(body.is_empty());
+            assert!(h.get(header::CONTENT_LENGTH).is_none());
+            assert_eq!(p.idle_count(0), 0, "{:?}", String::from_utf8_lossy(reply));
+        }
+    }
+
+    #[tokio::test]
+    async fn interim_responses_are_bounded() {
+        static MANY: std::sync::OnceLock<[Vec<u8>; 2]> = std::sync::OnceLock::new();
+        let many = MANY.get_or_init(|| {
+            let with = |n: usize| {
+                let mut v = b"HTTP/1.1 100 Continue\r\n\r\n".repeat(n);
+                v.extend_from_slice(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok");
+                v
+            };
+            [with(MAX_INTERIM), with(MAX_INTERIM + 1)]
+        });
+        let b = backend(vec![hold(vec![vec![&many[0][..]]])]).await;
+        assert_eq!(get(&pool(), &b, Method::GET).await.expect("16").2, b"ok");
+        let b = backend(vec![hold(vec![vec![&many[1][..]]])]).await;
+        assert!(matches!(
+            get(&pool(), &b, Method::GET).await,
+            Err(UpstreamError::Protocol("too many interim responses"))
+        ));
+    }
+
+    #[tokio::test]
+    async fn chunk_sizes_with_leading_zeros_are_their_value() {
+        let b = backend(vec![hold(vec![vec![
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n00000000000000003\r\nabc\r\n0000000000000000000\r\n\r\n",
+        ]])])
+        .await;
+        let p = pool();
+        assert_eq!(get(&p, &b, Method::GET).await.expect("zeros").2, b"abc");
+        assert_eq!(p.idle_count(0), 1);
+    }
+
+    #[test]
+    fn a_head_may_end_only_at_an_empty_line_past_what_was_searched() {
+        assert!(!head_may_end(b"HTTP/1.1 200 OK\r\nx: y\r\n", 0));
+        assert!(head_may_end(b"HTTP/1.1 200 OK\r\nx: y\r\n\r\n", 0));
+        assert!(head_may_end(b"HTTP/1.1 200 OK\nx: y\n\n", 0));
+        // The end straddles the bytes searched before and the new ones.
+        let h = b"HTTP/1.1 200 OK\r\n\r\n";
+        for from in 0..=h.len() - 1 {
+            assert!(head_may_end(h, from), "searched {from}");
+        }
+        // One byte at a time: only the last read can complete it.
+        for end in 1..h.len() {
+            assert!(!head_may_end(&h[..end], end - 1), "{end}");
+        }
     }
 
     #[test]
