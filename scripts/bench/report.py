@@ -50,28 +50,40 @@ def x(a, b):
 
 def upload(path):
     rs = rows(path)
-    print("| data set | tool | wall s | files/s | MB/s | peak RSS MiB | CPU s (user+sys) | exit | check |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---|")
+    groups = defaultdict(list)
     for r in rs:
-        wall = float(r["wall_s"])
-        fps = int(r["files"]) / wall
-        fps = f"{fps:.0f}" if fps >= 10 else f"{fps:.2f}"  # 4 large files: 0.xx/s
+        groups[(r["dataset"], r["tool"])].append(r)
+
+    def med(g, field):
+        return statistics.median(float(r[field]) for r in g)
+
+    print("| data set | tool | rounds | wall s | files/s | files/s min–max | MB/s | peak RSS MiB | CPU s (user+sys) | exit | check |")
+    print("|---|---|---:|---:|---:|---|---:|---:|---:|---:|---|")
+    meds = defaultdict(dict)
+    for (ds, tool), g in groups.items():
+        wall = med(g, "wall_s")
+        files = int(g[0]["files"])
+        rates = [files / float(r["wall_s"]) for r in g]
+
+        def fmt(v):
+            return f"{v:.0f}" if v >= 10 else f"{v:.2f}"  # 4 large files: 0.xx/s
+
+        exits = ",".join(sorted({r["exit"] for r in g}))
+        checks = "; ".join(sorted({r["check"] for r in g}))
         print(
-            f"| {r['dataset']} | {r['tool']} | {wall:.2f} | {fps} | "
-            f"{int(r['bytes']) / 1e6 / wall:.1f} | {int(r['rss_kib']) / 1024:.0f} | "
-            f"{float(r['cpu_s']):.2f} | {r['exit']} | {r['check']} |"
+            f"| {ds} | {tool} | {len(g)} | {wall:.2f} | {fmt(files / wall)} | "
+            f"{fmt(min(rates))}–{fmt(max(rates))} | {int(g[0]['bytes']) / 1e6 / wall:.1f} | "
+            f"{med(g, 'rss_kib') / 1024:.0f} | {med(g, 'cpu_s'):.2f} | {exits} | {checks} |"
         )
+        key = "raw PUT" if tool.startswith("raw PUT") else tool
+        meds[ds][key] = {f: med(g, f) for f in ("wall_s", "rss_kib", "cpu_s")}
     print()
-    print("Ratios: throughput = ferry MB/s ÷ peer MB/s (above 1 = ferry faster); "
+    print("Ratios of the medians: throughput = ferry MB/s ÷ peer MB/s (above 1 = ferry faster); "
           "RSS = ferry peak RSS ÷ peer peak RSS; CPU = ferry CPU s ÷ peer CPU s.")
     print()
     print("| data set | vs rclone (defaults) | vs rclone --transfers 16 | vs the raw-PUT ceiling |")
     print("|---|---|---|---|")
-    by = defaultdict(dict)
-    for r in rs:
-        tool = "raw PUT" if r["tool"].startswith("raw PUT") else r["tool"]
-        by[r["dataset"]][tool] = r
-    for ds, tools in by.items():
+    for ds, tools in meds.items():
         f = tools.get("ferry")
         cells = []
         for peer in ("rclone", "rclone --transfers 16", "raw PUT"):
@@ -80,7 +92,7 @@ def upload(path):
                 cells.append("-")
                 continue
             cells.append(
-                f"throughput {x(float(p['wall_s']), float(f['wall_s']))}, "
+                f"throughput {x(p['wall_s'], f['wall_s'])}, "
                 f"RSS {x(f['rss_kib'], p['rss_kib'])}, CPU {x(f['cpu_s'], p['cpu_s'])}"
             )
         print(f"| {ds} | {cells[0]} | {cells[1]} | {cells[2]} |")

@@ -6,7 +6,8 @@
 #   scripts/bench/upload.sh                    # 1000 x 64 KiB and 4 x 256 MiB, 100 files/s x 10 s
 #   SMALL=200 LARGE_MB=32 scripts/bench/upload.sh   # a quick run
 #
-# Env: SMALL (files of SMALL_KB KiB, default 1000 x 64), LARGE / LARGE_MB (default 4 x 256),
+# Env: ROUNDS (rounds of every upload, tool order rotated per round, default 3; the tables
+# give medians), SMALL (files of SMALL_KB KiB, default 1000 x 64), LARGE / LARGE_MB (default 4 x 256),
 # LAT_RATE / LAT_SECONDS (drop rate, default 100/s for 10 s), SETTLE (ferry's spool.settle for
 # the latency run, default ferry's own 1s), FERRY_BIN, BENCH_TMP (scratch parent, default
 # /tmp), BENCH_LOGS (keep logs there), KEEP_WORK=1 (keep the scratch dir).
@@ -25,6 +26,7 @@
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 
+ROUNDS=${ROUNDS:-3}
 SMALL=${SMALL:-1000}
 SMALL_KB=${SMALL_KB:-64}
 LARGE=${LARGE:-4}
@@ -40,7 +42,7 @@ for c in rclone python3 "$S3S_FS"; do command -v "$c" >/dev/null || die "missing
 
 bench_init
 RESULTS=$WORK/upload.tsv
-printf 'dataset\ttool\tfiles\tbytes\twall_s\trss_kib\tcpu_s\texit\tcheck\n' >"$RESULTS"
+printf 'dataset\ttool\tround\tfiles\tbytes\twall_s\trss_kib\tcpu_s\texit\tcheck\n' >"$RESULTS"
 
 log "generating data in $WORK/src"
 make_files "$WORK/src/small" "$SMALL" $((SMALL_KB * 1024))
@@ -78,18 +80,18 @@ check_bucket() {
   echo ok
 }
 
-# run_tool SET LABEL TOOL: one timed run on a fresh spool copy into a fresh bucket.
+# run_tool SET LABEL TOOL ROUND: one timed run on a fresh spool copy into a fresh bucket.
 run_tool() {
-  local src=$WORK/src/$1 ds=$2 tool=$3 slug bucket run tf rc=0 t0 t1 check
+  local src=$WORK/src/$1 ds=$2 tool=$3 round=$4 slug bucket run tf rc=0 t0 t1 check
   slug=$1-$(tr -c 'a-z0-9\n' '-' <<<"$tool" | tr -s '-')
-  slug=${slug%-}
+  slug=${slug%-}-r$round
   bucket=bench-$slug
   run=$WORK/run/$slug
   tf=$LOGS/time-$slug.txt
   mkdir -p "$run/spool" "$S3_DATA/$bucket"
   cp -a "$src/." "$run/spool/"
   sync
-  log "upload: $ds with $tool"
+  log "upload: $ds with $tool (round $round)"
   case $tool in
     ferry)
       ferry_env "$run/spool" "$run/archive" "$run/catalog.db" "$bucket"
@@ -126,7 +128,7 @@ run_tool() {
   local rss cpu
   rss=$(awk -F': ' '/Maximum resident set size/ {print $2}' "$tf")
   cpu=$(awk -F': ' '/User time/ {u = $2} /System time/ {s = $2} END {print u + s}' "$tf")
-  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$ds" "$tool" \
+  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$ds" "$tool" "$round" \
     "$(find "$src" -type f | wc -l)" \
     "$(find "$src" -type f -printf '%s\n' | awk '{s += $1} END {print s + 0}')" \
     "$(awk -v a="$t0" -v b="$t1" 'BEGIN {printf "%.3f", b - a}')" \
@@ -140,8 +142,13 @@ for set in small large; do
   tools=(ferry rclone "rclone --transfers 16")
   # The raw-PUT ceiling only where it means something: many small files.
   [[ $set == large ]] || tools+=("raw PUT (rclone, 32 transfers, no checks)")
-  for tool in "${tools[@]}"; do
-    run_tool "$set" "$label" "$tool"
+  # Rotated per round, so no tool always runs first (cold) or right after another's
+  # writeback.
+  n=${#tools[@]}
+  for ((round = 1; round <= ROUNDS; round++)); do
+    for ((i = 0; i < n; i++)); do
+      run_tool "$set" "$label" "${tools[$(((i + round - 1) % n))]}" "$round"
+    done
   done
 done
 
@@ -177,7 +184,7 @@ echo "## Upload: ferry sync --once vs rclone copy"
 echo
 context_lines
 echo "- rclone: $(rclone version 2>/dev/null | head -1); s3s-fs: $("$S3S_FS" --version 2>/dev/null); all on one s3s-fs at 127.0.0.1, data under ${BENCH_TMP:-/tmp}"
-echo "- one run per tool; fresh spool copy and fresh bucket each; MB = 10^6 bytes; peak RSS from /usr/bin/time -v; files read from page cache by every tool"
+echo "- $ROUNDS round(s), tool order rotated per round; medians, with the range of files/s; fresh spool copy and fresh bucket each run; MB = 10^6 bytes; peak RSS from /usr/bin/time -v; files read from page cache by every tool"
 echo "- ferry defaults (s3.concurrency 8, multipart above 64 MiB in 16 MiB parts, verify auto); rclone defaults are --transfers 4, multipart above 200 MiB in 5 MiB chunks"
 echo "- raw PUT: the upload ceiling of this S3 server on these files, \`rclone copy --transfers 32 --s3-no-head --no-check-dest --s3-no-check-bucket\` (nothing but PUTs)"
 echo
