@@ -298,7 +298,7 @@ impl Default for S3Config {
             region: "us-east-1".into(),
             endpoint: String::new(),
             path_style: false,
-            concurrency: 8,
+            concurrency: 32,
             multipart_threshold: Size(64 << 20),
             part_size: Size(16 << 20),
             verify: VerifyMode::Auto,

@@ -185,7 +185,7 @@ echo
 context_lines
 echo "- rclone: $(rclone version 2>/dev/null | head -1); s3s-fs: $("$S3S_FS" --version 2>/dev/null); all on one s3s-fs at 127.0.0.1, data under ${BENCH_TMP:-/tmp}"
 echo "- $ROUNDS round(s), tool order rotated per round; medians, with the range of files/s; fresh spool copy and fresh bucket each run; MB = 10^6 bytes; peak RSS from /usr/bin/time -v; files read from page cache by every tool"
-echo "- ferry defaults (s3.concurrency 8, multipart above 64 MiB in 16 MiB parts, verify auto); rclone defaults are --transfers 4, multipart above 200 MiB in 5 MiB chunks"
+echo "- ferry defaults (s3.concurrency ${FERRY_S3_CONCURRENCY:-32}, multipart above 64 MiB in 16 MiB parts, verify auto); rclone defaults are --transfers 4, multipart above 200 MiB in 5 MiB chunks"
 echo "- raw PUT: the upload ceiling of this S3 server on these files, \`rclone copy --transfers 32 --s3-no-head --no-check-dest --s3-no-check-bucket\` (nothing but PUTs)"
 echo
 python3 "$BENCH_DIR/report.py" upload "$RESULTS"

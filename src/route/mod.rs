@@ -77,9 +77,6 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// A backend that sends no response headers by then gets the client a 504. Generous: a node
 /// may be fetching from S3 before it answers.
 const RESPONSE_TIMEOUT: Duration = Duration::from_secs(60);
-/// A backend that then sends nothing of the body for this long has the client's response
-/// cut off (`load::Counted`), on either lane.
-const BODY_STALL: Duration = Duration::from_secs(60);
 /// Consecutive probe results needed to change a backend's state.
 const FLIP_AFTER: u32 = 2;
 /// Connect failures while proxying that mark a backend down at once (before the probes
@@ -133,6 +130,9 @@ pub struct Router {
     header_timeout: Duration,
     /// `http.send_timeout`: a response write may stall this long.
     send_timeout: Duration,
+    /// `http.upstream_stall`: a backend that sends nothing of a response body for this long
+    /// has the client's response cut off (`load::Counted`), on either lane.
+    body_stall: Duration,
     /// `router.max_connections`.
     max_connections: usize,
     /// `router.balance_factor`; 0 = no load bound.
@@ -186,6 +186,7 @@ impl Router {
             workers: cfg.http.workers,
             header_timeout: cfg.http.header_read_timeout.0,
             send_timeout: cfg.http.send_timeout.0,
+            body_stall: cfg.http.upstream_stall.0,
             max_connections: r.max_connections,
             balance_factor: r.balance_factor,
             load_metrics,

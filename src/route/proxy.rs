@@ -52,7 +52,7 @@ impl Router {
                     &headers,
                 );
                 match tokio::time::timeout(RESPONSE_TIMEOUT, send).await {
-                    Ok(Ok(resp)) => Ok(Ok(counted(resp, guard))),
+                    Ok(Ok(resp)) => Ok(Ok(counted(resp, guard, self.body_stall))),
                     Ok(Err(e)) => Ok(Err((e.is_connect(), e.to_string()))),
                     Err(elapsed) => Err(elapsed),
                 }
@@ -72,7 +72,7 @@ impl Router {
                     }
                 };
                 match tokio::time::timeout(RESPONSE_TIMEOUT, lanes.client.request(out)).await {
-                    Ok(Ok(resp)) => Ok(Ok(counted(resp, guard))),
+                    Ok(Ok(resp)) => Ok(Ok(counted(resp, guard, self.body_stall))),
                     Ok(Err(e)) => Ok(Err((e.is_connect(), e.to_string()))),
                     Err(elapsed) => Err(elapsed),
                 }
@@ -122,14 +122,14 @@ pub(super) fn host_from_target(headers: &mut HeaderMap, uri: &Uri) {
 
 /// A backend's response with the hop-by-hop headers out, and the in-flight guard and the
 /// body's stall deadline riding in its body.
-fn counted<B>(resp: Response<B>, guard: load::InFlight) -> Response<Body>
+fn counted<B>(resp: Response<B>, guard: load::InFlight, stall: Duration) -> Response<Body>
 where
     B: hyper::body::Body<Data = Bytes> + Unpin + Send + 'static,
     B::Error: Into<BoxError>,
 {
     let (mut rp, rb) = resp.into_parts();
     strip_hop_by_hop(&mut rp.headers);
-    Response::from_parts(rp, load::Counted::new(rb, guard, BODY_STALL).boxed_unsync())
+    Response::from_parts(rp, load::Counted::new(rb, guard, stall).boxed_unsync())
 }
 
 impl Router {
