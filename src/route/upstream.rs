@@ -875,6 +875,34 @@ mod tests {
         Pool::new(1, Duration::from_secs(30))
     }
 
+    /// A node whose first connection answers "a", then `second` and a close; a second
+    /// connection would answer "b". Returns the node, the pool (the first connection back
+    /// in it) and what the second request got.
+    async fn second_answer(
+        second: &'static [u8],
+    ) -> (
+        Backend,
+        Arc<Pool>,
+        Result<(StatusCode, HeaderMap, Vec<u8>), UpstreamError>,
+    ) {
+        let b = backend(vec![
+            Script {
+                replies: vec![
+                    vec![b"HTTP/1.1 200 OK\r\ncontent-length: 1\r\n\r\na"],
+                    vec![second],
+                ],
+                after: After::Close,
+            },
+            hold(vec![vec![b"HTTP/1.1 200 OK\r\ncontent-length: 1\r\n\r\nb"]]),
+        ])
+        .await;
+        let p = pool();
+        assert_eq!(get(&p, &b, Method::GET).await.expect("first").2, b"a");
+        assert_eq!(p.idle_count(0), 1);
+        let r = get(&p, &b, Method::GET).await;
+        (b, p, r)
+    }
+
     #[tokio::test]
     async fn a_sized_response_is_read_and_its_connection_reused() {
         let b = backend(vec![hold(vec![
@@ -1202,23 +1230,9 @@ mod tests {
 
     #[tokio::test]
     async fn a_pooled_connection_that_answers_with_no_response_is_retried_on_a_new_one() {
-        let b = backend(vec![
-            Script {
-                // The second answer on this connection is what late bytes of an earlier
-                // exchange would look like: not a response head.
-                replies: vec![
-                    vec![b"HTTP/1.1 200 OK\r\ncontent-length: 1\r\n\r\na"],
-                    vec![b"junk\r\n\r\n"],
-                ],
-                after: After::Close,
-            },
-            hold(vec![vec![b"HTTP/1.1 200 OK\r\ncontent-length: 1\r\n\r\nb"]]),
-        ])
-        .await;
-        let p = pool();
-        assert_eq!(get(&p, &b, Method::GET).await.expect("first").2, b"a");
-        assert_eq!(p.idle_count(0), 1);
-        let (st, _, body) = get(&p, &b, Method::GET).await.expect("second");
+        // What late bytes of an earlier exchange would look like: not a response head.
+        let (b, _, r) = second_answer(b"junk\r\n\r\n").await;
+        let (st, _, body) = r.expect("second");
         assert_eq!((st, &body[..]), (StatusCode::OK, &b"b"[..]));
         assert_eq!(b.accepted.load(Ordering::SeqCst), 2);
     }
@@ -1297,21 +1311,11 @@ mod tests {
 
     #[tokio::test]
     async fn a_refused_head_on_a_pooled_connection_is_the_answer_not_resent() {
-        let b = backend(vec![
-            Script {
-                replies: vec![
-                    vec![b"HTTP/1.1 200 OK\r\ncontent-length: 1\r\n\r\na"],
-                    vec![b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\ncontent-length: 3\r\n\r\nabc"],
-                ],
-                after: After::Close,
-            },
-            hold(vec![vec![b"HTTP/1.1 200 OK\r\ncontent-length: 1\r\n\r\nb"]]),
-        ])
-        .await;
-        let p = pool();
-        assert_eq!(get(&p, &b, Method::GET).await.expect("first").2, b"a");
+        let (b, _, r) =
+            second_answer(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\ncontent-length: 3\r\n\r\nabc")
+                .await;
         assert!(matches!(
-            get(&p, &b, Method::GET).await,
+            r,
             Err(UpstreamError::Protocol("conflicting content-length"))
         ));
         assert_eq!(
@@ -1323,20 +1327,11 @@ mod tests {
 
     #[tokio::test]
     async fn a_408_with_close_on_a_pooled_connection_is_retried_on_a_new_one() {
-        let b = backend(vec![
-            Script {
-                replies: vec![
-                    vec![b"HTTP/1.1 200 OK\r\ncontent-length: 1\r\n\r\na"],
-                    vec![b"HTTP/1.1 408 Request Timeout\r\nconnection: close\r\ncontent-length: 0\r\n\r\n"],
-                ],
-                after: After::Close,
-            },
-            hold(vec![vec![b"HTTP/1.1 200 OK\r\ncontent-length: 1\r\n\r\nb"]]),
-        ])
+        let (b, _, r) = second_answer(
+            b"HTTP/1.1 408 Request Timeout\r\nconnection: close\r\ncontent-length: 0\r\n\r\n",
+        )
         .await;
-        let p = pool();
-        assert_eq!(get(&p, &b, Method::GET).await.expect("first").2, b"a");
-        let (st, _, body) = get(&p, &b, Method::GET).await.expect("second");
+        let (st, _, body) = r.expect("second");
         assert_eq!((st, &body[..]), (StatusCode::OK, &b"b"[..]));
         assert_eq!(b.accepted.load(Ordering::SeqCst), 2);
     }
