@@ -871,6 +871,25 @@ mod tests {
         Ok((parts.status, parts.headers, body.to_bytes().to_vec()))
     }
 
+    /// A GET for "/" with only a Host, its body left on the wire.
+    async fn get_head(
+        pool: &Arc<Pool>,
+        b: &Backend,
+    ) -> Result<Response<UpstreamBody>, UpstreamError> {
+        let mut h = HeaderMap::new();
+        h.insert(header::HOST, HeaderValue::from_static("x"));
+        send(
+            pool,
+            0,
+            &b.addr,
+            Duration::from_secs(2),
+            &Method::GET,
+            "/",
+            &h,
+        )
+        .await
+    }
+
     fn pool() -> Arc<Pool> {
         Pool::new(1, Duration::from_secs(30))
     }
@@ -1112,19 +1131,7 @@ mod tests {
         ])
         .await;
         let p = pool();
-        let mut h = HeaderMap::new();
-        h.insert(header::HOST, HeaderValue::from_static("x"));
-        let r = send(
-            &p,
-            0,
-            &b.addr,
-            Duration::from_secs(2),
-            &Method::GET,
-            "/",
-            &h,
-        )
-        .await
-        .expect("head");
+        let r = get_head(&p, &b).await.expect("head");
         let mut body = r.into_body();
         let first = body.frame().await.expect("a frame").expect("data");
         assert_eq!(first.into_data().ok().as_deref(), Some(&b"abc"[..]));
@@ -1276,19 +1283,7 @@ mod tests {
         ]])])
         .await;
         let p = pool();
-        let mut h = HeaderMap::new();
-        h.insert(header::HOST, HeaderValue::from_static("x"));
-        let r = send(
-            &p,
-            0,
-            &b.addr,
-            Duration::from_secs(2),
-            &Method::GET,
-            "/",
-            &h,
-        )
-        .await
-        .expect("head");
+        let r = get_head(&p, &b).await.expect("head");
         let gauge = prometheus_client::metrics::gauge::Gauge::default();
         let stall = Duration::from_millis(200);
         let body = super::super::load::Counted::new(
