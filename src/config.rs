@@ -385,6 +385,9 @@ pub struct HttpConfig {
     /// per core. Where a load generator or the local S3 server shares the cores, fewer can
     /// win.
     pub workers: usize,
+    /// Bytes of small spool files (at most 256 KiB each) kept in memory for local hits, each
+    /// answered while a stat of its path shows it unchanged (`serve::memo`); 0 = off.
+    pub spool_memory: Size,
 }
 impl Default for HttpConfig {
     fn default() -> Self {
@@ -408,6 +411,7 @@ impl Default for HttpConfig {
             upstream_stall: Dur(Duration::from_secs(30)),
             advertise_url: String::new(),
             workers: 0,
+            spool_memory: Size(64 << 20),
         }
     }
 }

@@ -62,6 +62,9 @@ pub struct Metrics {
     pub cache_misses: Counter,
     pub cache_bytes: Gauge,
     pub cache_evictions: Counter,
+    /// Spool files answered from the spool's memory tier (`http.spool_memory`).
+    pub spool_memory_hits: Counter,
+    pub spool_memory_bytes: Gauge,
     pub backend_up: Family<BackendLabel, Gauge>,
     /// Set through `set_spool_watched`: exported only by a process that watches a spool.
     spool_watched: Gauge,
@@ -117,6 +120,8 @@ impl Metrics {
             cache_misses: Counter::default(),
             cache_bytes: Gauge::default(),
             cache_evictions: Counter::default(),
+            spool_memory_hits: Counter::default(),
+            spool_memory_bytes: Gauge::default(),
             backend_up: Family::default(),
             spool_watched: Gauge::default(),
             queue_oldest_seconds: Gauge::default(),
@@ -249,6 +254,16 @@ impl Metrics {
             "cache_evictions",
             "Hot-cache entries evicted or expired",
             m.cache_evictions.clone(),
+        );
+        r.register(
+            "spool_memory_hits",
+            "Spool files answered from memory (http.spool_memory): one stat showed them unchanged",
+            m.spool_memory_hits.clone(),
+        );
+        r.register(
+            "spool_memory_bytes",
+            "Bytes of spool files held in memory (http.spool_memory), as of the last scrape",
+            m.spool_memory_bytes.clone(),
         );
         r.register(
             "router_backend_up",

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use common::cluster::{drop_renamed, run_all, within};
 use common::pg::Postgres;
-use common::{content, nodes, raw_request, wait_for, Daemon, Env, RawResponse, S3};
+use common::{content, metric, nodes, raw_request, wait_for, Daemon, Env, RawResponse, S3};
 
 /// A node of this cluster: `common::cluster::node_env` with the test's PostgreSQL.
 fn node_env(name: &str, s3_endpoint: &str, bucket: &str, pg: &Postgres) -> Env {
@@ -31,16 +31,6 @@ fn host_owned_by(router: SocketAddr, node: &str) -> String {
         }
     }
     panic!("no Host of 500 routed to {node}");
-}
-
-fn metric(addr: SocketAddr, name: &str) -> f64 {
-    let r = raw_request(addr, "GET", b"/metrics", &[]);
-    String::from_utf8_lossy(&r.body)
-        .lines()
-        .find(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("no {name} in /metrics"))
 }
 
 struct Three {

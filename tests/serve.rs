@@ -828,3 +828,96 @@ fn an_mtime_preserving_rewrite_gets_a_new_local_tag() {
         "a cache holding 'version one' is told it is current"
     );
 }
+
+#[test]
+fn the_memory_tier_answers_an_unchanged_spool_file_and_never_a_changed_one() {
+    let t = tempfile::tempdir().unwrap();
+    let s3 = S3::start(t.path());
+    let env = env_serving_spool(&s3);
+    let one = content("m.jpg", 5000);
+    env.drop_file("m.jpg", &one);
+    record_ready(&env, "m.jpg", None);
+    let d = env.spawn(&["serve"]);
+    let p = "/static/m.jpg";
+    let hits = || metric(d.addr(), "ferry_spool_memory_hits_total");
+    // Held only once its ctime is a second old; answered from memory from then on.
+    std::thread::sleep(Duration::from_millis(1200));
+    let mut first = get(d.addr(), p, &[]);
+    wait_for(Duration::from_secs(10), "public and held", || {
+        first = get(d.addr(), p, &[]);
+        first.header("cache-control") != Some("no-store") && hits() > 0.0
+    });
+    assert_eq!(first.status, 200);
+    assert_eq!(first.body, one);
+
+    let before = hits();
+    let again = get(d.addr(), p, &[]);
+    assert_eq!(hits(), before + 1.0, "the second GET came from memory");
+    assert_eq!(again.status, 200);
+    assert_eq!(again.body, one);
+    for h in [
+        "etag",
+        "last-modified",
+        "cache-control",
+        "content-type",
+        "content-length",
+        "accept-ranges",
+        "x-ferry-source",
+        "x-content-type-options",
+    ] {
+        assert_eq!(again.header(h), first.header(h), "{h}");
+    }
+    let etag = again.header("etag").unwrap().to_string();
+
+    let r = get(d.addr(), p, &[("Range", "bytes=10-19")]);
+    assert_eq!(r.status, 206);
+    assert_eq!(r.body, &one[10..20]);
+    assert_eq!(r.header("content-range"), Some("bytes 10-19/5000"));
+    let r = get(d.addr(), p, &[("Range", "bytes=0-1,4998-")]);
+    assert_eq!(r.status, 206);
+    let ct = r.header("content-type").unwrap();
+    assert!(ct.starts_with("multipart/byteranges; boundary="), "{ct}");
+    assert!(r.body.windows(2).any(|w| w == &one[..2]));
+    assert!(r.body.windows(2).any(|w| w == &one[4998..]));
+    assert_eq!(get(d.addr(), p, &[("If-None-Match", &etag)]).status, 304);
+    let r = get(d.addr(), p, &[("If-Range", &etag), ("Range", "bytes=0-3")]);
+    assert_eq!(r.status, 206);
+    assert_eq!(r.body, &one[..4]);
+    let h = raw_request(d.addr(), "HEAD", p.as_bytes(), &[]);
+    assert_eq!(h.status, 200);
+    assert_eq!(h.header("content-length"), Some("5000"));
+    assert!(h.body.is_empty());
+    assert_eq!(hits(), before + 6.0, "every answer above came from memory");
+
+    // Rewritten in place: the same inode, length and mtime; only the ctime differs.
+    let path = env.spool().join("m.jpg");
+    let mtime = std::fs::metadata(&path).unwrap().modified().unwrap();
+    let two = content("m.jpg, version two", 5000);
+    std::fs::write(&path, &two).unwrap();
+    std::fs::File::options()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .set_modified(mtime)
+        .unwrap();
+    let before = hits();
+    let r = get(d.addr(), p, &[]);
+    assert_eq!(r.body, two, "held bytes of an older version were served");
+    assert_eq!(
+        r.header("cache-control"),
+        Some("no-store"),
+        "a new stat is not ready"
+    );
+    assert_ne!(r.header("etag"), Some(etag.as_str()));
+    assert_eq!(get(d.addr(), p, &[("If-None-Match", &etag)]).status, 200);
+    assert_eq!(hits(), before, "a changed file is read from disk");
+
+    // Archived (renamed out of the spool): never answered from memory again.
+    std::thread::sleep(Duration::from_millis(1200));
+    get(d.addr(), p, &[]);
+    assert!(get(d.addr(), p, &[]).body == two);
+    std::fs::rename(&path, t.path().join("elsewhere.jpg")).unwrap();
+    let r = get(d.addr(), p, &[]);
+    assert_ne!(r.header("x-ferry-source"), Some("local"));
+    assert!(r.body != two && r.body != one);
+}

@@ -229,6 +229,69 @@ pub fn try_open_cached(
     Some(Ok(Some(lf)))
 }
 
+/// What one stat of a path found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PathStat {
+    pub stat: FileStat,
+    pub dev: u64,
+    /// A regular file (not a directory, device, FIFO, socket or symlink).
+    pub is_file: bool,
+}
+
+/// What a stat of a spool path says before anything is opened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Looked {
+    /// Nothing is there (ENOENT, ENOTDIR, or a name no key can have): no open is needed.
+    Absent,
+    /// Something is there; only the careful open (no symlink anywhere, nothing outside
+    /// `dir`) may decide whether it is servable.
+    Found(PathStat),
+    /// The stat could not tell (a permission, a name too long): the careful open decides.
+    Unsure,
+}
+
+/// One `fstatat` of `rel` beneath `dir`, not following a symlink in the last component.
+/// Symlinks in the directories above are followed, so `Found` proves nothing about
+/// confinement: it is for matching an inode a careful open already read (`serve::memo`),
+/// and for answering "absent" without an open, as [`absent_by_lookup`] does. The one
+/// system call of a miss (every redirect), where the cached open took two.
+pub fn stat_at(dir: &File, rel: &str) -> Looked {
+    if !is_plain_relative(rel) {
+        return Looked::Absent;
+    }
+    let Ok(path) = CString::new(rel) else {
+        return Looked::Absent;
+    };
+    let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
+    // SAFETY: NUL-terminated path, a valid dir fd and a stat buffer the kernel fills.
+    let rc = unsafe {
+        libc::fstatat(
+            dir.as_raw_fd(),
+            path.as_ptr(),
+            st.as_mut_ptr(),
+            libc::AT_SYMLINK_NOFOLLOW,
+        )
+    };
+    if rc != 0 {
+        return match io::Error::last_os_error().raw_os_error() {
+            Some(libc::ENOENT | libc::ENOTDIR) => Looked::Absent,
+            _ => Looked::Unsure,
+        };
+    }
+    // SAFETY: fstatat returned 0, so it filled the buffer.
+    let st = unsafe { st.assume_init() };
+    Looked::Found(PathStat {
+        stat: FileStat {
+            size: st.st_size as u64,
+            mtime_ns: crate::catalog::stat_ns(st.st_mtime, st.st_mtime_nsec),
+            ctime_ns: crate::catalog::stat_ns(st.st_ctime, st.st_ctime_nsec),
+            inode: st.st_ino,
+        },
+        dev: st.st_dev,
+        is_file: st.st_mode & libc::S_IFMT == libc::S_IFREG,
+    })
+}
+
 /// Whether nothing exists at `path` beneath `dir` (ENOENT/ENOTDIR). A symlinked directory
 /// could make this look further than RESOLVE_BENEATH allows, but it can only ever answer
 /// "absent"; anything present is re-opened with every check on a blocking thread.

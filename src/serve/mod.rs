@@ -4,6 +4,7 @@ pub mod cache;
 pub mod conn;
 pub mod fetch;
 pub mod local;
+pub mod memo;
 pub mod meta;
 pub mod resolve;
 pub mod semantics;

@@ -32,6 +32,8 @@ pub struct Resolver {
     fetcher: Arc<Fetcher>,
     /// The spool root, opened once; every local lookup resolves beneath it.
     spool: Arc<File>,
+    /// Small spool files' bytes, each answered while a stat of its path shows it unchanged.
+    memo: super::memo::Memo,
     /// The archive root, for the fallback.
     archive: Arc<File>,
     fallback: Option<FallbackClient>,
@@ -208,6 +210,7 @@ impl Resolver {
         } else {
             format!("{}/", cfg.http.redirect_base)
         };
+        let cfg_spool_memory = cfg.http.spool_memory.0;
         Ok(Resolver {
             node_name: cfg.node_name(),
             meta: Arc::new(
@@ -235,6 +238,7 @@ impl Resolver {
             catalog,
             store,
             spool: Arc::new(spool),
+            memo: super::memo::Memo::new(cfg_spool_memory, sem::SMALL_BODY),
             allow,
             redirect_base,
             presigned: Mutex::new(HashMap::new()),
@@ -300,37 +304,41 @@ impl Resolver {
             return Err(ServeError::NotFound);
         }
 
-        // 1. The spool.
+        // 1. The spool. One stat of the path first: a miss needs nothing more, and a file
+        // whose bytes are held and unchanged is answered from memory.
         let head = method == Method::HEAD;
-        // Fast path: everything cached, nothing can block, no thread hop.
-        let found = match local::try_open_cached(&self.spool, key.as_str(), !head) {
-            Some(r) => r.map_err(|e| ServeError::Internal(format!("open {key}: {e}")))?,
-            None => {
-                let spool = self.spool.clone();
-                let k = key.as_str().to_string();
-                tokio::task::spawn_blocking(move || {
-                    let mut f = local::open_beneath(&spool, &k)?;
-                    if let (Some(lf), false) = (f.as_mut(), head) {
-                        lf.preload()?;
-                    }
-                    Ok::<_, std::io::Error>(f)
-                })
-                .await
-                .map_err(|e| ServeError::Internal(format!("open task: {e}")))?
-                .map_err(|e| ServeError::Internal(format!("open {key}: {e}")))?
+        let looked = local::stat_at(&self.spool, key.as_str());
+        if let local::Looked::Found(now) = &looked {
+            if let Some(held) = self.memo.get(key.as_str(), now) {
+                crate::telemetry::metrics().spool_memory_hits.inc();
+                // The representation is built afresh: readiness and the SHA-256 move on in
+                // the catalog while the file stays the same.
+                let record = self.spool_record(&key).await;
+                let rep = spool_representation(&key, &held.stat, held.mtime, record.as_ref());
+                return Ok(sem::respond_bytes(
+                    held.body.clone(),
+                    method,
+                    headers,
+                    &rep,
+                    &self.policy,
+                    "local",
+                ));
             }
+        }
+        // Fast path: everything cached, nothing can block, no thread hop.
+        let found = match looked {
+            local::Looked::Absent => {
+                // Gone from the spool (archived, most often): its bytes are not needed.
+                self.memo.forget(key.as_str());
+                None
+            }
+            _ => self.open_spool(&key, head).await?,
         };
         if let Some(lf) = found {
-            // A catalog that cannot answer costs the file its public status, not its bytes:
-            // served as not ready (no-store, weak tag) rather than a 500.
-            let record = match self.meta.record(key.as_str()).await {
-                Ok(r) => r,
-                Err(e) => {
-                    tracing::warn!(key = %key, error = %e, "catalog unreadable; serving the spool file as not ready");
-                    None
-                }
-            };
-            let rep = spool_representation(&key, &lf, record.as_ref());
+            let record = self.spool_record(&key).await;
+            let ready = record.as_ref().is_some_and(|r| r.ready_for(&lf.stat));
+            self.memo.offer(key.as_str(), &lf, ready);
+            let rep = spool_representation(&key, &lf.stat, lf.mtime, record.as_ref());
             return Ok(sem::respond_file(lf, method, headers, &rep, &self.policy, "local").await);
         }
 
@@ -514,6 +522,44 @@ impl Resolver {
                     Err(_) if timed_out => Err(ServeError::Timeout),
                     Err(_) => Err(ServeError::BadGateway),
                 }
+            }
+        }
+    }
+
+    /// Opens `key` in the spool the careful way (no symlink, nothing outside it), reading a
+    /// small file whole unless `head`: from the caches on this thread when nothing can
+    /// block, else on a blocking thread.
+    async fn open_spool(
+        &self,
+        key: &Key,
+        head: bool,
+    ) -> Result<Option<local::LocalFile>, ServeError> {
+        if let Some(r) = local::try_open_cached(&self.spool, key.as_str(), !head) {
+            return r.map_err(|e| ServeError::Internal(format!("open {key}: {e}")));
+        }
+        let spool = self.spool.clone();
+        let k = key.as_str().to_string();
+        tokio::task::spawn_blocking(move || {
+            let mut f = local::open_beneath(&spool, &k)?;
+            if let (Some(lf), false) = (f.as_mut(), head) {
+                lf.preload()?;
+            }
+            Ok::<_, std::io::Error>(f)
+        })
+        .await
+        .map_err(|e| ServeError::Internal(format!("open task: {e}")))?
+        .map_err(|e| ServeError::Internal(format!("open {key}: {e}")))
+    }
+
+    /// This host's catalog row for a spool file. A catalog that cannot answer costs the file
+    /// its public status, not its bytes: served as not ready (no-store, weak tag) rather than
+    /// a 500.
+    async fn spool_record(&self, key: &Key) -> Option<Record> {
+        match self.meta.record(key.as_str()).await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(key = %key, error = %e, "catalog unreadable; serving the spool file as not ready");
+                None
             }
         }
     }
@@ -810,6 +856,8 @@ impl Resolver {
     /// time, from tables and an index kept as rows change (no row scan per scrape).
     async fn metrics(&self) -> Result<Response, ServeError> {
         let m = crate::telemetry::metrics();
+        m.spool_memory_bytes
+            .set(i64::try_from(self.memo.weight()).unwrap_or(i64::MAX));
         if let Ok(g) = self.catalog.read(crate::catalog::ops::gauges).await {
             m.set_queue(&g);
         }
@@ -884,20 +932,21 @@ fn meta_representation(key: &Key, meta: &Meta) -> Representation {
 /// still being written.
 fn spool_representation(
     key: &Key,
-    lf: &local::LocalFile,
+    stat: &crate::catalog::FileStat,
+    mtime: SystemTime,
     record: Option<&Record>,
 ) -> Representation {
-    let ready = record.is_some_and(|r| r.ready_for(&lf.stat));
-    let local_tag = Etag::local(lf.len, lf.mtime, lf.inode, lf.stat.ctime_ns);
-    let (etag, caching) = match record.and_then(|r| r.sha256_for(&lf.stat)) {
+    let ready = record.is_some_and(|r| r.ready_for(stat));
+    let local_tag = Etag::local(stat.size, mtime, stat.inode, stat.ctime_ns);
+    let (etag, caching) = match record.and_then(|r| r.sha256_for(stat)) {
         Some(sha) => (Etag::sha256(sha), Caching::Public),
         None if ready => (local_tag, Caching::Public),
         None => (local_tag.weaken(), Caching::NoStore),
     };
     Representation {
-        len: lf.len,
+        len: stat.size,
         etag: Some(etag),
-        last_modified: Some(lf.mtime),
+        last_modified: Some(mtime),
         content_type: crate::media::content_type(key.as_str()),
         caching,
     }
@@ -1320,10 +1369,16 @@ mod tests {
         let mut out = Vec::new();
 
         let lf = open("spool.bin");
-        let rep = spool_representation(&v.key, &lf, Some(&v.record));
+        let rep = spool_representation(&v.key, &lf.stat, lf.mtime, Some(&v.record));
         out.push((
             "local",
             answer(sem::respond_file(lf, method, h, &rep, &policy, "local").await).await,
+        ));
+        // The spool's memory tier, from the same representation.
+        let all = bytes::Bytes::from(v.bytes.clone());
+        out.push((
+            "local",
+            answer(sem::respond_bytes(all, method, h, &rep, &policy, "local")).await,
         ));
 
         for (name, source) in [("cache.bin", "cache"), ("archive.bin", "archive")] {

@@ -593,14 +593,16 @@ fn changed_while_read() -> io::Error {
     io::Error::other(ChangedWhileRead)
 }
 
-async fn body_response(
-    lf: LocalFile,
-    head: bool,
-    plan: Plan,
-    content_type: &str,
-    guard: bool,
-) -> io::Result<Response> {
-    let len = lf.len;
+/// A 200/206 answer's status, body segments, Content-Type and Content-Range, from the plan.
+struct Layout {
+    status: StatusCode,
+    segs: Vec<Seg>,
+    part_type: String,
+    content_range: Option<String>,
+    body_len: u64,
+}
+
+fn layout(plan: Plan, len: u64, content_type: &str) -> Layout {
     let (status, segs, part_type, content_range) = match plan {
         Plan::Partial(r) => {
             let content_range = format!("bytes {}-{}/{len}", r.start, r.end - 1);
@@ -646,13 +648,83 @@ async fn body_response(
             Seg::File(r) => r.end - r.start,
         })
         .sum();
+    Layout {
+        status,
+        segs,
+        part_type,
+        content_range,
+        body_len,
+    }
+}
+
+impl Layout {
+    /// Status and entity headers onto `resp`, whose body the source made.
+    fn finish(self, mut resp: Response) -> Response {
+        *resp.status_mut() = self.status;
+        let h = resp.headers_mut();
+        set(h, CONTENT_TYPE, &self.part_type);
+        set(h, CONTENT_LENGTH, &self.body_len.to_string());
+        if let Some(content_range) = &self.content_range {
+            set(h, CONTENT_RANGE, content_range);
+        }
+        resp
+    }
+}
+
+/// The complete answer from a whole file's bytes in memory (`serve::memo`), any plan: no
+/// read, no copy of a one-part body. The caller checked that `rep.len` is `all`'s length.
+pub fn respond_bytes(
+    all: Bytes,
+    method: &Method,
+    headers: &HeaderMap,
+    rep: &Representation,
+    policy: &Policy,
+    source: &'static str,
+) -> Response {
+    let plan = plan(method, headers, rep);
+    if let Some(resp) = bodiless(&plan, rep, policy, source) {
+        return resp;
+    }
+    let mut l = layout(plan, all.len() as u64, sendable_type(rep));
+    let segs = std::mem::take(&mut l.segs);
+    let resp = if method == Method::HEAD {
+        StatusCode::OK.into_response()
+    } else if l.body_len <= SMALL_BODY {
+        http::Response::new(assemble(&all, segs, l.body_len)).into_response()
+    } else {
+        // Many ranges can make a body larger than the file: slices of the one buffer, never a
+        // copy of that size.
+        let parts = segs.into_iter().map(move |seg| {
+            Ok::<_, io::Error>(match seg {
+                Seg::Bytes(b) => b,
+                Seg::File(r) => all.slice(r.start as usize..r.end as usize),
+            })
+        });
+        warp::reply::stream(futures_util::stream::iter(parts)).into_response()
+    };
+    let mut resp = l.finish(resp);
+    decorate(resp.headers_mut(), rep, policy, source);
+    resp
+}
+
+async fn body_response(
+    lf: LocalFile,
+    head: bool,
+    plan: Plan,
+    content_type: &str,
+    guard: bool,
+) -> io::Result<Response> {
+    let len = lf.len;
+    let mut l = layout(plan, len, content_type);
+    let segs = std::mem::take(&mut l.segs);
+    let body_len = l.body_len;
 
     let preloaded = lf
         .preloaded
         .as_ref()
         .filter(|p| p.len() as u64 == len)
         .cloned();
-    let mut resp = if head {
+    let resp = if head {
         StatusCode::OK.into_response()
     } else if let (Some(all), true) = (preloaded, body_len <= SMALL_BODY) {
         if guard && lf.changed_since_open() {
@@ -683,14 +755,7 @@ async fn body_response(
         stream_segments(lf.file, segs, check).await?
     };
 
-    *resp.status_mut() = status;
-    let h = resp.headers_mut();
-    set(h, CONTENT_TYPE, &part_type);
-    set(h, CONTENT_LENGTH, &body_len.to_string());
-    if let Some(content_range) = content_range {
-        set(h, CONTENT_RANGE, &content_range);
-    }
-    Ok(resp)
+    Ok(l.finish(resp))
 }
 
 /// The body from a preloaded file: a whole-file body is the buffer itself (no copy).

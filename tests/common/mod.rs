@@ -664,6 +664,18 @@ impl RawResponse {
     }
 }
 
+/// The first sample of `name` (a series name as exposed, e.g. `ferry_uploads_total`) in
+/// the node's `/metrics`.
+pub fn metric(addr: SocketAddr, name: &str) -> f64 {
+    let r = raw_request(addr, "GET", b"/metrics", &[]);
+    String::from_utf8_lossy(&r.body)
+        .lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in /metrics"))
+}
+
 pub fn raw_request(
     addr: SocketAddr,
     method: &str,
