@@ -22,6 +22,7 @@ pub mod config;
 pub mod crashpoint;
 pub mod digest;
 pub mod key;
+pub mod lease;
 pub mod media;
 pub mod progress;
 pub mod retry;

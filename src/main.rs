@@ -100,8 +100,8 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     ferry::telemetry::init();
     // Before any thread starts and before the first lease: a lease break's SIGIO must never
-    // end the process (see sync::lease).
-    ferry::sync::lease::init();
+    // end the process (see ferry::lease).
+    ferry::lease::init();
     let cfg = match Config::load(cli.config.as_deref()) {
         Ok(c) => c,
         Err(e) => {

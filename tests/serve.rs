@@ -840,8 +840,8 @@ fn the_memory_tier_answers_an_unchanged_spool_file_and_never_a_changed_one() {
     let d = env.spawn(&["serve"]);
     let p = "/static/m.jpg";
     let hits = || metric(d.addr(), "ferry_spool_memory_hits_total");
-    // Held only once its ctime is a second old; answered from memory from then on.
-    std::thread::sleep(Duration::from_millis(1200));
+    // Held only once its ctime has settled (memo::SETTLED); answered from memory from then on.
+    std::thread::sleep(ferry::serve::memo::SETTLED + Duration::from_millis(200));
     let mut first = get(d.addr(), p, &[]);
     wait_for(Duration::from_secs(10), "public and held", || {
         first = get(d.addr(), p, &[]);
@@ -913,7 +913,7 @@ fn the_memory_tier_answers_an_unchanged_spool_file_and_never_a_changed_one() {
     assert_eq!(hits(), before, "a changed file is read from disk");
 
     // Archived (renamed out of the spool): never answered from memory again.
-    std::thread::sleep(Duration::from_millis(1200));
+    std::thread::sleep(ferry::serve::memo::SETTLED + Duration::from_millis(200));
     get(d.addr(), p, &[]);
     assert!(get(d.addr(), p, &[]).body == two);
     std::fs::rename(&path, t.path().join("elsewhere.jpg")).unwrap();

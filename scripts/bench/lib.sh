@@ -106,7 +106,8 @@ start_s3() {
 # path is explicit so nothing lands in the repository's ./var.
 ferry_env() {
   export FERRY_SPOOL_DIR=$1 FERRY_ARCHIVE_DIR=$2 FERRY_CATALOG_PATH=$3 FERRY_S3_BUCKET=$4
-  export FERRY_S3_ENDPOINT=http://127.0.0.1:$S3_PORT FERRY_S3_PATH_STYLE=true
+  # No S3 started (only local cases): port 9, where nobody listens.
+  export FERRY_S3_ENDPOINT=http://127.0.0.1:${S3_PORT:-9} FERRY_S3_PATH_STYLE=true
   export FERRY_S3_REGION=us-east-1 FERRY_CACHE_DIR=$WORK/ferry-cache
   unset FERRY_CONFIG
 }

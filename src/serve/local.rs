@@ -279,8 +279,44 @@ pub fn stat_at(dir: &File, rel: &str) -> Looked {
         };
     }
     // SAFETY: fstatat returned 0, so it filled the buffer.
-    let st = unsafe { st.assume_init() };
-    Looked::Found(PathStat {
+    Looked::Found(path_stat(unsafe { &st.assume_init() }))
+}
+
+/// [`stat_at`] with the careful open's confinement: no symlink in any component (the last
+/// included), nothing outside `dir`, resolved from the dentry cache alone. An `O_PATH` open,
+/// an `fstat` and a close: for a held key with a directory in it, where [`stat_at`] would
+/// follow a symlinked directory to the same unchanged inode (a directory moved out of the
+/// spool and linked back is not the spool's any more).
+pub fn stat_confined(dir: &File, rel: &str) -> Looked {
+    if !is_plain_relative(rel) {
+        return Looked::Absent;
+    }
+    let Ok(path) = CString::new(rel) else {
+        return Looked::Absent;
+    };
+    let resolve = libc::RESOLVE_NO_SYMLINKS | libc::RESOLVE_BENEATH | libc::RESOLVE_CACHED;
+    let fd = match openat2_with(dir.as_fd(), &path, libc::O_PATH | libc::O_CLOEXEC, resolve) {
+        Ok(fd) => fd,
+        Err(err) => {
+            return match err.raw_os_error() {
+                // Nothing servable there: what the careful open would conclude too.
+                Some(libc::ENOENT | libc::ENOTDIR | libc::ELOOP | libc::EXDEV) => Looked::Absent,
+                // Not cached (EAGAIN), no openat2, anything odd: the careful open decides.
+                _ => Looked::Unsure,
+            };
+        }
+    };
+    let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
+    // SAFETY: a descriptor we own, alive for the call, and a stat buffer the kernel fills.
+    if unsafe { libc::fstat(fd.as_raw_fd(), st.as_mut_ptr()) } != 0 {
+        return Looked::Unsure;
+    }
+    // SAFETY: fstat returned 0, so it filled the buffer.
+    Looked::Found(path_stat(unsafe { &st.assume_init() }))
+}
+
+fn path_stat(st: &libc::stat) -> PathStat {
+    PathStat {
         stat: FileStat {
             size: st.st_size as u64,
             mtime_ns: crate::catalog::stat_ns(st.st_mtime, st.st_mtime_nsec),
@@ -289,7 +325,7 @@ pub fn stat_at(dir: &File, rel: &str) -> Looked {
         },
         dev: st.st_dev,
         is_file: st.st_mode & libc::S_IFMT == libc::S_IFREG,
-    })
+    }
 }
 
 /// Whether nothing exists at `path` beneath `dir` (ENOENT/ENOTDIR). A symlinked directory
@@ -314,7 +350,7 @@ fn absent_by_lookup(dir: &File, path: &CString) -> bool {
 }
 
 /// Reads `len` bytes from offset 0 only if they are all in the page cache.
-fn read_nowait(file: &File, len: usize) -> Option<Bytes> {
+pub(crate) fn read_nowait(file: &File, len: usize) -> Option<Bytes> {
     let mut buf = vec![0u8; len];
     let mut done = 0;
     while done < len {
@@ -343,8 +379,18 @@ fn read_nowait(file: &File, len: usize) -> Option<Bytes> {
 
 /// One openat2(2) call with FILE_FLAGS and the given RESOLVE_* flags.
 fn openat2_once(dir: BorrowedFd<'_>, path: &CString, resolve: u64) -> io::Result<OwnedFd> {
+    openat2_with(dir, path, FILE_FLAGS, resolve)
+}
+
+/// One openat2(2) call with the given open and RESOLVE_* flags.
+fn openat2_with(
+    dir: BorrowedFd<'_>,
+    path: &CString,
+    flags: libc::c_int,
+    resolve: u64,
+) -> io::Result<OwnedFd> {
     let how = OpenHow {
-        flags: FILE_FLAGS as u64,
+        flags: flags as u64,
         mode: 0,
         resolve,
     };

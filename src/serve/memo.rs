@@ -1,23 +1,28 @@
-//! The spool's memory tier (`http.spool_memory`): the bytes of small spool files kept in memory,
-//! each answered only while one stat of its path shows the same inode with the same size,
-//! mtime and ctime as when its bytes were read.
+//! The spool's memory tier (`http.spool_memory`): the bytes of small spool files kept in
+//! memory, each answered only while a stat of its path shows the same inode with the same
+//! size, mtime and ctime as when its bytes were read.
 //!
 //! A local hit without it costs openat2, statx, a read, a second statx and close; with it,
-//! one `fstatat` of the path. Why the stat is enough:
+//! one `fstatat` of the path (a key in a directory: an `O_PATH` openat2 with the careful
+//! open's confinement, an `fstat` and a close). Why the stat is enough:
 //! - The path still names the inode whose bytes are held (device and inode number), so a
 //!   rename away (ferry's own archive move), an unlink, a replacement by rename and a parent
 //!   directory renamed all miss.
 //! - Every write to a file sets its ctime to the current time, and nothing can set a ctime
-//!   back. Bytes are taken only when the ctime is at least [`SETTLED`] old at the read, so
-//!   any later write gives a ctime the held one cannot equal (unless the clock is stepped
-//!   back by more than that between the read and the write).
-//! - A writer that already had the file open (a shared writable mapping dirties pages
-//!   without a new ctime until the next fault) is ruled out by a read lease at the read, or,
-//!   where leases cannot be had, by the catalog's readiness, which the sync decided with one.
+//!   back. Bytes are taken only when the ctime is at least [`SETTLED`] old, so any later
+//!   write gives a ctime the held one cannot equal, even where timestamps have whole-second
+//!   (ext4 with 128-byte inodes, ext2/3) or two-second (FAT) granularity and the kernel's
+//!   coarse clock lags the wall clock by a tick (unless the clock is stepped back by more
+//!   than that between the read and the write).
+//! - A writer that already had the file open (a shared writable mapping dirties an already
+//!   dirty page without a new ctime) is ruled out by a read lease, held from before the
+//!   bytes are read until after their second stat and unbroken: nobody had the file open for
+//!   writing, and nobody opened it meanwhile. Where no lease can be had (another owner
+//!   without `CAP_LEASE`, NFS, whose stat may also come from a stale attribute cache), no
+//!   bytes are held.
 //!
-//! The stat follows symlinks in the path's directories, which the careful open refuses: it
-//! can only ever find an inode that the careful open read for this very key, and anything
-//! else goes the careful way.
+//! The answer is as of that one stat, as the careful path's is as of its open: readiness and
+//! the SHA-256 then come from the catalog for exactly the held stat.
 
 use std::fs::File;
 use std::os::unix::fs::MetadataExt;
@@ -26,15 +31,21 @@ use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 
-use super::local::{LocalFile, PathStat};
+use super::local::{self, LocalFile, PathStat};
 use crate::catalog::FileStat;
+use crate::lease;
 
-/// How old a file's ctime must be when its bytes are read for them to be held.
-pub const SETTLED: Duration = Duration::from_secs(1);
+/// How old a file's ctime must be when its bytes are read for them to be held: two-second
+/// timestamps plus the coarse clock's lag, with room to spare.
+pub const SETTLED: Duration = Duration::from_secs(3);
 
 /// An entry unused this long is dropped, so bytes of files long gone (archived, removed)
 /// do not sit in memory until the budget pushes them out.
 const IDLE: Duration = Duration::from_secs(300);
+
+/// What an entry costs beyond its body, as the budget counts it: the key, the entry, the
+/// cache's own bookkeeping (about 490 bytes measured with 125,000 empty files held).
+const ENTRY_COST: usize = 512;
 
 /// One spool file's bytes as read, with what identified the file then.
 #[derive(Debug)]
@@ -65,10 +76,9 @@ impl Memo {
         let cache = (budget > 0).then(|| {
             moka::sync::Cache::builder()
                 .max_capacity(budget)
-                // A body's bytes plus what its key and entry cost, so a budget of many tiny
-                // files is not exceeded many times over.
+                // So a budget of many tiny files is not exceeded many times over.
                 .weigher(|k: &String, v: &Arc<Held>| {
-                    u32::try_from(v.body.len() + k.len() + 128).unwrap_or(u32::MAX)
+                    u32::try_from(v.body.len() + k.len() + ENTRY_COST).unwrap_or(u32::MAX)
                 })
                 .time_to_idle(IDLE)
                 .build()
@@ -80,8 +90,19 @@ impl Memo {
         self.cache.is_some()
     }
 
-    /// The held bytes of `key`, if `now` (a stat of its path just taken) shows them current.
-    /// A held entry the stat contradicts is dropped.
+    /// Looks at `key`'s path beneath `spool`: the cheapest stat that can answer for a held
+    /// key (see the module notes), or one `fstatat` when nothing is held for it.
+    pub fn look(&self, spool: &File, key: &str) -> local::Looked {
+        let held = key.contains('/') && self.cache.as_ref().is_some_and(|c| c.contains_key(key));
+        if held {
+            local::stat_confined(spool, key)
+        } else {
+            local::stat_at(spool, key)
+        }
+    }
+
+    /// The held bytes of `key`, if `now` (from [`Memo::look`], just taken) shows them
+    /// current. A held entry the stat contradicts is dropped.
     pub fn get(&self, key: &str, now: &PathStat) -> Option<Arc<Held>> {
         let cache = self.cache.as_ref()?;
         let held = cache.get(key)?;
@@ -92,36 +113,21 @@ impl Memo {
         None
     }
 
-    /// Takes the bytes `lf` preloaded if they may be held (see the module notes): the whole
-    /// file, small enough, its ctime settled, its stat the same after the read, and nobody
-    /// writing it. `ready`: the catalog holds a row for exactly this stat. Costs an fstat and,
-    /// on a spool file, a read lease taken and dropped: only on the way in.
-    pub fn offer(&self, key: &str, lf: &LocalFile, ready: bool) {
+    /// Holds `key`'s bytes if they may be held (see the module notes): `lf` was read whole
+    /// for a GET, is small enough, its ctime is settled, and under a read lease its bytes,
+    /// read again, come with the same stat before and after. Costs a lease, two fstats and
+    /// a read from the page cache (never a wait for the disk), only on the way in.
+    pub fn offer(&self, key: &str, lf: &LocalFile) {
         let Some(cache) = &self.cache else { return };
-        let Some(body) = lf.preloaded.as_ref() else {
-            return;
-        };
-        if body.len() as u64 != lf.len || lf.len > self.max_object {
+        if lf.preloaded.is_none() || lf.len > self.max_object {
             return;
         }
-        let Some((stat, dev)) = settled_stat(&lf.file) else {
-            return;
-        };
-        if stat != lf.stat || !unwritten(&lf.file, ready) {
-            return;
+        if let Some(held) = read_held(lf) {
+            cache.insert(key.to_string(), Arc::new(held));
         }
-        cache.insert(
-            key.to_string(),
-            Arc::new(Held {
-                body: body.clone(),
-                stat,
-                dev,
-                mtime: lf.mtime,
-            }),
-        );
     }
 
-    /// Drops `key`'s bytes, if held: its path no longer names a file.
+    /// Drops `key`'s bytes, if held: its path no longer names a servable file.
     pub fn forget(&self, key: &str) {
         if let Some(cache) = &self.cache {
             cache.invalidate(key);
@@ -137,30 +143,45 @@ impl Memo {
     }
 }
 
-/// The file's stat and device, if its ctime is at least [`SETTLED`] in the past.
-fn settled_stat(file: &File) -> Option<(FileStat, u64)> {
-    let md = file.metadata().ok()?;
+/// `lf`'s bytes read again under a read lease, with the stat they belong to; `None` if
+/// its ctime is not settled, anyone has or had the file open for writing meanwhile, or
+/// anything moved. The bytes `lf` preloaded were read before any lease, so they prove
+/// nothing about a writer that has since gone.
+fn read_held(lf: &LocalFile) -> Option<Held> {
+    if !settled(lf.stat.ctime_ns) {
+        return None;
+    }
+    let lease::Probe::Held(lease) = lease::take(&lf.file) else {
+        return None;
+    };
+    let md = lf.file.metadata().ok()?;
     let stat = FileStat::of(&md);
-    let now = SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .ok()?
-        .as_nanos();
-    let ctime = u128::try_from(stat.ctime_ns).ok()?;
-    (now.checked_sub(ctime)? >= SETTLED.as_nanos()).then_some((stat, md.dev()))
+    if stat != lf.stat {
+        return None;
+    }
+    let body = local::read_nowait(&lf.file, usize::try_from(stat.size).ok()?)?;
+    let after = FileStat::of(&lf.file.metadata().ok()?);
+    if after != stat || lease.broken() {
+        return None;
+    }
+    lease.release();
+    Some(Held {
+        body,
+        stat,
+        dev: md.dev(),
+        mtime: lf.mtime,
+    })
 }
 
-/// Nobody has the file open for writing: a read lease is granted (and dropped at once).
-/// Where leases cannot be had (a file ferry does not own, a mount without them), only a
-/// file the catalog calls ready.
-fn unwritten(file: &File, ready: bool) -> bool {
-    match crate::sync::lease::take(file) {
-        crate::sync::lease::Probe::Held(lease) => {
-            lease.release();
-            true
-        }
-        crate::sync::lease::Probe::Busy => false,
-        crate::sync::lease::Probe::Unavailable(_) => ready,
-    }
+/// Whether a ctime is at least [`SETTLED`] in the past.
+fn settled(ctime_ns: i64) -> bool {
+    let now = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    u128::try_from(ctime_ns)
+        .ok()
+        .and_then(|c| now.checked_sub(c))
+        .is_some_and(|age| age >= SETTLED.as_nanos())
 }
 
 #[cfg(test)]
@@ -180,8 +201,9 @@ mod tests {
         local::stat_at(dir, rel)
     }
 
+    /// What the serve path finds for `rel`: the memo's look, then its get.
     fn hit(m: &Memo, dir: &File, rel: &str) -> Option<Arc<Held>> {
-        match stat(dir, rel) {
+        match m.look(dir, rel) {
             Looked::Found(now) => m.get(rel, &now),
             _ => None,
         }
@@ -205,7 +227,7 @@ mod tests {
         let dir = File::open(t.path()).unwrap();
         let m = Memo::new(1 << 20, 256 << 10);
         for n in names {
-            m.offer(n, &read(&dir, n), false);
+            m.offer(n, &read(&dir, n));
             let held = hit(&m, &dir, n).unwrap_or_else(|| panic!("{n} held"));
             assert_eq!(&held.body[..], format!("{n} version one").as_bytes());
         }
@@ -253,11 +275,11 @@ mod tests {
         std::fs::write(t.path().join("fresh"), "just written").unwrap();
         let dir = File::open(t.path()).unwrap();
         let m = Memo::new(1 << 20, 256 << 10);
-        m.offer("fresh", &read(&dir, "fresh"), true);
+        m.offer("fresh", &read(&dir, "fresh"));
         assert!(hit(&m, &dir, "fresh").is_none());
         assert_eq!(m.weight(), 0);
         settle();
-        m.offer("fresh", &read(&dir, "fresh"), true);
+        m.offer("fresh", &read(&dir, "fresh"));
         assert!(hit(&m, &dir, "fresh").is_some());
     }
 
@@ -272,14 +294,13 @@ mod tests {
         settle();
         let dir = File::open(t.path()).unwrap();
         let m = Memo::new(1 << 20, 256 << 10);
-        // Even a catalog that calls it ready does not outweigh an open writer.
-        m.offer("w", &read(&dir, "w"), true);
+        m.offer("w", &read(&dir, "w"));
         assert!(
             hit(&m, &dir, "w").is_none(),
             "held while a writer has it open"
         );
         drop(writer);
-        m.offer("w", &read(&dir, "w"), false);
+        m.offer("w", &read(&dir, "w"));
         assert!(hit(&m, &dir, "w").is_some());
     }
 
@@ -294,13 +315,13 @@ mod tests {
         let dir = File::open(t.path()).unwrap();
 
         let m = Memo::new(1 << 20, 256 << 10);
-        m.offer("big", &read(&dir, "big"), true);
+        m.offer("big", &read(&dir, "big"));
         assert!(hit(&m, &dir, "big").is_none(), "larger than max_object");
         // A HEAD opens without reading: nothing to hold.
         let head = local::open_beneath(&dir, "small").unwrap().unwrap();
-        m.offer("small", &head, true);
+        m.offer("small", &head);
         assert!(hit(&m, &dir, "small").is_none());
-        m.offer("small", &read(&dir, "small"), true);
+        m.offer("small", &read(&dir, "small"));
         assert!(hit(&m, &dir, "small").is_some());
         let w = m.weight();
         assert!((1000..2000).contains(&w), "weight {w}");
@@ -309,8 +330,196 @@ mod tests {
 
         let off = Memo::new(0, 256 << 10);
         assert!(!off.enabled());
-        off.offer("small", &read(&dir, "small"), true);
+        off.offer("small", &read(&dir, "small"));
         assert!(hit(&off, &dir, "small").is_none());
+    }
+
+    /// A shared writable mapping writes through an already dirty page (no new ctime) and
+    /// goes away after the serve path's read: the bytes held must be the file's bytes now.
+    #[test]
+    fn a_mapping_that_writes_and_goes_between_the_read_and_the_hold_is_not_missed() {
+        let t = tempfile::tempdir().unwrap();
+        let p = t.path().join("mapped");
+        std::fs::write(&p, "A").unwrap();
+        let f = File::options().read(true).write(true).open(&p).unwrap();
+        // SAFETY: a one-byte shared mapping of a one-byte file we own, unmapped below.
+        let map = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                1,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                std::os::fd::AsRawFd::as_raw_fd(&f),
+                0,
+            )
+        };
+        assert_ne!(map, libc::MAP_FAILED);
+        // SAFETY: `map` is a live one-byte writable mapping.
+        unsafe { *(map as *mut u8) = b'B' };
+        drop(f);
+        settle();
+        let dir = File::open(t.path()).unwrap();
+        let lf = read(&dir, "mapped");
+        assert_eq!(&lf.preloaded.as_ref().unwrap()[..], b"B");
+        // SAFETY: as above; the page is dirty already, so this write sets no ctime.
+        unsafe {
+            *(map as *mut u8) = b'C';
+            libc::munmap(map, 1);
+        }
+        let m = Memo::new(1 << 20, 256 << 10);
+        m.offer("mapped", &lf);
+        let now = std::fs::read(&p).unwrap();
+        assert_eq!(now, b"C");
+        if let Some(held) = hit(&m, &dir, "mapped") {
+            assert_eq!(
+                &held.body[..],
+                &now[..],
+                "held bytes the file no longer has"
+            );
+        }
+    }
+
+    /// An ext4 image with 128-byte inodes (whole-second timestamps) loop-mounted in a temp
+    /// dir; unmounted when dropped. `None` (a skip, or a failure under
+    /// FERRY_TEST_REQUIRE_TOOLS) without root, mkfs.ext4 or loop devices.
+    struct CoarseFs {
+        dir: tempfile::TempDir,
+    }
+
+    impl CoarseFs {
+        fn mount() -> Option<CoarseFs> {
+            use std::process::Command;
+            let dir = tempfile::tempdir().unwrap();
+            let img = dir.path().join("img");
+            let mnt = dir.path().join("mnt");
+            std::fs::create_dir(&mnt).unwrap();
+            let ok = File::create(&img).and_then(|f| f.set_len(16 << 20)).is_ok()
+                && Command::new("mkfs.ext4")
+                    .args(["-q", "-F", "-I", "128"])
+                    .arg(&img)
+                    .status()
+                    .is_ok_and(|s| s.success())
+                && Command::new("mount")
+                    .args(["-o", "loop"])
+                    .arg(&img)
+                    .arg(&mnt)
+                    .status()
+                    .is_ok_and(|s| s.success());
+            if ok {
+                return Some(CoarseFs { dir });
+            }
+            assert!(
+                std::env::var_os("FERRY_TEST_REQUIRE_TOOLS").is_none(),
+                "cannot loop-mount an ext4 image (needs root, mkfs.ext4, loop devices)"
+            );
+            eprintln!("SKIPPED: cannot loop-mount an ext4 image (needs root, mkfs.ext4, loop)");
+            None
+        }
+
+        fn path(&self) -> std::path::PathBuf {
+            self.dir.path().join("mnt")
+        }
+    }
+
+    impl Drop for CoarseFs {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(self.path())
+                .status();
+        }
+    }
+
+    fn clock_ns(clock: libc::clockid_t) -> i128 {
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: a valid clock id and a timespec the call fills.
+        unsafe { libc::clock_gettime(clock, &mut ts) };
+        i128::from(ts.tv_sec) * 1_000_000_000 + i128::from(ts.tv_nsec)
+    }
+
+    /// Where timestamps are whole seconds and the kernel stamps them from its coarse clock,
+    /// which lags the wall clock by up to a tick, a file held the moment the wall clock says
+    /// "settled" could be rewritten with the very ctime it had. Each round holds a file right
+    /// after the wall clock passes its settle point while the coarse clock has not yet, and
+    /// rewrites it in place at once: the same length, no utimensat.
+    #[test]
+    fn whole_second_timestamps_cannot_hide_a_rewrite_right_after_the_hold() {
+        let Some(fs) = CoarseFs::mount() else { return };
+        let dir = File::open(fs.path()).unwrap();
+        let settle_ns = SETTLED.as_nanos() as i128;
+        let mut raced = 0;
+        for round in 0..4 {
+            let name = format!("f{round}");
+            let p = fs.path().join(&name);
+            std::fs::write(&p, format!("{round}: version one")).unwrap();
+            let ctime = std::fs::metadata(&p).unwrap().ctime();
+            assert_eq!(
+                std::fs::metadata(&p).unwrap().ctime_nsec(),
+                0,
+                "not whole seconds"
+            );
+            let due = i128::from(ctime) * 1_000_000_000 + settle_ns;
+            while clock_ns(libc::CLOCK_REALTIME) < due {
+                std::hint::spin_loop();
+            }
+            let m = Memo::new(1 << 20, 256 << 10);
+            m.offer(&name, &read(&dir, &name));
+            std::os::unix::fs::FileExt::write_all_at(
+                &File::options().write(true).open(&p).unwrap(),
+                format!("{round}: VERSION TWO").as_bytes(),
+                0,
+            )
+            .unwrap();
+            if clock_ns(libc::CLOCK_REALTIME_COARSE) >= due {
+                continue; // the coarse clock had ticked: no race this round
+            }
+            raced += 1;
+            if let Some(held) = hit(&m, &dir, &name) {
+                assert_eq!(
+                    &held.body[..],
+                    format!("{round}: VERSION TWO").as_bytes(),
+                    "round {round}: the bytes before a rewrite, answered after it"
+                );
+            }
+        }
+        assert!(raced > 0, "no round raced the coarse clock");
+    }
+
+    #[test]
+    fn a_directory_moved_out_and_linked_back_is_not_answered() {
+        let t = tempfile::tempdir().unwrap();
+        let spool = t.path().join("spool");
+        std::fs::create_dir_all(spool.join("d")).unwrap();
+        std::fs::create_dir(t.path().join("outside")).unwrap();
+        std::fs::write(spool.join("d/f.jpg"), "photo").unwrap();
+        std::fs::write(spool.join("top.jpg"), "top").unwrap();
+        settle();
+        let dir = File::open(&spool).unwrap();
+        let m = Memo::new(1 << 20, 256 << 10);
+        for k in ["d/f.jpg", "top.jpg"] {
+            m.offer(k, &read(&dir, k));
+            assert!(hit(&m, &dir, k).is_some(), "{k} held");
+        }
+        // The file's ctime does not change when its directory moves.
+        std::fs::rename(spool.join("d"), t.path().join("outside/d")).unwrap();
+        std::os::unix::fs::symlink("../outside/d", spool.join("d")).unwrap();
+        assert!(
+            matches!(stat(&dir, "d/f.jpg"), Looked::Found(_)),
+            "a plain stat follows it"
+        );
+        assert!(local::open_beneath(&dir, "d/f.jpg").unwrap().is_none());
+        assert!(
+            hit(&m, &dir, "d/f.jpg").is_none(),
+            "answered through a symlink"
+        );
+        assert!(hit(&m, &dir, "top.jpg").is_some());
+        // A top-level key swapped for a symlink to its own old inode.
+        std::fs::rename(spool.join("top.jpg"), t.path().join("outside/top.jpg")).unwrap();
+        std::os::unix::fs::symlink("../outside/top.jpg", spool.join("top.jpg")).unwrap();
+        assert!(hit(&m, &dir, "top.jpg").is_none());
     }
 
     #[test]

@@ -307,7 +307,7 @@ impl Resolver {
         // 1. The spool. One stat of the path first: a miss needs nothing more, and a file
         // whose bytes are held and unchanged is answered from memory.
         let head = method == Method::HEAD;
-        let looked = local::stat_at(&self.spool, key.as_str());
+        let looked = self.memo.look(&self.spool, key.as_str());
         if let local::Looked::Found(now) = &looked {
             if let Some(held) = self.memo.get(key.as_str(), now) {
                 crate::telemetry::metrics().spool_memory_hits.inc();
@@ -325,22 +325,18 @@ impl Resolver {
                 ));
             }
         }
-        // Fast path: everything cached, nothing can block, no thread hop.
         let found = match looked {
-            local::Looked::Absent => {
-                // Gone from the spool (archived, most often): its bytes are not needed.
-                self.memo.forget(key.as_str());
-                None
-            }
+            local::Looked::Absent => None,
             _ => self.open_spool(&key, head).await?,
         };
         if let Some(lf) = found {
             let record = self.spool_record(&key).await;
-            let ready = record.as_ref().is_some_and(|r| r.ready_for(&lf.stat));
-            self.memo.offer(key.as_str(), &lf, ready);
+            self.memo.offer(key.as_str(), &lf);
             let rep = spool_representation(&key, &lf.stat, lf.mtime, record.as_ref());
             return Ok(sem::respond_file(lf, method, headers, &rep, &self.policy, "local").await);
         }
+        // Nothing servable in the spool (archived, most often): held bytes are not needed.
+        self.memo.forget(key.as_str());
 
         // A request from another node (shared catalog) is answered from this spool only,
         // never forwarded: two nodes can never bounce a request between them.

@@ -23,7 +23,7 @@ use sha2::{Digest, Sha256};
 use crate::catalog::FileStat;
 use crate::crashpoint;
 use crate::key::Key;
-use crate::sync::lease;
+use crate::lease;
 
 /// Where earlier archive copies of a re-dropped key go.
 pub const VERSIONS_DIR: &str = ".ferry-versions";

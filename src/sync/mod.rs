@@ -3,7 +3,6 @@
 
 pub mod archive;
 pub mod dirsync;
-pub mod lease;
 pub mod reconcile;
 pub mod upload;
 pub mod watch;
@@ -19,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 use crate::catalog::{ops, Catalog, FileStat, Noted, State};
 use crate::config::Config;
 use crate::key::{IgnoreSet, Key};
+use crate::lease;
 use crate::retry::Policy;
 use crate::store::Store;
 use upload::Ctx;

@@ -20,10 +20,10 @@ use tokio_util::task::TaskTracker;
 use crate::catalog::{now_ms, ops, Catalog, FileStat, Row};
 use crate::config::{Config, VerifyMode};
 use crate::key::Key;
+use crate::lease;
 use crate::retry::{Class, Policy};
 use crate::store::{PartSpec, PutMeta, Store, StoreError};
 use crate::sync::archive::{self, Outcome};
-use crate::sync::lease;
 
 /// S3's limit on the number of parts.
 const MAX_PARTS: u64 = 10_000;

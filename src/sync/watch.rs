@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::catalog::{ops, Catalog, FileStat, Noted};
 use crate::key::{IgnoreSet, Key};
-use crate::sync::lease;
+use crate::lease;
 
 #[derive(Debug)]
 struct Pending {
