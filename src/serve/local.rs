@@ -5,7 +5,7 @@ use std::ffi::CString;
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
-use std::os::unix::fs::{FileExt, MetadataExt};
+use std::os::unix::fs::MetadataExt;
 use std::time::SystemTime;
 
 use bytes::Bytes;
@@ -47,9 +47,7 @@ impl LocalFile {
 
     pub fn preload(&mut self) -> io::Result<()> {
         if self.len <= SMALL_BODY && self.preloaded.is_none() {
-            let mut buf = vec![0u8; self.len as usize];
-            self.file.read_exact_at(&mut buf, 0)?;
-            self.preloaded = Some(Bytes::from(buf));
+            self.preloaded = Some(read_whole(&self.file, self.len as usize, 0)?);
         }
         Ok(())
     }
@@ -351,30 +349,39 @@ fn absent_by_lookup(dir: &File, path: &CString) -> bool {
 
 /// Reads `len` bytes from offset 0 only if they are all in the page cache.
 pub(crate) fn read_nowait(file: &File, len: usize) -> Option<Bytes> {
-    let mut buf = vec![0u8; len];
-    let mut done = 0;
-    while done < len {
+    // EAGAIN (not cached), EOPNOTSUPP (no RWF_NOWAIT here), or a file that shrank.
+    read_whole(file, len, libc::RWF_NOWAIT).ok()
+}
+
+/// Reads `len` bytes from offset 0 with `preadv2(flags)`, into memory the kernel fills
+/// (nothing zeroed first: a small hit's buffer is written once). A file shorter than `len`
+/// is an `UnexpectedEof`.
+fn read_whole(file: &File, len: usize, flags: libc::c_int) -> io::Result<Bytes> {
+    let mut buf: Vec<u8> = Vec::with_capacity(len);
+    while buf.len() < len {
+        let done = buf.len();
         let iov = libc::iovec {
-            iov_base: buf[done..].as_mut_ptr().cast(),
+            iov_base: buf.spare_capacity_mut().as_mut_ptr().cast(),
             iov_len: len - done,
         };
-        // SAFETY: one iovec over our own live buffer; the kernel writes at most iov_len bytes.
-        let n = unsafe {
-            libc::preadv2(
-                file.as_raw_fd(),
-                &iov,
-                1,
-                done as libc::off_t,
-                libc::RWF_NOWAIT,
-            )
-        };
-        if n <= 0 {
-            // EAGAIN (not cached), EOPNOTSUPP (no RWF_NOWAIT here), or a file that shrank.
-            return None;
+        // SAFETY: one iovec over the vector's own spare capacity (len - done bytes); the
+        // kernel writes at most iov_len bytes there.
+        let n = unsafe { libc::preadv2(file.as_raw_fd(), &iov, 1, done as libc::off_t, flags) };
+        match n {
+            n if n > 0 => {
+                // SAFETY: the kernel initialised the n bytes after `done`, and n ≤ iov_len.
+                unsafe { buf.set_len(done + n as usize) };
+            }
+            0 => return Err(io::ErrorKind::UnexpectedEof.into()),
+            _ => {
+                let err = io::Error::last_os_error();
+                if err.kind() != io::ErrorKind::Interrupted || flags != 0 {
+                    return Err(err);
+                }
+            }
         }
-        done += n as usize;
     }
-    Some(Bytes::from(buf))
+    Ok(Bytes::from(buf))
 }
 
 /// One openat2(2) call with FILE_FLAGS and the given RESOLVE_* flags.

@@ -64,10 +64,18 @@ impl Held {
     }
 }
 
+/// While the tier is full, one miss in this many is offered: the cache's admission keeps
+/// the more popular keys either way, and a key it would refuse costs a lease and a read
+/// again on every miss (about 4% of the CPU serving 100 KiB files from a working set half
+/// again the budget).
+const FULL_OFFER_EVERY: u32 = 8;
+
 /// The tier: at most `budget` bytes of bodies, each at most `max_object`.
 pub struct Memo {
     cache: Option<moka::sync::Cache<String, Arc<Held>>>,
+    budget: u64,
     max_object: u64,
+    misses: std::sync::atomic::AtomicU32,
 }
 
 impl Memo {
@@ -83,7 +91,12 @@ impl Memo {
                 .time_to_idle(IDLE)
                 .build()
         });
-        Memo { cache, max_object }
+        Memo {
+            cache,
+            budget,
+            max_object,
+            misses: std::sync::atomic::AtomicU32::new(0),
+        }
     }
 
     pub fn enabled(&self) -> bool {
@@ -121,6 +134,14 @@ impl Memo {
         let Some(cache) = &self.cache else { return };
         if lf.preloaded.is_none() || lf.len > self.max_object {
             return;
+        }
+        if cache.weighted_size() + lf.len >= self.budget {
+            let n = self
+                .misses
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            if n % FULL_OFFER_EVERY != 0 {
+                return;
+            }
         }
         if let Some(held) = read_held(lf) {
             cache.insert(key.to_string(), Arc::new(held));
