@@ -234,6 +234,10 @@ pub struct PathStat {
     pub dev: u64,
     /// A regular file (not a directory, device, FIFO, socket or symlink).
     pub is_file: bool,
+    /// Found with the careful open's confinement (no symlink in any component, nothing
+    /// outside the directory): always for a name without '/', else only by
+    /// [`stat_confined`].
+    pub confined: bool,
 }
 
 /// What a stat of a spool path says before anything is opened.
@@ -277,7 +281,8 @@ pub fn stat_at(dir: &File, rel: &str) -> Looked {
         };
     }
     // SAFETY: fstatat returned 0, so it filled the buffer.
-    Looked::Found(path_stat(unsafe { &st.assume_init() }))
+    let confined = !rel.contains('/');
+    Looked::Found(path_stat(unsafe { &st.assume_init() }, confined))
 }
 
 /// [`stat_at`] with the careful open's confinement: no symlink in any component (the last
@@ -310,10 +315,10 @@ pub fn stat_confined(dir: &File, rel: &str) -> Looked {
         return Looked::Unsure;
     }
     // SAFETY: fstat returned 0, so it filled the buffer.
-    Looked::Found(path_stat(unsafe { &st.assume_init() }))
+    Looked::Found(path_stat(unsafe { &st.assume_init() }, true))
 }
 
-fn path_stat(st: &libc::stat) -> PathStat {
+fn path_stat(st: &libc::stat, confined: bool) -> PathStat {
     PathStat {
         stat: FileStat {
             size: st.st_size as u64,
@@ -323,6 +328,7 @@ fn path_stat(st: &libc::stat) -> PathStat {
         },
         dev: st.st_dev,
         is_file: st.st_mode & libc::S_IFMT == libc::S_IFREG,
+        confined,
     }
 }
 
@@ -366,7 +372,19 @@ fn read_whole(file: &File, len: usize, flags: libc::c_int) -> io::Result<Bytes> 
         };
         // SAFETY: one iovec over the vector's own spare capacity (len - done bytes); the
         // kernel writes at most iov_len bytes there.
-        let n = unsafe { libc::preadv2(file.as_raw_fd(), &iov, 1, done as libc::off_t, flags) };
+        let n = unsafe {
+            if flags == 0 {
+                // Plain pread: a seccomp filter that refuses preadv2 costs only the no-wait path.
+                libc::pread(
+                    file.as_raw_fd(),
+                    iov.iov_base,
+                    iov.iov_len,
+                    done as libc::off_t,
+                )
+            } else {
+                libc::preadv2(file.as_raw_fd(), &iov, 1, done as libc::off_t, flags)
+            }
+        };
         match n {
             n if n > 0 => {
                 // SAFETY: the kernel initialised the n bytes after `done`, and n ≤ iov_len.

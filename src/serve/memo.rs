@@ -9,7 +9,8 @@
 //!   rename away (ferry's own archive move), an unlink, a replacement by rename and a parent
 //!   directory renamed all miss.
 //! - Every write to a file sets its ctime to the current time, and nothing can set a ctime
-//!   back. Bytes are taken only when the ctime is at least [`SETTLED`] old, so any later
+//!   back, on the filesystems where anything is held (ext2/3/4, XFS, btrfs: not tmpfs,
+//!   where a shared mapping that read a page first writes it with no new ctime). Bytes are taken only when the ctime is at least [`SETTLED`] old, so any later
 //!   write gives a ctime the held one cannot equal, even where timestamps have whole-second
 //!   (ext4 with 128-byte inodes, ext2/3) or two-second (FAT) granularity and the kernel's
 //!   coarse clock lags the wall clock by a tick (unless the clock is stepped back by more
@@ -60,7 +61,7 @@ impl Held {
     /// Whether `now`, a stat of the path just taken, shows the file these bytes came from,
     /// unchanged.
     pub fn matches(&self, now: &PathStat) -> bool {
-        now.is_file && now.dev == self.dev && now.stat == self.stat
+        now.confined && now.is_file && now.dev == self.dev && now.stat == self.stat
     }
 }
 
@@ -169,7 +170,7 @@ impl Memo {
 /// anything moved. The bytes `lf` preloaded were read before any lease, so they prove
 /// nothing about a writer that has since gone.
 fn read_held(lf: &LocalFile) -> Option<Held> {
-    if !settled(lf.stat.ctime_ns) {
+    if !settled(lf.stat.ctime_ns) || !ctime_tells_every_write(&lf.file) {
         return None;
     }
     let lease::Probe::Held(lease) = lease::take(&lf.file) else {
@@ -192,6 +193,27 @@ fn read_held(lf: &LocalFile) -> Option<Held> {
         dev: md.dev(),
         mtime: lf.mtime,
     })
+}
+
+/// Whether the file is on a filesystem known to set the ctime on every write, through a
+/// shared mapping too (a `page_mkwrite` that updates the times): ext2/3/4, XFS, btrfs.
+/// Not tmpfs, where a mapping that read a page first writes it without a fault, nor ramfs,
+/// whose `truncate(2)` keeps the times, nor network or FUSE filesystems, whose stat may
+/// come from a cache; on those nothing is held.
+fn ctime_tells_every_write(file: &File) -> bool {
+    const EXT: i64 = 0xEF53;
+    const XFS: i64 = 0x5846_5342;
+    const BTRFS: i64 = 0x9123_683E;
+    let mut fs = std::mem::MaybeUninit::<libc::statfs>::uninit();
+    // SAFETY: a descriptor `file` owns, alive for the call, and a buffer the kernel fills.
+    if unsafe { libc::fstatfs(std::os::fd::AsRawFd::as_raw_fd(file), fs.as_mut_ptr()) } != 0 {
+        return false;
+    }
+    // SAFETY: fstatfs returned 0, so it filled the buffer.
+    // f_type is i64 here, a narrower integer on other targets.
+    #[allow(clippy::unnecessary_cast)]
+    let magic = unsafe { fs.assume_init() }.f_type as i64;
+    matches!(magic, EXT | XFS | BTRFS)
 }
 
 /// Whether a ctime is at least [`SETTLED`] in the past.
@@ -400,40 +422,55 @@ mod tests {
         }
     }
 
-    /// An ext4 image with 128-byte inodes (whole-second timestamps) loop-mounted in a temp
-    /// dir; unmounted when dropped. `None` (a skip, or a failure under
-    /// FERRY_TEST_REQUIRE_TOOLS) without root, mkfs.ext4 or loop devices.
-    struct CoarseFs {
+    /// A filesystem mounted in a temp dir for a test, unmounted when dropped. `None` (a
+    /// skip, or a failure under FERRY_TEST_REQUIRE_TOOLS) without root, mkfs.ext4 or loop
+    /// devices.
+    struct Mounted {
         dir: tempfile::TempDir,
     }
 
-    impl CoarseFs {
-        fn mount() -> Option<CoarseFs> {
-            use std::process::Command;
-            let dir = tempfile::tempdir().unwrap();
-            let img = dir.path().join("img");
-            let mnt = dir.path().join("mnt");
-            std::fs::create_dir(&mnt).unwrap();
-            let ok = File::create(&img).and_then(|f| f.set_len(16 << 20)).is_ok()
-                && Command::new("mkfs.ext4")
-                    .args(["-q", "-F", "-I", "128"])
-                    .arg(&img)
+    impl Mounted {
+        /// An ext4 image with 128-byte inodes (whole-second timestamps), loop-mounted.
+        fn coarse_ext4() -> Option<Mounted> {
+            Mounted::with(|img, mnt| {
+                use std::process::Command;
+                File::create(img).and_then(|f| f.set_len(16 << 20)).is_ok()
+                    && Command::new("mkfs.ext4")
+                        .args(["-q", "-F", "-I", "128"])
+                        .arg(img)
+                        .status()
+                        .is_ok_and(|s| s.success())
+                    && Command::new("mount")
+                        .args(["-o", "loop"])
+                        .arg(img)
+                        .arg(mnt)
+                        .status()
+                        .is_ok_and(|s| s.success())
+            })
+        }
+
+        fn tmpfs() -> Option<Mounted> {
+            Mounted::with(|_, mnt| {
+                std::process::Command::new("mount")
+                    .args(["-t", "tmpfs", "-o", "size=4m", "tmpfs"])
+                    .arg(mnt)
                     .status()
                     .is_ok_and(|s| s.success())
-                && Command::new("mount")
-                    .args(["-o", "loop"])
-                    .arg(&img)
-                    .arg(&mnt)
-                    .status()
-                    .is_ok_and(|s| s.success());
-            if ok {
-                return Some(CoarseFs { dir });
+            })
+        }
+
+        fn with(mount: impl FnOnce(&std::path::Path, &std::path::Path) -> bool) -> Option<Mounted> {
+            let dir = tempfile::tempdir().unwrap();
+            let mnt = dir.path().join("mnt");
+            std::fs::create_dir(&mnt).unwrap();
+            if mount(&dir.path().join("img"), &mnt) {
+                return Some(Mounted { dir });
             }
             assert!(
                 std::env::var_os("FERRY_TEST_REQUIRE_TOOLS").is_none(),
-                "cannot loop-mount an ext4 image (needs root, mkfs.ext4, loop devices)"
+                "cannot mount a test filesystem (needs root, mkfs.ext4, loop devices)"
             );
-            eprintln!("SKIPPED: cannot loop-mount an ext4 image (needs root, mkfs.ext4, loop)");
+            eprintln!("SKIPPED: cannot mount a test filesystem (needs root, mkfs.ext4, loop)");
             None
         }
 
@@ -442,13 +479,29 @@ mod tests {
         }
     }
 
-    impl Drop for CoarseFs {
+    impl Drop for Mounted {
         fn drop(&mut self) {
             let _ = std::process::Command::new("umount")
                 .arg("-l")
                 .arg(self.path())
                 .status();
         }
+    }
+
+    /// On tmpfs a shared mapping that read a page first writes it with no new ctime: no
+    /// bytes are held there, whatever a read would allow.
+    #[test]
+    fn nothing_is_held_where_a_write_can_keep_the_ctime() {
+        let Some(fs) = Mounted::tmpfs() else { return };
+        std::fs::write(fs.path().join("f"), "in memory").unwrap();
+        let on_tmpfs = File::open(fs.path().join("f")).unwrap();
+        assert!(!ctime_tells_every_write(&on_tmpfs));
+        let t = tempfile::tempdir().unwrap();
+        std::fs::write(t.path().join("f"), "on disk").unwrap();
+        assert!(
+            ctime_tells_every_write(&File::open(t.path().join("f")).unwrap()),
+            "the test's temp dir is not on ext4, XFS or btrfs"
+        );
     }
 
     fn clock_ns(clock: libc::clockid_t) -> i128 {
@@ -468,7 +521,9 @@ mod tests {
     /// rewrites it in place at once: the same length, no utimensat.
     #[test]
     fn whole_second_timestamps_cannot_hide_a_rewrite_right_after_the_hold() {
-        let Some(fs) = CoarseFs::mount() else { return };
+        let Some(fs) = Mounted::coarse_ext4() else {
+            return;
+        };
         let dir = File::open(fs.path()).unwrap();
         let settle_ns = SETTLED.as_nanos() as i128;
         let mut raced = 0;
@@ -527,9 +582,14 @@ mod tests {
         // The file's ctime does not change when its directory moves.
         std::fs::rename(spool.join("d"), t.path().join("outside/d")).unwrap();
         std::os::unix::fs::symlink("../outside/d", spool.join("d")).unwrap();
+        let Looked::Found(plain) = stat(&dir, "d/f.jpg") else {
+            panic!("a plain stat follows the symlink")
+        };
+        // A stat taken before the key was held (a request racing the one that holds it) is
+        // a plain one: it answers nothing for a key in a directory.
         assert!(
-            matches!(stat(&dir, "d/f.jpg"), Looked::Found(_)),
-            "a plain stat follows it"
+            m.get("d/f.jpg", &plain).is_none(),
+            "matched through a symlink"
         );
         assert!(local::open_beneath(&dir, "d/f.jpg").unwrap().is_none());
         assert!(
