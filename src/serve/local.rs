@@ -264,25 +264,11 @@ pub fn stat_at(dir: &File, rel: &str) -> Looked {
     let Ok(path) = CString::new(rel) else {
         return Looked::Absent;
     };
-    let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
-    // SAFETY: NUL-terminated path, a valid dir fd and a stat buffer the kernel fills.
-    let rc = unsafe {
-        libc::fstatat(
-            dir.as_raw_fd(),
-            path.as_ptr(),
-            st.as_mut_ptr(),
-            libc::AT_SYMLINK_NOFOLLOW,
-        )
-    };
-    if rc != 0 {
-        return match io::Error::last_os_error().raw_os_error() {
-            Some(libc::ENOENT | libc::ENOTDIR) => Looked::Absent,
-            _ => Looked::Unsure,
-        };
+    match lstat_at(dir, &path) {
+        Ok(st) => Looked::Found(path_stat(&st, !rel.contains('/'))),
+        Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT | libc::ENOTDIR)) => Looked::Absent,
+        Err(_) => Looked::Unsure,
     }
-    // SAFETY: fstatat returned 0, so it filled the buffer.
-    let confined = !rel.contains('/');
-    Looked::Found(path_stat(unsafe { &st.assume_init() }, confined))
 }
 
 /// [`stat_at`] with the careful open's confinement: no symlink in any component (the last
@@ -336,6 +322,14 @@ fn path_stat(st: &libc::stat, confined: bool) -> PathStat {
 /// could make this look further than RESOLVE_BENEATH allows, but it can only ever answer
 /// "absent"; anything present is re-opened with every check on a blocking thread.
 fn absent_by_lookup(dir: &File, path: &CString) -> bool {
+    matches!(
+        lstat_at(dir, path).map_err(|e| e.raw_os_error()),
+        Err(Some(libc::ENOENT | libc::ENOTDIR))
+    )
+}
+
+/// `fstatat(dir, path, AT_SYMLINK_NOFOLLOW)`.
+fn lstat_at(dir: &File, path: &CString) -> io::Result<libc::stat> {
     let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
     // SAFETY: NUL-terminated path, a valid dir fd and a stat buffer the kernel fills.
     let rc = unsafe {
@@ -346,11 +340,11 @@ fn absent_by_lookup(dir: &File, path: &CString) -> bool {
             libc::AT_SYMLINK_NOFOLLOW,
         )
     };
-    rc != 0
-        && matches!(
-            io::Error::last_os_error().raw_os_error(),
-            Some(libc::ENOENT | libc::ENOTDIR)
-        )
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fstatat returned 0, so it filled the buffer.
+    Ok(unsafe { st.assume_init() })
 }
 
 /// Reads `len` bytes from offset 0 only if they are all in the page cache.
