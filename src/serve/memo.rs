@@ -10,11 +10,12 @@
 //!   directory renamed all miss.
 //! - Every write to a file sets its ctime to the current time, and nothing can set a ctime
 //!   back, on the filesystems where anything is held (ext2/3/4, XFS, btrfs: not tmpfs,
-//!   where a shared mapping that read a page first writes it with no new ctime). Bytes are taken only when the ctime is at least [`SETTLED`] old, so any later
-//!   write gives a ctime the held one cannot equal, even where timestamps have whole-second
-//!   (ext4 with 128-byte inodes, ext2/3) or two-second (FAT) granularity and the kernel's
-//!   coarse clock lags the wall clock by a tick (unless the clock is stepped back by more
-//!   than that between the read and the write).
+//!   where a shared mapping that read a page first writes it with no new ctime). Bytes are
+//!   taken only when the ctime is at least [`SETTLED`] old, so any later write gives a
+//!   ctime the held one cannot equal, even where timestamps have whole-second (ext4 with
+//!   128-byte inodes, ext2/3) or two-second (FAT) granularity and the kernel's coarse clock
+//!   lags the wall clock by a tick (unless the clock is stepped back by more than that
+//!   between the read and the write).
 //! - A writer that already had the file open (a shared writable mapping dirties an already
 //!   dirty page without a new ctime) is ruled out by a read lease, held from before the
 //!   bytes are read until after their second stat and unbroken: nobody had the file open for
@@ -76,7 +77,8 @@ pub struct Memo {
     cache: Option<moka::sync::Cache<String, Arc<Held>>>,
     budget: u64,
     max_object: u64,
-    misses: std::sync::atomic::AtomicU32,
+    /// Offers made while full, so one in [`FULL_OFFER_EVERY`] goes ahead.
+    full_offers: std::sync::atomic::AtomicU32,
 }
 
 impl Memo {
@@ -96,7 +98,7 @@ impl Memo {
             cache,
             budget,
             max_object,
-            misses: std::sync::atomic::AtomicU32::new(0),
+            full_offers: std::sync::atomic::AtomicU32::new(0),
         }
     }
 
@@ -138,7 +140,7 @@ impl Memo {
         }
         if cache.weighted_size() + lf.len >= self.budget {
             let n = self
-                .misses
+                .full_offers
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             if n % FULL_OFFER_EVERY != 0 {
                 return;
@@ -311,7 +313,7 @@ mod tests {
     }
 
     #[test]
-    fn a_file_changed_within_the_last_second_is_not_held() {
+    fn a_file_changed_within_the_settle_time_is_not_held() {
         let t = tempfile::tempdir().unwrap();
         std::fs::write(t.path().join("fresh"), "just written").unwrap();
         let dir = File::open(t.path()).unwrap();

@@ -210,7 +210,6 @@ impl Resolver {
         } else {
             format!("{}/", cfg.http.redirect_base)
         };
-        let cfg_spool_memory = cfg.http.spool_memory.0;
         Ok(Resolver {
             node_name: cfg.node_name(),
             meta: Arc::new(
@@ -234,11 +233,11 @@ impl Resolver {
                 active_content: cfg.http.active_content,
             },
             ignore: IgnoreSet::new(&cfg.spool.ignore)?,
+            memo: super::memo::Memo::new(cfg.http.spool_memory.0, sem::SMALL_BODY),
             cfg,
             catalog,
             store,
             spool: Arc::new(spool),
-            memo: super::memo::Memo::new(cfg_spool_memory, sem::SMALL_BODY),
             allow,
             redirect_base,
             presigned: Mutex::new(HashMap::new()),
