@@ -10,7 +10,6 @@ use std::time::SystemTime;
 
 use bytes::Bytes;
 
-use super::semantics::SMALL_BODY;
 use crate::catalog::FileStat;
 
 /// An open spool file with the fstat facts its validators are built from.
@@ -33,7 +32,7 @@ pub struct LocalFile {
 }
 
 impl LocalFile {
-    /// Reads a small file whole (at most 256 KiB). Blocking.
+    /// Reads a small file whole (at most [`PRELOAD_MAX`]). Blocking.
     /// Whether the file's bytes may have changed since it was opened: its size, mtime or
     /// inode now differ from `stat`, or cannot be had. A rewrite in place bumps mtime before
     /// its first byte lands, so a read that saw any new byte is followed by a stat that
@@ -46,10 +45,71 @@ impl LocalFile {
     }
 
     pub fn preload(&mut self) -> io::Result<()> {
-        if self.len <= SMALL_BODY && self.preloaded.is_none() {
+        if self.len <= PRELOAD_MAX && self.preloaded.is_none() {
             self.preloaded = Some(read_whole(&self.file, self.len as usize, 0)?);
         }
         Ok(())
+    }
+}
+
+/// Files up to this size are read whole as they are opened, and may be held in memory
+/// (`serve::memo`); the bytes of bigger ones go from the page cache to the socket by
+/// sendfile(2) on ferry's own connections (`serve::h1`). Below it, one copy costs less
+/// than the two system calls sendfile adds (the head's send, the last byte's check).
+pub const PRELOAD_MAX: u64 = 32 * 1024;
+
+/// Whether every page of `range` of `file` is in the page cache (cachestat(2), Linux 6.5),
+/// so sendfile(2) of it cannot wait for the disk. `false` when the kernel cannot say.
+pub fn resident(file: &File, range: std::ops::Range<u64>) -> bool {
+    #[repr(C)]
+    struct CachestatRange {
+        off: u64,
+        len: u64,
+    }
+    #[repr(C)]
+    #[derive(Default)]
+    struct Cachestat {
+        nr_cache: u64,
+        nr_dirty: u64,
+        nr_writeback: u64,
+        nr_evicted: u64,
+        nr_recently_evicted: u64,
+    }
+    // The same number in every architecture's table (new system calls share one); libc
+    // does not name it for x86_64 yet.
+    const SYS_CACHESTAT: libc::c_long = 451;
+    const PAGE: u64 = 4096;
+    let first = range.start / PAGE;
+    let pages = range.end.div_ceil(PAGE) - first;
+    let r = CachestatRange {
+        off: first * PAGE,
+        len: pages * PAGE,
+    };
+    let mut cs = Cachestat::default();
+    // SAFETY: cachestat(2) reads `r` and writes `cs`, both ours and laid out as the kernel's.
+    let rc = unsafe {
+        libc::syscall(
+            SYS_CACHESTAT,
+            file.as_raw_fd(),
+            &r as *const CachestatRange,
+            &mut cs as *mut Cachestat,
+            0u32,
+        )
+    };
+    // With pages bigger than 4 KiB the kernel counts its own pages, fewer than ours: then
+    // this says "not resident", and the read-ahead that follows is cheap.
+    rc == 0 && cs.nr_cache >= pages
+}
+
+/// Reads `range` of `file` into the page cache, waiting until it is there. Blocking.
+pub fn read_ahead(file: &File, range: std::ops::Range<u64>) -> io::Result<()> {
+    let len = usize::try_from(range.end - range.start).unwrap_or(usize::MAX);
+    // SAFETY: readahead(2) on a descriptor we hold.
+    let rc = unsafe { libc::readahead(file.as_raw_fd(), range.start as libc::off64_t, len) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
     }
 }
 
@@ -221,7 +281,7 @@ pub fn try_open_cached(
         preloaded: None,
         foreign: true,
     };
-    if preload && lf.len <= SMALL_BODY {
+    if preload && lf.len <= PRELOAD_MAX {
         lf.preloaded = read_nowait(&lf.file, lf.len as usize);
     }
     Some(Ok(Some(lf)))

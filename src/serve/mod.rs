@@ -3,6 +3,7 @@
 pub mod cache;
 pub mod conn;
 pub mod fetch;
+pub mod h1;
 pub mod local;
 pub mod memo;
 pub mod meta;
@@ -117,56 +118,90 @@ pub async fn serve(
     .await
 }
 
+/// What every mount response gets on its way out, and the request metrics: the same for
+/// ferry's own connections (`h1`) and hyper's.
+struct Front {
+    state: Arc<resolve::Resolver>,
+    /// X-Ferry-Node, built once.
+    node: HeaderValue,
+}
+
+impl Front {
+    async fn answer_parts(
+        &self,
+        method: &http::Method,
+        path: &str,
+        headers: &http::HeaderMap,
+    ) -> Response {
+        let started = std::time::Instant::now();
+        let mut resp = match self.state.handle(method, path, headers).await {
+            Ok(r) => r,
+            Err(e) => e.into_response(),
+        };
+        let h = resp.headers_mut();
+        h.insert("x-ferry-node", self.node.clone());
+        // SECURITY: no browser guesses a type we did not send (an "image" that sniffs
+        // as HTML would run as the site).
+        h.insert(semantics::NOSNIFF, HeaderValue::from_static("nosniff"));
+        if path.starts_with(&self.state.cfg.http.mount) {
+            let m = crate::telemetry::metrics();
+            let source = resp
+                .headers()
+                .get("x-ferry-source")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("none");
+            m.http(source, resp.status().as_u16());
+            m.http_seconds.observe(started.elapsed().as_secs_f64());
+        }
+        resp
+    }
+}
+
+impl h1::Answer for Front {
+    fn answer(&self, head: &h1::Head) -> impl std::future::Future<Output = Response> {
+        // Boxed, as hyper's service future is: inline, the resolver's state machine would
+        // size every connection's task.
+        Box::pin(self.answer_parts(&head.method, head.path.path(), &head.headers))
+    }
+}
+
 /// One front thread: serves the connections handed to it until the accept loop stops,
-/// then drains them within `DRAIN_DEADLINE`.
+/// then drains them within `DRAIN_DEADLINE`. Each connection starts on `h1`; what it does
+/// not take goes to hyper.
 async fn front_thread(
     state: Arc<resolve::Resolver>,
     mut handed: tokio::sync::mpsc::UnboundedReceiver<conn::Handed>,
     shutdown: CancellationToken,
 ) {
-    let header_timeout = state.cfg.http.header_read_timeout.0;
-    let send_timeout = state.cfg.http.send_timeout.0;
+    let timeouts = h1::Timeouts {
+        header: state.cfg.http.header_read_timeout.0,
+        send: state.cfg.http.send_timeout.0,
+    };
     let node = HeaderValue::from_str(&state.node_name)
         .unwrap_or_else(|_| HeaderValue::from_static("ferry"));
+    let front = Arc::new(Front { state, node });
     // A plain hyper service: the request's parts are taken, not copied (warp's filter chain
-    // cloned the whole header map per request), and the header values every response gets
-    // are built once, here.
-    let svc = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
-        let state = state.clone();
-        let node = node.clone();
-        // Boxed: hyper moves the service's future into place on every request, and inline
-        // this state machine is kilobytes of memcpy per request.
-        Box::pin(async move {
-            let started = std::time::Instant::now();
-            let (parts, _body) = req.into_parts();
-            let path = parts.uri.path();
-            let mut resp = match state.handle(&parts.method, path, &parts.headers).await {
-                Ok(r) => r,
-                Err(e) => e.into_response(),
-            };
-            let h = resp.headers_mut();
-            h.insert("x-ferry-node", node);
-            // SECURITY: no browser guesses a type we did not send (an "image" that sniffs
-            // as HTML would run as the site).
-            h.insert(semantics::NOSNIFF, HeaderValue::from_static("nosniff"));
-            if path.starts_with(&state.cfg.http.mount) {
-                let m = crate::telemetry::metrics();
-                let source = resp
-                    .headers()
-                    .get("x-ferry-source")
-                    .and_then(|v| v.to_str().ok())
-                    .unwrap_or("none");
-                m.http(source, resp.status().as_u16());
-                m.http_seconds.observe(started.elapsed().as_secs_f64());
-            }
-            Ok::<_, std::convert::Infallible>(resp)
+    // cloned the whole header map per request).
+    let svc = {
+        let front = front.clone();
+        hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+            let front = front.clone();
+            // Boxed: hyper moves the service's future into place on every request, and inline
+            // this state machine is kilobytes of memcpy per request.
+            Box::pin(async move {
+                let (parts, _body) = req.into_parts();
+                let resp = front
+                    .answer_parts(&parts.method, parts.uri.path(), &parts.headers)
+                    .await;
+                Ok::<_, std::convert::Infallible>(resp)
+            })
         })
-    });
+    };
     // A client that never finishes its headers is cut off, and shutdown drains connections
     // with a deadline.
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(hyper_util::rt::TokioTimer::new())
-        .header_read_timeout(header_timeout)
+        .header_read_timeout(timeouts.header)
         .keep_alive(true);
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     while let Some(handed) = handed.recv().await {
@@ -179,25 +214,30 @@ async fn front_thread(
         };
         let svc = svc.clone();
         let http = http.clone();
+        // Held for the connection's life, on either side of the hand-over: the drain waits
+        // for every watcher.
         let watcher = graceful.watcher();
         let stop = shutdown.clone();
+        let front = front.clone();
         tokio::spawn(async move {
             let _held = held;
-            // A silent client holds no hyper buffers, and does not hold up shutdown.
+            // A silent client holds no buffers, and does not hold up shutdown.
             let spoke = tokio::select! {
-                ok = first_byte(&stream, header_timeout) => ok,
+                ok = first_byte(&stream, timeouts.header) => ok,
                 _ = stop.cancelled() => false,
             };
             if !spoke {
                 return;
             }
-            let io = hyper_util::rt::TokioIo::new(conn::SendTimeout::new(stream, send_timeout));
-            let conn = http.serve_connection(io, svc);
-            // Boxed: the connection's state machine is several KiB, and inline it would size
-            // every task, the idle ones too.
-            if let Err(e) = Box::pin(watcher.watch(conn)).await {
-                tracing::debug!(error = %e, "connection ended with an error");
-            }
+            let to_hyper = move |io: h1::Prefixed<tokio::net::TcpStream>| async move {
+                let io = hyper_util::rt::TokioIo::new(conn::SendTimeout::new(io, timeouts.send));
+                let conn = http.serve_connection(io, svc);
+                // Boxed: the connection's state machine is several KiB.
+                if let Err(e) = Box::pin(watcher.watch(conn)).await {
+                    tracing::debug!(error = %e, "connection ended with an error");
+                }
+            };
+            Box::pin(h1::serve(&*front, stream, timeouts, &stop, to_hyper)).await;
         });
     }
     if tokio::time::timeout(DRAIN_DEADLINE, graceful.shutdown())

@@ -233,7 +233,7 @@ impl Resolver {
                 active_content: cfg.http.active_content,
             },
             ignore: IgnoreSet::new(&cfg.spool.ignore)?,
-            memo: super::memo::Memo::new(cfg.http.spool_memory.0, sem::SMALL_BODY),
+            memo: super::memo::Memo::new(cfg.http.spool_memory.0, local::PRELOAD_MAX),
             cfg,
             catalog,
             store,

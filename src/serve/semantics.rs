@@ -9,13 +9,12 @@ use std::collections::VecDeque;
 use std::fs::File;
 use std::io::{self, SeekFrom};
 use std::ops::Range;
-use std::os::unix::fs::FileExt;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::{BufMut, Bytes, BytesMut};
-use futures_util::Stream;
+use futures_util::{Stream, TryStreamExt};
 use http::header::{
     HeaderName, HeaderValue, ACCEPT_RANGES, CACHE_CONTROL, CONTENT_DISPOSITION, CONTENT_LENGTH,
     CONTENT_RANGE, CONTENT_TYPE, ETAG, IF_MATCH, IF_MODIFIED_SINCE, IF_NONE_MATCH, IF_RANGE,
@@ -30,7 +29,7 @@ use super::local::LocalFile;
 use crate::catalog::FileStat;
 use crate::config::ActiveContent;
 
-/// Bodies up to this size are read in one blocking call: one thread hop instead of one per chunk.
+/// Bodies from bytes in memory up to this size are built as one buffer; past it, as slices.
 pub const SMALL_BODY: u64 = 256 * 1024;
 /// Read size for streamed bodies: large enough to keep syscalls rare, small enough to bound memory per request.
 const CHUNK: usize = 64 * 1024;
@@ -396,7 +395,8 @@ fn ranges(specs: &[Spec], len: u64) -> Plan {
 }
 
 /// A piece of a response body: our own framing bytes, or a span of the file.
-enum Seg {
+#[derive(Debug, Clone)]
+pub enum Seg {
     Bytes(Bytes),
     File(Range<u64>),
 }
@@ -689,18 +689,8 @@ pub fn respond_bytes(
     let segs = std::mem::take(&mut l.segs);
     let resp = if method == Method::HEAD {
         StatusCode::OK.into_response()
-    } else if l.body_len <= SMALL_BODY {
-        http::Response::new(assemble(&all, segs, l.body_len)).into_response()
     } else {
-        // Many ranges can make a body larger than the file: slices of the one buffer, never a
-        // copy of that size.
-        let parts = segs.into_iter().map(move |seg| {
-            Ok::<_, io::Error>(match seg {
-                Seg::Bytes(b) => b,
-                Seg::File(r) => all.slice(r.start as usize..r.end as usize),
-            })
-        });
-        warp::reply::stream(futures_util::stream::iter(parts)).into_response()
+        bytes_body(all, segs, l.body_len)
     };
     let mut resp = l.finish(resp);
     decorate(resp.headers_mut(), rep, policy, source);
@@ -726,36 +716,31 @@ async fn body_response(
         .cloned();
     let resp = if head {
         StatusCode::OK.into_response()
-    } else if let (Some(all), true) = (preloaded, body_len <= SMALL_BODY) {
+    } else if let Some(all) = preloaded {
         if guard && lf.changed_since_open() {
             return Err(changed_while_read());
         }
-        http::Response::new(assemble(&all, segs, body_len)).into_response()
-    } else if body_len <= SMALL_BODY {
-        let body = tokio::task::spawn_blocking(move || {
-            let body = read_segments(&lf.file, segs, body_len);
-            // Checked on a failed read too: a file cut short mid-read is a rewrite, not a
-            // fault of ours.
-            if guard && lf.changed_since_open() {
-                return Err(changed_while_read());
-            }
-            body
-        })
-        .await
-        .map_err(io::Error::other)??;
-        http::Response::new(Bytes::from(body)).into_response()
+        bytes_body(all, segs, body_len)
     } else {
-        // Headers go before the last byte is read: a change found at the end cuts the body
-        // short of its Content-Length, which no cache keeps.
-        let check = if guard {
-            Some((lf.file.try_clone()?, lf.stat))
-        } else {
-            None
-        };
-        stream_segments(lf.file, segs, check).await?
+        sendfile_response(lf, segs, body_len, guard).await?
     };
 
     Ok(l.finish(resp))
+}
+
+/// The body from a file's bytes in memory. Many ranges can make a body larger than the
+/// file: past [`SMALL_BODY`] it goes as slices of the one buffer, never a copy of that size.
+fn bytes_body(all: Bytes, segs: Vec<Seg>, body_len: u64) -> Response {
+    if body_len <= SMALL_BODY {
+        return http::Response::new(assemble(&all, segs, body_len)).into_response();
+    }
+    let parts = segs.into_iter().map(move |seg| {
+        Ok::<_, io::Error>(match seg {
+            Seg::Bytes(b) => b,
+            Seg::File(r) => all.slice(r.start as usize..r.end as usize),
+        })
+    });
+    warp::reply::stream(futures_util::stream::iter(parts)).into_response()
 }
 
 /// The body from a preloaded file: a whole-file body is the buffer itself (no copy).
@@ -773,30 +758,107 @@ fn assemble(all: &Bytes, segs: Vec<Seg>, body_len: u64) -> Bytes {
     Bytes::from(out)
 }
 
-/// Positioned reads: no seeking, so the segments need no shared cursor.
-fn read_segments(file: &File, segs: Vec<Seg>, body_len: u64) -> io::Result<Vec<u8>> {
-    let mut out = Vec::with_capacity(usize::try_from(body_len).unwrap_or(0));
-    for seg in segs {
-        match seg {
-            Seg::Bytes(b) => out.extend_from_slice(&b),
-            Seg::File(r) => {
-                let start = out.len();
-                let n = usize::try_from(r.end - r.start).map_err(io::Error::other)?;
-                out.resize(start + n, 0);
-                // A file that shrank since fstat fails here rather than sending a short body
-                // under a Content-Length that promised more.
-                file.read_exact_at(&mut out[start..], r.start)?;
-            }
-        }
-    }
-    Ok(out)
+/// A body the connection may send straight from the file, by sendfile(2), instead of
+/// polling the response's own body; `serve::h1` takes it from the response's extensions.
+/// hyper never looks at it and streams the body, which reads the same spans.
+#[derive(Debug, Clone)]
+pub struct SendFile {
+    pub file: std::sync::Arc<File>,
+    pub segs: std::sync::Arc<[Seg]>,
+    /// The body's length, all segments together: the Content-Length.
+    pub len: u64,
+    /// For a guarded body, the stat the file was opened with.
+    check: Option<FileStat>,
 }
 
-async fn stream_segments(
+impl SendFile {
+    /// `segs` of `file`, `len` bytes in all; `check`: the stat a guarded body must still
+    /// have before its last byte.
+    pub fn new(file: File, segs: Vec<Seg>, check: Option<FileStat>) -> SendFile {
+        let len = segs
+            .iter()
+            .map(|s| match s {
+                Seg::Bytes(b) => b.len() as u64,
+                Seg::File(r) => r.end - r.start,
+            })
+            .sum();
+        SendFile {
+            file: std::sync::Arc::new(file),
+            segs: segs.into(),
+            len,
+            check,
+        }
+    }
+
+    /// Before a guarded body's last byte: the file still has the stat it was opened with,
+    /// else an error, and the body goes out short of its length.
+    pub fn check_unchanged(&self) -> io::Result<()> {
+        let Some(stat) = &self.check else {
+            return Ok(());
+        };
+        // An fstat of an open local file reads the in-memory inode: no disk wait.
+        let now = self.file.metadata().map(|m| FileStat::of(&m));
+        if now.is_ok_and(|now| super::local::same_bytes(&now, stat)) {
+            Ok(())
+        } else {
+            tracing::info!("the file changed while it was sent; the body is cut short");
+            Err(changed_while_read())
+        }
+    }
+}
+
+/// The response for a body sent from the file: a [`SendFile`] for ferry's own connections,
+/// and for hyper's a body that opens its stream only when first polled (hyper's
+/// connections are the rare ones: requests with bodies, other methods).
+async fn sendfile_response(
+    lf: LocalFile,
+    segs: Vec<Seg>,
+    body_len: u64,
+    guard: bool,
+) -> io::Result<Response> {
+    // A rewrite found before anything is sent is a retry (503), as it was when small bodies
+    // were read whole first; one found later cuts the body short (see `SendFile`).
+    if guard && body_len <= SMALL_BODY && lf.changed_since_open() {
+        return Err(changed_while_read());
+    }
+    // sendfile(2) reads the page cache on the front thread: pages not there are read in
+    // first, on a blocking thread, so no request waits behind another's disk read.
+    let span = segs.iter().filter_map(|s| match s {
+        Seg::File(r) => Some(r.clone()),
+        Seg::Bytes(_) => None,
+    });
+    let (start, end) = span.fold((u64::MAX, 0), |(a, b), r| (a.min(r.start), b.max(r.end)));
+    if start < end && !super::local::resident(&lf.file, start..end) {
+        let file = lf.file.try_clone()?;
+        tokio::task::spawn_blocking(move || super::local::read_ahead(&file, start..end))
+            .await
+            .map_err(io::Error::other)??;
+    }
+    let sf = SendFile::new(lf.file, segs, guard.then_some(lf.stat));
+    debug_assert_eq!(sf.len, body_len);
+    let (file, segs, stat) = (sf.file.clone(), sf.segs.clone(), sf.check);
+    let lazy = futures_util::stream::once(async move {
+        let own = file.try_clone()?;
+        let check = match stat {
+            Some(stat) => Some((own.try_clone()?, stat)),
+            None => None,
+        };
+        drop(file);
+        segment_stream(own, segs.to_vec(), check).await
+    })
+    .try_flatten();
+    let mut resp = warp::reply::stream(lazy).into_response();
+    resp.extensions_mut().insert(sf);
+    Ok(resp)
+}
+
+type BoxedBody = Pin<Box<dyn Stream<Item = io::Result<Bytes>> + Send + Sync>>;
+
+async fn segment_stream(
     file: File,
     segs: Vec<Seg>,
     check: Option<(File, FileStat)>,
-) -> io::Result<Response> {
+) -> io::Result<BoxedBody> {
     let mut file = tokio::fs::File::from_std(file);
     if let [Seg::File(r)] = segs.as_slice() {
         let r = r.clone();
@@ -804,7 +866,7 @@ async fn stream_segments(
         // Take: a file that grew since fstat must not overrun the Content-Length we announced.
         let stream = ReaderStream::with_capacity(file.take(r.end - r.start), CHUNK);
         let len = r.end - r.start;
-        return Ok(warp::reply::stream(checked_at_end(stream, len, check)).into_response());
+        return Ok(Box::pin(checked_at_end(stream, len, check)));
     }
     let len = segs
         .iter()
@@ -819,7 +881,7 @@ async fn stream_segments(
         step: Step::Next,
         buf: BytesMut::new(),
     };
-    Ok(warp::reply::stream(checked_at_end(stream, len, check)).into_response())
+    Ok(Box::pin(checked_at_end(stream, len, check)))
 }
 
 /// A body whose last frame goes out only if the file's stat still matches: hyper stops

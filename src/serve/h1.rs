@@ -1,0 +1,923 @@
+//! The node's HTTP/1.x connections: plain GET and HEAD requests are parsed, answered and
+//! written here, with file bodies sent by `sendfile(2)`; any other request hands the
+//! connection, with every byte read so far, to hyper for the rest of its life.
+//!
+//! Why not hyper for everything: hyper writes a body from user-space buffers, so a 100 KiB
+//! file was copied twice (read into memory, then into the socket), where nginx's sendfile
+//! copies it once, in the kernel (`_copy_from_iter` was 14.5% of the samples serving
+//! 100 KiB files). Owning the connection is what lets a body go from the page cache to
+//! the socket. hyper stays the judge of everything that is not the common case: a request
+//! with a body, `Expect`, `Upgrade`, an absolute or asterisk target, another method, any
+//! head httparse refuses, or more than [`MAX_HEADERS`] headers. Those are handed over
+//! before anything was answered, with the bytes read so far put back in front of the
+//! socket, so hyper sees the connection exactly as the client sent it.
+//!
+//! What this module promises, as hyper did: a head must arrive within the header deadline
+//! (the idle time of a kept-alive connection counts, so idle connections close after it);
+//! a write that makes no progress for the send timeout closes the connection; pipelined
+//! requests are answered in order; HTTP/1.0 is kept alive only when it asks; a response
+//! whose length is unknown is chunked (HTTP/1.1) or ends with the connection (HTTP/1.0);
+//! a body that fails or falls short of its Content-Length aborts the connection, so no
+//! cache keeps it; at shutdown an idle connection closes at once and a busy one after its
+//! response.
+
+use std::future::Future;
+use std::io::{self, IoSlice};
+use std::os::fd::AsRawFd;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::header::{CONNECTION, CONTENT_LENGTH, DATE, TRANSFER_ENCODING};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Version};
+use hyper::body::Body as _;
+use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
+use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
+use warp::reply::Response;
+
+use super::semantics::{Seg, SendFile};
+
+/// Headers parsed per request; hyper's own limit, so a head refused here for its count is
+/// refused by hyper too, at once.
+pub const MAX_HEADERS: usize = 100;
+
+/// A head still incomplete at this size goes to hyper, which allows more (and answers 431
+/// past its own limit): the common case never comes near it.
+const MAX_HEAD: usize = 64 * 1024;
+
+/// One request this module answers itself.
+#[derive(Debug)]
+pub struct Head {
+    pub method: Method,
+    pub path: http::uri::PathAndQuery,
+    pub version: Version,
+    pub headers: HeaderMap,
+}
+
+/// What answers a [`Head`]: the node's resolver in service, a stub in the tests.
+pub trait Answer {
+    fn answer(&self, head: &Head) -> impl Future<Output = Response>;
+}
+
+/// Serves `stream` until the client closes, a deadline passes, `stop` is cancelled, or a
+/// request this module does not take comes in; that one and the rest of the connection go
+/// to `hyper`, with what was read. `first` is how long the first head may take (the
+/// caller has already waited for its first byte).
+pub async fn serve<A, H, HF>(
+    answer: &A,
+    stream: TcpStream,
+    timeouts: Timeouts,
+    stop: &CancellationToken,
+    hyper: H,
+) where
+    A: Answer,
+    H: FnOnce(Prefixed<TcpStream>) -> HF,
+    HF: Future<Output = ()>,
+{
+    let mut buf = BytesMut::with_capacity(READ_CHUNK);
+    loop {
+        let deadline = tokio::time::Instant::now() + timeouts.header;
+        let (head, close) = loop {
+            if !buf.is_empty() {
+                match parse(&buf) {
+                    Parsed::Fast(head, len, close) => {
+                        buf.advance(len);
+                        break (head, close);
+                    }
+                    Parsed::Partial if buf.len() < MAX_HEAD => {}
+                    Parsed::Partial | Parsed::Other => {
+                        return hyper(Prefixed::new(buf.freeze(), stream)).await;
+                    }
+                }
+            }
+            let read = tokio::select! {
+                r = tokio::time::timeout_at(deadline, read_more(&stream, &mut buf)) => r,
+                // Idle at shutdown: nothing is lost by closing now.
+                _ = stop.cancelled(), if buf.is_empty() => return,
+            };
+            match read {
+                Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return,
+                Ok(Ok(_)) => {}
+            }
+        };
+        let close = close || stop.is_cancelled();
+        let resp = answer.answer(&head).await;
+        match respond(&stream, resp, &head, close, timeouts.send).await {
+            Ok(true) => {}
+            Ok(false) => {
+                shutdown_write(&stream);
+                return;
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "connection ended with an error");
+                return;
+            }
+        }
+    }
+}
+
+/// The header deadline and the send timeout of every connection.
+#[derive(Debug, Clone, Copy)]
+pub struct Timeouts {
+    pub header: Duration,
+    pub send: Duration,
+}
+
+const READ_CHUNK: usize = 8 * 1024;
+
+async fn read_more(stream: &TcpStream, buf: &mut BytesMut) -> io::Result<usize> {
+    if buf.capacity() - buf.len() < 1024 {
+        buf.reserve(READ_CHUNK);
+    }
+    loop {
+        stream.readable().await?;
+        match stream.try_read_buf(buf) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            r => return r,
+        }
+    }
+}
+
+enum Parsed {
+    /// A request taken here: its head, the head's length, and whether the client asked for
+    /// the connection to close after it.
+    Fast(Head, usize, bool),
+    Partial,
+    /// Anything else: hyper's.
+    Other,
+}
+
+fn parse(buf: &[u8]) -> Parsed {
+    let mut slots =
+        [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut []);
+    let len = match req.parse_with_uninit_headers(buf, &mut slots) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) => return Parsed::Partial,
+        // hyper parses the same bytes with the same parser and answers the error itself.
+        Err(_) => return Parsed::Other,
+    };
+    let method = match req.method {
+        Some("GET") => Method::GET,
+        Some("HEAD") => Method::HEAD,
+        _ => return Parsed::Other,
+    };
+    let version = match req.version {
+        Some(1) => Version::HTTP_11,
+        Some(0) => Version::HTTP_10,
+        _ => return Parsed::Other,
+    };
+    let Some(target) = req.path.filter(|p| p.starts_with('/')) else {
+        return Parsed::Other;
+    };
+    let Ok(path) = http::uri::PathAndQuery::try_from(target) else {
+        return Parsed::Other;
+    };
+    let (mut saw_close, mut saw_keep_alive) = (false, false);
+    let mut headers = HeaderMap::with_capacity(req.headers.len());
+    for h in req.headers.iter() {
+        let name = h.name.as_bytes();
+        if name.eq_ignore_ascii_case(b"transfer-encoding")
+            || name.eq_ignore_ascii_case(b"expect")
+            || name.eq_ignore_ascii_case(b"upgrade")
+        {
+            return Parsed::Other;
+        }
+        if name.eq_ignore_ascii_case(b"content-length") && h.value != b"0" {
+            // A body to read (or a malformed length): hyper reads it, or refuses it.
+            return Parsed::Other;
+        }
+        if name.eq_ignore_ascii_case(b"connection") {
+            saw_close |= has_token(h.value, b"close");
+            saw_keep_alive |= has_token(h.value, b"keep-alive");
+        }
+        let (Ok(name), Ok(value)) = (
+            HeaderName::from_bytes(name),
+            HeaderValue::from_bytes(h.value),
+        ) else {
+            return Parsed::Other;
+        };
+        headers.append(name, value);
+    }
+    // "close" wins over "keep-alive", in any order; HTTP/1.0 stays open only when asked.
+    let close = saw_close || (version == Version::HTTP_10 && !saw_keep_alive);
+    Parsed::Fast(
+        Head {
+            method,
+            path,
+            version,
+            headers,
+        },
+        len,
+        close,
+    )
+}
+
+fn has_token(value: &[u8], token: &[u8]) -> bool {
+    value
+        .split(|b| *b == b',')
+        .any(|t| t.trim_ascii().eq_ignore_ascii_case(token))
+}
+
+/// How a response body is delimited on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Framing {
+    None,
+    Length(u64),
+    Chunked,
+    /// HTTP/1.0 with no known length: the body ends with the connection.
+    ToClose,
+}
+
+/// Writes `resp` for `req`; `Ok(true)` if the connection stays open for the next request.
+async fn respond(
+    stream: &TcpStream,
+    mut resp: Response,
+    req: &Head,
+    close: bool,
+    send_timeout: Duration,
+) -> io::Result<bool> {
+    let status = resp.status();
+    let bodiless = req.method == Method::HEAD;
+    let declared = resp
+        .headers()
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let no_content = status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED;
+    let (framing, add_length) = if no_content {
+        (Framing::None, None)
+    } else if bodiless {
+        // HEAD: the length a GET would have, as hyper sends it, and no body.
+        let exact = resp.body().size_hint().exact();
+        (Framing::None, exact.filter(|_| declared.is_none()))
+    } else if let Some(n) = declared {
+        (Framing::Length(n), None)
+    } else if let Some(n) = resp.body().size_hint().exact() {
+        (Framing::Length(n), Some(n))
+    } else if req.version == Version::HTTP_10 {
+        (Framing::ToClose, None)
+    } else {
+        (Framing::Chunked, None)
+    };
+    let close = close
+        || framing == Framing::ToClose
+        || resp
+            .headers()
+            .get_all(CONNECTION)
+            .iter()
+            .any(|v| has_token(v.as_bytes(), b"close"));
+    let sendfile = resp.extensions_mut().remove::<SendFile>();
+    let mut head = Vec::with_capacity(512);
+    encode_head(&mut head, &resp, framing, add_length, req.version, close);
+    let w = Writer {
+        stream,
+        timeout: send_timeout,
+    };
+    match (framing, sendfile) {
+        (Framing::None, _) => w.all(&[&head]).await?,
+        (Framing::Length(n), Some(sf)) if sf.len == n => w.segments(&head, &sf).await?,
+        (_, _) => w.body(head, resp.into_body(), framing).await?,
+    }
+    Ok(!close)
+}
+
+fn encode_head(
+    out: &mut Vec<u8>,
+    resp: &Response,
+    framing: Framing,
+    add_length: Option<u64>,
+    version: Version,
+    close: bool,
+) {
+    let status = resp.status();
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(status.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
+    out.extend_from_slice(b"\r\n");
+    let mut has_date = false;
+    for (name, value) in resp.headers() {
+        // Framing is this module's: a handler's Transfer-Encoding would contradict it.
+        if name == TRANSFER_ENCODING || name == CONNECTION {
+            continue;
+        }
+        has_date |= name == DATE;
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    if !has_date {
+        out.extend_from_slice(b"date: ");
+        date::with(|d| out.extend_from_slice(d));
+        out.extend_from_slice(b"\r\n");
+    }
+    if let Some(n) = add_length {
+        use std::io::Write as _;
+        // Writing to a Vec cannot fail.
+        let _ = write!(out, "content-length: {n}\r\n");
+    }
+    if framing == Framing::Chunked {
+        out.extend_from_slice(b"transfer-encoding: chunked\r\n");
+    }
+    if close {
+        out.extend_from_slice(b"connection: close\r\n");
+    } else if version == Version::HTTP_10 {
+        out.extend_from_slice(b"connection: keep-alive\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+/// The Date header's value, formatted once per second per thread (as hyper caches it).
+mod date {
+    use std::cell::RefCell;
+    use std::time::{SystemTime, UNIX_EPOCH};
+
+    thread_local! {
+        static CACHED: RefCell<(u64, Vec<u8>)> = const { RefCell::new((0, Vec::new())) };
+    }
+
+    pub fn with(f: impl FnOnce(&[u8])) {
+        let now = SystemTime::now();
+        let secs = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        CACHED.with(|c| {
+            let mut c = c.borrow_mut();
+            if c.0 != secs || c.1.is_empty() {
+                c.0 = secs;
+                c.1 = httpdate::fmt_http_date(now).into_bytes();
+            }
+            f(&c.1);
+        });
+    }
+}
+
+/// Writes to the socket, failing once a write has made no progress for `timeout`.
+struct Writer<'a> {
+    stream: &'a TcpStream,
+    timeout: Duration,
+}
+
+impl Writer<'_> {
+    async fn writable(&self) -> io::Result<()> {
+        match tokio::time::timeout(self.timeout, self.stream.writable()).await {
+            Ok(r) => r,
+            Err(_) => Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("client read nothing for {:?}", self.timeout),
+            )),
+        }
+    }
+
+    /// Writes every byte of `parts` (at most four), in one system call when the socket
+    /// takes them.
+    async fn all(&self, parts: &[&[u8]]) -> io::Result<()> {
+        let mut all = [IoSlice::new(&[]); 4];
+        let n = parts.len().min(all.len());
+        for (slot, part) in all.iter_mut().zip(parts) {
+            *slot = IoSlice::new(part);
+        }
+        let mut slices = &mut all[..n];
+        // Empty parts (no head left to send) are skipped before the first write.
+        IoSlice::advance_slices(&mut slices, 0);
+        while !slices.is_empty() {
+            match self.stream.try_write_vectored(slices) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => IoSlice::advance_slices(&mut slices, n),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.writable().await?,
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// `bytes` with MSG_MORE: the kernel holds a short head back for the file pages that
+    /// follow it (TCP_NODELAY would send it alone), as `sendfile` itself does between chunks.
+    async fn more(&self, mut bytes: &[u8]) -> io::Result<()> {
+        let fd = self.stream.as_raw_fd();
+        while !bytes.is_empty() {
+            let r = self.stream.try_io(Interest::WRITABLE, || {
+                // SAFETY: a valid pointer and length into `bytes`, on our socket.
+                let n = unsafe {
+                    libc::send(
+                        fd,
+                        bytes.as_ptr().cast(),
+                        bytes.len(),
+                        libc::MSG_MORE | libc::MSG_NOSIGNAL,
+                    )
+                };
+                if n < 0 {
+                    Err(io::Error::last_os_error())
+                } else {
+                    Ok(n as usize)
+                }
+            });
+            match r {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => bytes = &bytes[n..],
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.writable().await?,
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// `range` of `file` by sendfile(2): from the page cache to the socket, no copy here.
+    async fn file(&self, file: &std::fs::File, range: std::ops::Range<u64>) -> io::Result<()> {
+        let (sock, src) = (self.stream.as_raw_fd(), file.as_raw_fd());
+        let mut off = range.start;
+        while off < range.end {
+            let want = usize::try_from(range.end - off)
+                .unwrap_or(usize::MAX)
+                .min(1 << 30);
+            let r = self.stream.try_io(Interest::WRITABLE, || {
+                let mut o = off as libc::off_t;
+                // SAFETY: two descriptors we hold open, and an offset we own.
+                let n = unsafe { libc::sendfile(sock, src, &mut o, want) };
+                if n < 0 {
+                    Err(io::Error::last_os_error())
+                } else {
+                    Ok(n as usize)
+                }
+            });
+            match r {
+                // The file shrank below what the head promised.
+                Ok(0) => return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "file shrank")),
+                Ok(n) => off += n as u64,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.writable().await?,
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// The head, then a body laid out by the source as file spans and framing bytes. A
+    /// guarded body is checked against the file's stat before its last byte: a rewrite
+    /// found then leaves the body short of its Content-Length.
+    async fn segments(&self, head: &[u8], sf: &SendFile) -> io::Result<()> {
+        self.more(head).await?;
+        let last = sf.segs.len().saturating_sub(1);
+        for (i, seg) in sf.segs.iter().enumerate() {
+            match seg {
+                Seg::Bytes(b) => {
+                    if i == last {
+                        sf.check_unchanged()?;
+                        self.all(&[b]).await?;
+                    } else {
+                        self.more(b).await?;
+                    }
+                }
+                Seg::File(r) if i == last && r.end > r.start => {
+                    self.file(&sf.file, r.start..r.end - 1).await?;
+                    sf.check_unchanged()?;
+                    self.file(&sf.file, r.end - 1..r.end).await?;
+                }
+                Seg::File(r) => self.file(&sf.file, r.clone()).await?,
+            }
+        }
+        Ok(())
+    }
+
+    /// The head and any body, framed; the head goes with the first bytes of the body.
+    async fn body<B>(&self, head: Vec<u8>, mut body: B, framing: Framing) -> io::Result<()>
+    where
+        B: hyper::body::Body<Data = Bytes> + Unpin,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let mut head = Some(head);
+        let mut sent: u64 = 0;
+        loop {
+            let frame = std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await;
+            let data = match frame {
+                None => break,
+                Some(Err(e)) => return Err(io::Error::other(e)),
+                Some(Ok(f)) => match f.into_data() {
+                    Ok(d) if !d.is_empty() => d,
+                    // Trailers, or an empty frame: nothing for the wire.
+                    _ => continue,
+                },
+            };
+            let h = head.take().unwrap_or_default();
+            match framing {
+                Framing::Length(n) => {
+                    let room = n.saturating_sub(sent);
+                    let take = usize::try_from(room).unwrap_or(usize::MAX).min(data.len());
+                    self.all(&[&h, &data[..take]]).await?;
+                    sent += take as u64;
+                    if take < data.len() {
+                        return Err(io::Error::other(
+                            "the body is longer than its Content-Length",
+                        ));
+                    }
+                }
+                Framing::Chunked => {
+                    let size = format!("{:x}\r\n", data.len());
+                    self.all(&[&h, size.as_bytes(), &data, b"\r\n"]).await?;
+                }
+                Framing::ToClose | Framing::None => self.all(&[&h, &data]).await?,
+            }
+        }
+        let h = head.take().unwrap_or_default();
+        match framing {
+            Framing::Length(n) if sent < n => {
+                // The head goes out so the client sees the response cut short, not silence.
+                self.all(&[&h]).await?;
+                Err(io::Error::other(
+                    "the body ended short of its Content-Length",
+                ))
+            }
+            Framing::Chunked => self.all(&[&h, b"0\r\n\r\n"]).await,
+            _ => self.all(&[&h]).await,
+        }
+    }
+}
+
+fn shutdown_write(stream: &TcpStream) {
+    // SAFETY: shutdown(2) on our own socket.
+    unsafe {
+        libc::shutdown(stream.as_raw_fd(), libc::SHUT_WR);
+    }
+}
+
+/// A stream whose reads give `prefix` first: the bytes this module read before handing
+/// the connection to hyper.
+#[derive(Debug)]
+pub struct Prefixed<S> {
+    prefix: Bytes,
+    inner: S,
+}
+
+impl<S> Prefixed<S> {
+    pub fn new(prefix: Bytes, inner: S) -> Prefixed<S> {
+        Prefixed { prefix, inner }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if !self.prefix.is_empty() {
+            let n = self.prefix.len().min(buf.remaining());
+            buf.put_slice(&self.prefix[..n]);
+            self.prefix.advance(n);
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+    use std::net::TcpStream as StdStream;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use warp::reply::Reply;
+
+    /// Answers by path: `/len/N` N bytes of 'x'; `/stream` two chunks of unknown length;
+    /// `/short` a Content-Length of 10 over 5 bytes; `/file` and `/guarded` the file's
+    /// spans by sendfile (the guarded one checked against the stat at the start).
+    struct Stub {
+        file: std::path::PathBuf,
+    }
+
+    impl Answer for Stub {
+        fn answer(&self, head: &Head) -> impl Future<Output = Response> {
+            let path = head.path.path().to_string();
+            let file = self.file.clone();
+            async move {
+                if let Some(n) = path.strip_prefix("/len/") {
+                    let n: usize = n.parse().expect("a length");
+                    return Response::new(Bytes::from(vec![b'x'; n]).into());
+                }
+                match path.as_str() {
+                    "/stream" => {
+                        let parts = ["hello ", "world"]
+                            .map(|p| Ok::<_, io::Error>(Bytes::from_static(p.as_bytes())));
+                        warp::reply::stream(futures_util::stream::iter(parts)).into_response()
+                    }
+                    "/short" => {
+                        let mut r = Response::new(Bytes::from_static(b"12345").into());
+                        r.headers_mut()
+                            .insert(CONTENT_LENGTH, HeaderValue::from_static("10"));
+                        r
+                    }
+                    "/file" | "/guarded" => {
+                        let f = std::fs::File::open(&file).expect("open");
+                        let stat = crate::catalog::FileStat::of(&f.metadata().expect("stat"));
+                        let segs = vec![
+                            Seg::Bytes(Bytes::from_static(b"[")),
+                            Seg::File(2..6),
+                            Seg::Bytes(Bytes::from_static(b"|")),
+                            Seg::File(0..10),
+                        ];
+                        let check = (path == "/guarded").then_some(stat);
+                        if check.is_some() {
+                            // The writer comes back once the file was opened.
+                            std::fs::write(&file, b"ABCDEFGHIJ").expect("rewrite");
+                        }
+                        let sf = SendFile::new(f, segs, check);
+                        let mut r = Response::new(Bytes::from_static(b"not this").into());
+                        r.headers_mut().insert(
+                            CONTENT_LENGTH,
+                            HeaderValue::from_str(&sf.len.to_string()).expect("len"),
+                        );
+                        r.extensions_mut().insert(sf);
+                        r
+                    }
+                    _ => StatusCode::NOT_FOUND.into_response(),
+                }
+            }
+        }
+    }
+
+    const QUICK: Timeouts = Timeouts {
+        header: Duration::from_millis(500),
+        send: Duration::from_secs(5),
+    };
+
+    /// A loopback connection served by `serve` with the stub; hyper's side echoes what it
+    /// was handed as "HANDED <bytes>" and closes.
+    async fn served(
+        timeouts: Timeouts,
+        stop: CancellationToken,
+    ) -> (StdStream, tokio::task::JoinHandle<()>, tempfile::TempDir) {
+        let dir = tempfile::tempdir().expect("dir");
+        let file = dir.path().join("f");
+        std::fs::write(&file, b"0123456789").expect("write");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let task = tokio::spawn(async move {
+            let (stream, _) = listener.accept().await.expect("accept");
+            let stub = Stub { file };
+            serve(
+                &stub,
+                stream,
+                timeouts,
+                &stop,
+                |mut io: Prefixed<TcpStream>| async move {
+                    let mut got = vec![0u8; 4096];
+                    let n = io.read(&mut got).await.expect("read");
+                    let mut out = b"HANDED ".to_vec();
+                    out.extend_from_slice(&got[..n]);
+                    io.write_all(&out).await.expect("write");
+                    io.shutdown().await.expect("shutdown");
+                },
+            )
+            .await;
+        });
+        let client = tokio::task::spawn_blocking(move || StdStream::connect(addr))
+            .await
+            .expect("task")
+            .expect("connect");
+        client
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        (client, task, dir)
+    }
+
+    /// Everything the server sends until it closes (or 10 s pass, which fails).
+    fn read_to_close(c: &mut StdStream) -> String {
+        let mut out = Vec::new();
+        c.read_to_end(&mut out)
+            .expect("the server closes within 10 s");
+        String::from_utf8_lossy(&out).into_owned()
+    }
+
+    fn without_dates(s: &str) -> String {
+        s.lines()
+            .filter(|l| !l.starts_with("date: "))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn pipelined_requests_are_answered_in_order_and_close_is_honoured() {
+        let (mut c, task, _d) = served(QUICK, CancellationToken::new()).await;
+        c.write_all(b"GET /len/3 HTTP/1.1\r\nHost: a\r\n\r\nHEAD /len/5 HTTP/1.1\r\n\r\nGET /len/2 HTTP/1.1\r\nConnection: keep-alive, close\r\n\r\n")
+            .expect("write");
+        let got = read_to_close(&mut c);
+        assert_eq!(
+            without_dates(&got),
+            "HTTP/1.1 200 OK\ncontent-length: 3\n\nxxxHTTP/1.1 200 OK\ncontent-length: 5\n\n\
+             HTTP/1.1 200 OK\ncontent-length: 2\nconnection: close\n\nxx",
+            "{got}"
+        );
+        assert_eq!(got.matches("date: ").count(), 3, "{got}");
+        task.await.expect("task");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn http10_stays_open_only_when_asked_and_unknown_lengths_end_with_the_connection() {
+        let (mut c, task, _d) = served(QUICK, CancellationToken::new()).await;
+        c.write_all(b"GET /len/1 HTTP/1.0\r\nConnection: Keep-Alive\r\n\r\nGET /stream HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+            .expect("write");
+        let got = read_to_close(&mut c);
+        assert!(
+            got.starts_with("HTTP/1.1 200 OK\r\n")
+                && got.contains("content-length: 1\r\n")
+                && got.contains("connection: keep-alive\r\n\r\nx"),
+            "{got}"
+        );
+        // No length known and HTTP/1.0: no chunking, the close ends the body.
+        let second = &got[got.find("xHTTP/1.1").expect("two answers") + 1..];
+        assert!(!second.contains("transfer-encoding"), "{second}");
+        assert!(second.contains("connection: close\r\n"), "{second}");
+        assert!(second.ends_with("\r\n\r\nhello world"), "{second}");
+        task.await.expect("task");
+
+        let (mut c, task, _d) = served(QUICK, CancellationToken::new()).await;
+        c.write_all(b"GET /len/1 HTTP/1.0\r\n\r\n").expect("write");
+        let got = read_to_close(&mut c);
+        assert!(got.contains("connection: close\r\n\r\nx"), "{got}");
+        assert!(got.ends_with("\r\n\r\nx"), "{got}");
+        task.await.expect("task");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_unknown_length_is_chunked_on_http11() {
+        let (mut c, task, _d) = served(QUICK, CancellationToken::new()).await;
+        c.write_all(b"GET /stream HTTP/1.1\r\nConnection: close\r\n\r\n")
+            .expect("write");
+        let got = read_to_close(&mut c);
+        assert!(got.contains("transfer-encoding: chunked\r\n"), "{got}");
+        assert!(
+            got.ends_with("\r\n\r\n6\r\nhello \r\n5\r\nworld\r\n0\r\n\r\n"),
+            "{got}"
+        );
+        task.await.expect("task");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_body_short_of_its_length_aborts_the_connection() {
+        let (mut c, task, _d) = served(QUICK, CancellationToken::new()).await;
+        c.write_all(b"GET /short HTTP/1.1\r\n\r\nGET /len/1 HTTP/1.1\r\n\r\n")
+            .expect("write");
+        let got = read_to_close(&mut c);
+        // The head and what there was, then the close: the second request is never answered.
+        assert!(got.contains("content-length: 10\r\n"), "{got}");
+        assert!(got.ends_with("\r\n\r\n12345"), "{got}");
+        assert_eq!(got.matches("HTTP/1.1").count(), 1, "{got}");
+        task.await.expect("task");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_file_body_goes_by_sendfile_span_by_span() {
+        let (mut c, task, _d) = served(QUICK, CancellationToken::new()).await;
+        c.write_all(b"GET /file HTTP/1.1\r\n\r\nHEAD /file HTTP/1.1\r\nConnection: close\r\n\r\n")
+            .expect("write");
+        let got = read_to_close(&mut c);
+        // The extension's bytes, never the response's own body; HEAD sends neither.
+        assert!(got.contains("content-length: 16\r\n"), "{got}");
+        assert!(
+            got.contains("\r\n\r\n[2345|0123456789HTTP/1.1 200 OK"),
+            "{got}"
+        );
+        assert!(got.ends_with("connection: close\r\n\r\n"), "{got}");
+        assert!(!got.contains("not this"), "{got}");
+        task.await.expect("task");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_guarded_file_that_changed_is_cut_before_its_last_byte() {
+        let (mut c, task, _d) = served(QUICK, CancellationToken::new()).await;
+        c.write_all(b"GET /guarded HTTP/1.1\r\n\r\nGET /len/1 HTTP/1.1\r\n\r\n")
+            .expect("write");
+        let got = read_to_close(&mut c);
+        let body = &got[got.find("\r\n\r\n").expect("a head") + 4..];
+        // 15 of the 16 bytes, then the close: no client takes it for a whole response.
+        assert_eq!(body.len(), 15, "{got}");
+        assert!(body.starts_with("[CDEF|ABCDEFGHI"), "{got}");
+        task.await.expect("task");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_request_with_a_body_goes_to_hyper_with_every_byte_read() {
+        for req in [
+            &b"GET /len/1 HTTP/1.1\r\n\r\nPOST /len/1 HTTP/1.1\r\nContent-Length: 3\r\n\r\nabc"[..],
+            b"GET /len/1 HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+            b"GET /len/1 HTTP/1.1\r\nExpect: 100-continue\r\n\r\n",
+            b"GET http://a/len/1 HTTP/1.1\r\n\r\n",
+            b"GET /len/1 HTTP/1.1\r\nBad Header: x\r\n\r\n",
+            b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
+        ] {
+            let (mut c, task, _d) = served(QUICK, CancellationToken::new()).await;
+            c.write_all(req).expect("write");
+            let got = read_to_close(&mut c);
+            let handed = &got[got.find("HANDED ").expect("handed to hyper") + 7..];
+            let first_len = if req.starts_with(b"GET /len/1 HTTP/1.1\r\n\r\n") {
+                assert!(got.starts_with("HTTP/1.1 200 OK"), "{got}");
+                b"GET /len/1 HTTP/1.1\r\n\r\n".len()
+            } else {
+                0
+            };
+            assert_eq!(handed.as_bytes(), &req[first_len..], "{got}");
+            task.await.expect("task");
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_head_split_across_pauses_is_answered_within_the_deadline() {
+        let (mut c, task, _d) = served(QUICK, CancellationToken::new()).await;
+        for part in [
+            &b"GET /len/2 HT"[..],
+            b"TP/1.1\r\nHost:",
+            b" a\r\nConnection: close\r\n",
+            b"\r\n",
+        ] {
+            c.write_all(part).expect("write");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        assert!(read_to_close(&mut c).ends_with("\r\n\r\nxx"));
+        task.await.expect("task");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_head_not_finished_within_the_deadline_closes_the_connection() {
+        let (mut c, task, _d) = served(QUICK, CancellationToken::new()).await;
+        let started = std::time::Instant::now();
+        c.write_all(b"GET /len/2 HTTP/1.1\r\nHost: a\r\n")
+            .expect("write");
+        assert_eq!(read_to_close(&mut c), "");
+        let took = started.elapsed();
+        assert!(took >= QUICK.header, "{took:?}");
+        assert!(took < QUICK.header * 3 + Duration::from_secs(1), "{took:?}");
+        task.await.expect("task");
+
+        // The idle time after an answer counts too: a kept-alive connection closes after it.
+        let (mut c, task, _d) = served(QUICK, CancellationToken::new()).await;
+        c.write_all(b"GET /len/1 HTTP/1.1\r\n\r\n").expect("write");
+        assert!(read_to_close(&mut c).ends_with("\r\n\r\nx"));
+        task.await.expect("task");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_idle_connection_closes_at_shutdown_and_a_busy_one_after_its_answer() {
+        let stop = CancellationToken::new();
+        let long = Timeouts {
+            header: Duration::from_secs(30),
+            send: Duration::from_secs(5),
+        };
+        let (mut c, task, _d) = served(long, stop.clone()).await;
+        c.write_all(b"GET /len/1 HTTP/1.1\r\n\r\n").expect("write");
+        let mut first = [0u8; 256];
+        let n = c.read(&mut first).expect("an answer");
+        assert!(String::from_utf8_lossy(&first[..n]).ends_with("\r\n\r\nx"));
+        stop.cancel();
+        assert_eq!(read_to_close(&mut c), "");
+        tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .expect("closes at once")
+            .expect("task");
+
+        // Cancelled before the request came: it is answered, with a close.
+        let stop = CancellationToken::new();
+        let (mut c, task, _d) = served(long, stop.clone()).await;
+        c.write_all(b"GET /len").expect("write");
+        std::thread::sleep(Duration::from_millis(100));
+        stop.cancel();
+        c.write_all(b"/1 HTTP/1.1\r\n\r\n").expect("write");
+        let got = read_to_close(&mut c);
+        assert!(got.ends_with("connection: close\r\n\r\nx"), "{got}");
+        task.await.expect("task");
+    }
+}
