@@ -782,6 +782,68 @@ fn a_rewrite_mid_download_cuts_the_body_and_closes_the_connection() {
     );
 }
 
+/// A ready file's whole answer, already written to the socket and not yet read by the
+/// client, must be the bytes its tag names when the file is rewritten in place then: a body
+/// sent by sendfile(2) is still the file's page cache until read, so it would carry the new
+/// version under the old SHA-256, public and complete (found by the attack review of the
+/// sendfile path). A public answer is copied; the client gets the old bytes or a short body.
+#[test]
+fn a_public_answer_in_flight_keeps_its_bytes_when_the_file_is_rewritten() {
+    use std::io::{Read, Write};
+    use std::os::unix::fs::FileExt;
+    let t = tempfile::tempdir().unwrap();
+    let s3 = S3::start(t.path());
+    let env = env_serving_spool(&s3);
+    // Past the 256 KiB read whole as it opens: the body is streamed, or sent by sendfile.
+    let size = 320 << 10;
+    let bytes = content("inflight.bin", size);
+    env.drop_file("inflight.bin", &bytes);
+    record_ready(&env, "inflight.bin", Some(&sha256_hex(&bytes)));
+    let d = env.spawn(&["serve"]);
+    wait_for(Duration::from_secs(10), "public", || {
+        guard_get(d.addr(), "/static/inflight.bin", &[("Range", "bytes=0-0")])
+            .header("cache-control")
+            != Some("no-store")
+    });
+    let mut c = std::net::TcpStream::connect(d.addr()).unwrap();
+    // Room for the whole answer, so the server finishes before the rewrite.
+    let room: libc::c_int = 4 << 20;
+    // SAFETY: setsockopt on our own socket with a valid int.
+    let rc = unsafe {
+        use std::os::fd::AsRawFd;
+        libc::setsockopt(
+            c.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUF,
+            (&room as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(rc, 0);
+    c.write_all(b"GET /static/inflight.bin HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(env.spool().join("inflight.bin"))
+        .unwrap();
+    f.write_all_at(&vec![b'X'; size], 0).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut got = Vec::new();
+    let _ = c.read_to_end(&mut got);
+    let end = got.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+    let head = String::from_utf8_lossy(&got[..end]).into_owned();
+    let body = &got[end..];
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(head.contains("public"), "{head}");
+    assert!(
+        body.len() < size || body == &bytes[..],
+        "a complete public body that is not the version its tag names ({} bytes, {} of them new)",
+        body.len(),
+        body.iter().filter(|b| **b == b'X').count()
+    );
+}
+
 /// A ready file not yet hashed is public under its local tag. Rewritten in place with the
 /// same length and its mtime put back (cp -p, rsync --inplace -t, touch -d), then ready
 /// again: a new tag, so a cache holding the first version is not told it is current. (Both

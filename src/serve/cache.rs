@@ -350,7 +350,7 @@ impl HotCache {
         &self,
         key: &str,
         sha256: &str,
-        preload: bool,
+        preload: u64,
     ) -> Option<super::local::LocalFile> {
         let dir = self.dir_fd.as_ref()?;
         let e = self.get(key)?;

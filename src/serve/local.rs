@@ -10,6 +10,8 @@ use std::time::SystemTime;
 
 use bytes::Bytes;
 
+use super::semantics::SMALL_BODY;
+
 use crate::catalog::FileStat;
 
 /// An open spool file with the fstat facts its validators are built from.
@@ -32,7 +34,7 @@ pub struct LocalFile {
 }
 
 impl LocalFile {
-    /// Reads a small file whole (at most [`PRELOAD_MAX`]). Blocking.
+    /// Reads a small file whole (at most [`SMALL_BODY`]). Blocking.
     /// Whether the file's bytes may have changed since it was opened: its size, mtime or
     /// inode now differ from `stat`, or cannot be had. A rewrite in place bumps mtime before
     /// its first byte lands, so a read that saw any new byte is followed by a stat that
@@ -45,21 +47,31 @@ impl LocalFile {
     }
 
     pub fn preload(&mut self) -> io::Result<()> {
-        if self.len <= PRELOAD_MAX && self.preloaded.is_none() {
+        self.preload_up_to(SMALL_BODY)
+    }
+
+    /// Reads the file whole if it is at most `max` bytes. Blocking.
+    pub fn preload_up_to(&mut self, max: u64) -> io::Result<()> {
+        if self.len <= max.min(SMALL_BODY) && self.preloaded.is_none() {
             self.preloaded = Some(read_whole(&self.file, self.len as usize, 0)?);
         }
         Ok(())
     }
 }
 
-/// Files up to this size are read whole as they are opened, and may be held in memory
-/// (`serve::memo`); the bytes of bigger ones go from the page cache to the socket by
-/// sendfile(2) on ferry's own connections (`serve::h1`). Below it, one copy costs less
-/// than the two system calls sendfile adds (the head's send, the last byte's check).
+/// Files up to this size are read whole as they are opened when their answer will likely
+/// carry no promise about its bytes (a spool file not yet ready, ferry's own cache files),
+/// and may be held in memory (`serve::memo`); the bytes of bigger ones go from the page
+/// cache to the socket by sendfile(2) on ferry's own connections (`serve::h1`). Below it,
+/// one copy costs less than the system calls sendfile adds. A ready spool file is read
+/// whole up to [`SMALL_BODY`], as before: its answer is public, and sendfile cannot send it
+/// (see `semantics::SendFile`).
 pub const PRELOAD_MAX: u64 = 32 * 1024;
 
 /// Whether every page of `range` of `file` is in the page cache (cachestat(2), Linux 6.5),
-/// so sendfile(2) of it cannot wait for the disk. `false` when the kernel cannot say.
+/// so sendfile(2) of it cannot wait for the disk. `false` when the kernel cannot say:
+/// before 6.5, or for a file ferry may only read (cachestat wants write permission or
+/// ownership), as the service's spool files are.
 pub fn resident(file: &File, range: std::ops::Range<u64>) -> bool {
     #[repr(C)]
     struct CachestatRange {
@@ -99,18 +111,6 @@ pub fn resident(file: &File, range: std::ops::Range<u64>) -> bool {
     // With pages bigger than 4 KiB the kernel counts its own pages, fewer than ours: then
     // this says "not resident", and the read-ahead that follows is cheap.
     rc == 0 && cs.nr_cache >= pages
-}
-
-/// Reads `range` of `file` into the page cache, waiting until it is there. Blocking.
-pub fn read_ahead(file: &File, range: std::ops::Range<u64>) -> io::Result<()> {
-    let len = usize::try_from(range.end - range.start).unwrap_or(usize::MAX);
-    // SAFETY: readahead(2) on a descriptor we hold.
-    let rc = unsafe { libc::readahead(file.as_raw_fd(), range.start as libc::off64_t, len) };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
 }
 
 /// Opens `rel` (a validated relative key like "2026/11/a b.jpg", '/'-separated, no '..', no empty
@@ -233,7 +233,7 @@ struct OpenHow {
 pub fn try_open_cached(
     dir: &File,
     rel: &str,
-    preload: bool,
+    preload: u64,
 ) -> Option<io::Result<Option<LocalFile>>> {
     if !is_plain_relative(rel) {
         return Some(Ok(None));
@@ -281,7 +281,7 @@ pub fn try_open_cached(
         preloaded: None,
         foreign: true,
     };
-    if preload && lf.len <= PRELOAD_MAX {
+    if lf.len <= preload.min(SMALL_BODY) {
         lf.preloaded = read_nowait(&lf.file, lf.len as usize);
     }
     Some(Ok(Some(lf)))
@@ -633,7 +633,7 @@ mod tests {
         // Warm the dentry and page caches the way a first request would.
         let slow = open_beneath(&dir, "a/f.jpg").expect("open").expect("file");
         // A kernel without RESOLVE_CACHED always says "would block": nothing to compare then.
-        let Some(fast) = (0..100).find_map(|_| try_open_cached(&dir, "a/f.jpg", true)) else {
+        let Some(fast) = (0..100).find_map(|_| try_open_cached(&dir, "a/f.jpg", SMALL_BODY)) else {
             return;
         };
         let fast = fast.expect("open").expect("file");
@@ -642,7 +642,7 @@ mod tests {
             assert_eq!(&b[..], b"hello");
         }
         for absent in ["link", "nope", "a/f.jpg/x", "../x"] {
-            if let Some(r) = try_open_cached(&dir, absent, true) {
+            if let Some(r) = try_open_cached(&dir, absent, SMALL_BODY) {
                 assert!(r.expect("no error").is_none(), "{absent}");
             }
         }

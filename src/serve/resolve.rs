@@ -233,7 +233,7 @@ impl Resolver {
                 active_content: cfg.http.active_content,
             },
             ignore: IgnoreSet::new(&cfg.spool.ignore)?,
-            memo: super::memo::Memo::new(cfg.http.spool_memory.0, local::PRELOAD_MAX),
+            memo: super::memo::Memo::new(cfg.http.spool_memory.0, sem::SMALL_BODY),
             cfg,
             catalog,
             store,
@@ -324,12 +324,27 @@ impl Resolver {
                 ));
             }
         }
-        let found = match looked {
-            local::Looked::Absent => None,
-            _ => self.open_spool(&key, head).await?,
+        let (found, record) = match looked {
+            local::Looked::Absent => (None, None),
+            _ => {
+                let record = self.spool_record(&key).await;
+                // A file the catalog says is ready is read whole up to SMALL_BODY: its answer
+                // is public, and only a copy sends exactly the bytes checked (see
+                // `sem::SendFile`). Either way the answer is right; this only picks the
+                // cheaper path for it.
+                let public = match (&looked, &record) {
+                    (local::Looked::Found(now), Some(r)) => r.ready_for(&now.stat),
+                    _ => false,
+                };
+                let preload = match (head, public) {
+                    (true, _) => 0,
+                    (false, true) => sem::SMALL_BODY,
+                    (false, false) => local::PRELOAD_MAX,
+                };
+                (self.open_spool(&key, preload).await?, record)
+            }
         };
         if let Some(lf) = found {
-            let record = self.spool_record(&key).await;
             self.memo.offer(key.as_str(), &lf);
             let rep = spool_representation(&key, &lf.stat, lf.mtime, record.as_ref());
             return Ok(sem::respond_file(lf, method, headers, &rep, &self.policy, "local").await);
@@ -419,16 +434,16 @@ impl Resolver {
             if self.cache.may_have(key.as_str(), &sha) {
                 // Fast path: a checked entry whose file opens from the dentry cache and reads
                 // from the page cache, with no thread hop; else the checks on a blocking thread.
-                let hit = match self.cache.try_hit_cached(key.as_str(), &sha, !head) {
+                // Read whole only when small: ferry's own files go by sendfile otherwise.
+                let preload = if head { 0 } else { local::PRELOAD_MAX };
+                let hit = match self.cache.try_hit_cached(key.as_str(), &sha, preload) {
                     Some(lf) => Some(lf),
                     None => {
                         let (c, k) = (self.cache.clone(), key.as_str().to_string());
                         tokio::task::spawn_blocking(move || {
                             let e = c.lookup(&k, &sha)?;
                             let mut lf = open_path(&e.data).ok().flatten()?;
-                            if !head {
-                                lf.preload().ok()?;
-                            }
+                            lf.preload_up_to(preload).ok()?;
                             Some(lf)
                         })
                         .await
@@ -527,17 +542,17 @@ impl Resolver {
     async fn open_spool(
         &self,
         key: &Key,
-        head: bool,
+        preload: u64,
     ) -> Result<Option<local::LocalFile>, ServeError> {
-        if let Some(r) = local::try_open_cached(&self.spool, key.as_str(), !head) {
+        if let Some(r) = local::try_open_cached(&self.spool, key.as_str(), preload) {
             return r.map_err(|e| ServeError::Internal(format!("open {key}: {e}")));
         }
         let spool = self.spool.clone();
         let k = key.as_str().to_string();
         tokio::task::spawn_blocking(move || {
             let mut f = local::open_beneath(&spool, &k)?;
-            if let (Some(lf), false) = (f.as_mut(), head) {
-                lf.preload()?;
+            if let Some(lf) = f.as_mut() {
+                lf.preload_up_to(preload)?;
             }
             Ok::<_, std::io::Error>(f)
         })

@@ -9,6 +9,7 @@ use std::collections::VecDeque;
 use std::fs::File;
 use std::io::{self, SeekFrom};
 use std::ops::Range;
+use std::os::unix::fs::FileExt;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -721,8 +722,30 @@ async fn body_response(
             return Err(changed_while_read());
         }
         bytes_body(all, segs, body_len)
+    } else if !guard && sendable(&lf.file, &segs) {
+        sendfile_response(lf, segs)
+    } else if body_len <= SMALL_BODY {
+        let body = tokio::task::spawn_blocking(move || {
+            let body = read_segments(&lf.file, segs, body_len);
+            // Checked on a failed read too: a file cut short mid-read is a rewrite, not a
+            // fault of ours.
+            if guard && lf.changed_since_open() {
+                return Err(changed_while_read());
+            }
+            body
+        })
+        .await
+        .map_err(io::Error::other)??;
+        http::Response::new(Bytes::from(body)).into_response()
     } else {
-        sendfile_response(lf, segs, body_len, guard).await?
+        // Headers go before the last byte is read: a change found at the end cuts the body
+        // short of its Content-Length, which no cache keeps.
+        let check = if guard {
+            Some((lf.file.try_clone()?, lf.stat))
+        } else {
+            None
+        };
+        stream_segments(lf.file, segs, check).await?
     };
 
     Ok(l.finish(resp))
@@ -761,20 +784,24 @@ fn assemble(all: &Bytes, segs: Vec<Seg>, body_len: u64) -> Bytes {
 /// A body the connection may send straight from the file, by sendfile(2), instead of
 /// polling the response's own body; `serve::h1` takes it from the response's extensions.
 /// hyper never looks at it and streams the body, which reads the same spans.
+///
+/// Only for answers that promise nothing about their bytes: a spool file not yet ready
+/// (`no-store`, a weak tag) and ferry's own cache files, which nobody rewrites. sendfile
+/// copies nothing: until the client has read them, the bytes queued in the socket (on
+/// loopback, in the client's own receive queue) are still the file's page-cache pages, so
+/// a rewrite in place after any check ferry could make would still reach the client, under
+/// the tag and length of the version checked. A public spool or archive answer is copied.
 #[derive(Debug, Clone)]
 pub struct SendFile {
     pub file: std::sync::Arc<File>,
     pub segs: std::sync::Arc<[Seg]>,
     /// The body's length, all segments together: the Content-Length.
     pub len: u64,
-    /// For a guarded body, the stat the file was opened with.
-    check: Option<FileStat>,
 }
 
 impl SendFile {
-    /// `segs` of `file`, `len` bytes in all; `check`: the stat a guarded body must still
-    /// have before its last byte.
-    pub fn new(file: File, segs: Vec<Seg>, check: Option<FileStat>) -> SendFile {
+    /// `segs` of `file`.
+    pub fn new(file: File, segs: Vec<Seg>) -> SendFile {
         let len = segs
             .iter()
             .map(|s| match s {
@@ -786,23 +813,6 @@ impl SendFile {
             file: std::sync::Arc::new(file),
             segs: segs.into(),
             len,
-            check,
-        }
-    }
-
-    /// Before a guarded body's last byte: the file still has the stat it was opened with,
-    /// else an error, and the body goes out short of its length.
-    pub fn check_unchanged(&self) -> io::Result<()> {
-        let Some(stat) = &self.check else {
-            return Ok(());
-        };
-        // An fstat of an open local file reads the in-memory inode: no disk wait.
-        let now = self.file.metadata().map(|m| FileStat::of(&m));
-        if now.is_ok_and(|now| super::local::same_bytes(&now, stat)) {
-            Ok(())
-        } else {
-            tracing::info!("the file changed while it was sent; the body is cut short");
-            Err(changed_while_read())
         }
     }
 }
@@ -810,49 +820,60 @@ impl SendFile {
 /// The response for a body sent from the file: a [`SendFile`] for ferry's own connections,
 /// and for hyper's a body that opens its stream only when first polled (hyper's
 /// connections are the rare ones: requests with bodies, other methods).
-async fn sendfile_response(
-    lf: LocalFile,
-    segs: Vec<Seg>,
-    body_len: u64,
-    guard: bool,
-) -> io::Result<Response> {
-    // A rewrite found before anything is sent is a retry (503), as it was when small bodies
-    // were read whole first; one found later cuts the body short (see `SendFile`).
-    if guard && body_len <= SMALL_BODY && lf.changed_since_open() {
-        return Err(changed_while_read());
-    }
-    // sendfile(2) reads the page cache on the front thread: pages not there are read in
-    // first, on a blocking thread, so no request waits behind another's disk read.
+/// Whether `segs` of `file` may go by sendfile(2): every page they touch is in the page
+/// cache, so the send cannot wait for the disk on a front thread (a file only partly
+/// cached is read on a blocking thread instead, as before).
+fn sendable(file: &File, segs: &[Seg]) -> bool {
     let span = segs.iter().filter_map(|s| match s {
         Seg::File(r) => Some(r.clone()),
         Seg::Bytes(_) => None,
     });
     let (start, end) = span.fold((u64::MAX, 0), |(a, b), r| (a.min(r.start), b.max(r.end)));
-    if start < end && !super::local::resident(&lf.file, start..end) {
-        let file = lf.file.try_clone()?;
-        tokio::task::spawn_blocking(move || super::local::read_ahead(&file, start..end))
-            .await
-            .map_err(io::Error::other)??;
-    }
-    let sf = SendFile::new(lf.file, segs, guard.then_some(lf.stat));
-    debug_assert_eq!(sf.len, body_len);
-    let (file, segs, stat) = (sf.file.clone(), sf.segs.clone(), sf.check);
+    start < end && super::local::resident(file, start..end)
+}
+
+fn sendfile_response(lf: LocalFile, segs: Vec<Seg>) -> Response {
+    let sf = SendFile::new(lf.file, segs);
+    let (file, segs) = (sf.file.clone(), sf.segs.clone());
     let lazy = futures_util::stream::once(async move {
         let own = file.try_clone()?;
-        let check = match stat {
-            Some(stat) => Some((own.try_clone()?, stat)),
-            None => None,
-        };
         drop(file);
-        segment_stream(own, segs.to_vec(), check).await
+        segment_stream(own, segs.to_vec(), None).await
     })
     .try_flatten();
     let mut resp = warp::reply::stream(lazy).into_response();
     resp.extensions_mut().insert(sf);
-    Ok(resp)
+    resp
 }
 
 type BoxedBody = Pin<Box<dyn Stream<Item = io::Result<Bytes>> + Send + Sync>>;
+
+/// Positioned reads: no seeking, so the segments need no shared cursor.
+fn read_segments(file: &File, segs: Vec<Seg>, body_len: u64) -> io::Result<Vec<u8>> {
+    let mut out = Vec::with_capacity(usize::try_from(body_len).unwrap_or(0));
+    for seg in segs {
+        match seg {
+            Seg::Bytes(b) => out.extend_from_slice(&b),
+            Seg::File(r) => {
+                let start = out.len();
+                let n = usize::try_from(r.end - r.start).map_err(io::Error::other)?;
+                out.resize(start + n, 0);
+                // A file that shrank since fstat fails here rather than sending a short body
+                // under a Content-Length that promised more.
+                file.read_exact_at(&mut out[start..], r.start)?;
+            }
+        }
+    }
+    Ok(out)
+}
+
+async fn stream_segments(
+    file: File,
+    segs: Vec<Seg>,
+    check: Option<(File, FileStat)>,
+) -> io::Result<Response> {
+    Ok(warp::reply::stream(segment_stream(file, segs, check).await?).into_response())
+}
 
 async fn segment_stream(
     file: File,
@@ -1756,5 +1777,84 @@ mod tests {
             Some("application/octet-stream")
         );
         assert_eq!(header(&resp, "x-evil"), None);
+    }
+
+    /// sendfile sends the page cache as it is when the client reads it, after any check:
+    /// a public answer (a ready spool file, a foreign file under a strong tag) is copied,
+    /// and only answers that promise nothing about their bytes, or ferry's own cache files,
+    /// go by sendfile. The body is the same bytes either way.
+    #[tokio::test]
+    async fn only_answers_that_promise_nothing_about_their_bytes_go_by_sendfile() {
+        let data = content(100_000);
+        let cases = [
+            // (caching, foreign, by sendfile)
+            (Caching::Public, true, false),
+            (Caching::NoStore, true, true),
+            (Caching::Public, false, true),
+        ];
+        for (caching, foreign, by_sendfile) in cases {
+            let (_f, mut lf) = local(&data);
+            lf.foreign = foreign;
+            let rep = Representation {
+                len: lf.len,
+                etag: Some(Etag::local(lf.len, lf.mtime, lf.inode, lf.stat.ctime_ns)),
+                last_modified: Some(lf.mtime),
+                content_type: CT.to_string(),
+                caching,
+            };
+            let policy = Policy {
+                cache_control: CC.to_string(),
+                active_content: ActiveContent::Sandbox,
+            };
+            let resp =
+                respond_file(lf, &Method::GET, &HeaderMap::new(), &rep, &policy, "local").await;
+            let sf = resp.extensions().get::<SendFile>().map(|sf| sf.len);
+            assert_eq!(
+                sf.is_some(),
+                by_sendfile,
+                "{caching:?} foreign={foreign}: sendfile {sf:?}"
+            );
+            let (_, body, failed) = drain(resp).await;
+            assert!(!failed);
+            assert_eq!(body, data, "{caching:?} foreign={foreign}");
+        }
+    }
+
+    /// sendfile(2) of pages not in the page cache reads the disk on a front thread, and
+    /// readahead(2) does not wait for a whole large file: a file not wholly cached is read
+    /// on a blocking thread instead (found by the attack review of the sendfile path).
+    #[tokio::test]
+    async fn a_file_not_in_the_page_cache_is_not_sent_by_sendfile() {
+        use std::os::fd::AsRawFd;
+        let data = content(100_000);
+        let (f, mut lf) = local(&data);
+        f.as_file().sync_all().expect("fsync");
+        // SAFETY: fadvise on a descriptor we hold; clean pages are dropped.
+        let rc = unsafe {
+            libc::posix_fadvise(f.as_file().as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED)
+        };
+        assert_eq!(rc, 0);
+        if super::super::local::resident(&lf.file, 0..100_000) {
+            // Some filesystems keep every page in memory (tmpfs): nothing to show there.
+            eprintln!("skipped: the pages stayed cached");
+            return;
+        }
+        lf.foreign = false;
+        let rep = Representation {
+            len: lf.len,
+            etag: Some(Etag::local(lf.len, lf.mtime, lf.inode, lf.stat.ctime_ns)),
+            last_modified: Some(lf.mtime),
+            content_type: CT.to_string(),
+            caching: Caching::NoStore,
+        };
+        let policy = Policy {
+            cache_control: CC.to_string(),
+            active_content: ActiveContent::Sandbox,
+        };
+        let resp = respond_file(lf, &Method::GET, &HeaderMap::new(), &rep, &policy, "local").await;
+        assert!(resp.extensions().get::<SendFile>().is_none());
+        let (_, body, failed) = drain(resp).await;
+        assert!(!failed);
+        assert_eq!(body, data);
     }
 }
