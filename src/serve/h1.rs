@@ -131,6 +131,9 @@ pub struct Timeouts {
 
 const READ_CHUNK: usize = 8 * 1024;
 
+/// A file body's unit: its residency is checked, and it is sent or copied, one at a time.
+const CHUNK: u64 = 1 << 20;
+
 async fn read_more(stream: &TcpStream, buf: &mut BytesMut) -> io::Result<usize> {
     if buf.capacity() - buf.len() < 1024 {
         buf.reserve(READ_CHUNK);
@@ -430,14 +433,43 @@ impl Writer<'_> {
         Ok(())
     }
 
-    /// `range` of `file` by sendfile(2): from the page cache to the socket, no copy here.
-    async fn file(&self, file: &std::fs::File, range: std::ops::Range<u64>) -> io::Result<()> {
+    /// `range` of `file` by sendfile(2), from the page cache to the socket with no copy
+    /// here, one [`CHUNK`] at a time: a chunk whose pages are not all cached
+    /// (`local::resident`, one cachestat of that chunk only) is read on a blocking thread
+    /// and written from there, so the front thread never waits for the disk and a check
+    /// costs the same for a 2-byte range of a large file as for a small one.
+    async fn file(
+        &self,
+        file: &std::sync::Arc<std::fs::File>,
+        range: std::ops::Range<u64>,
+    ) -> io::Result<()> {
+        let mut off = range.start;
+        while off < range.end {
+            let end = range.end.min(off + CHUNK);
+            if super::local::resident(file, off..end) {
+                self.sendfile(file, off..end).await?;
+            } else {
+                let (f, n) = (file.clone(), (end - off) as usize);
+                let buf = tokio::task::spawn_blocking(move || {
+                    use std::os::unix::fs::FileExt;
+                    let mut buf = vec![0u8; n];
+                    // A file that shrank fails here: the body stops short of its length.
+                    f.read_exact_at(&mut buf, off).map(|()| buf)
+                })
+                .await
+                .map_err(io::Error::other)??;
+                self.all(&[&buf]).await?;
+            }
+            off = end;
+        }
+        Ok(())
+    }
+
+    async fn sendfile(&self, file: &std::fs::File, range: std::ops::Range<u64>) -> io::Result<()> {
         let (sock, src) = (self.stream.as_raw_fd(), file.as_raw_fd());
         let mut off = range.start;
         while off < range.end {
-            let want = usize::try_from(range.end - off)
-                .unwrap_or(usize::MAX)
-                .min(1 << 30);
+            let want = usize::try_from(range.end - off).unwrap_or(usize::MAX);
             let r = self.stream.try_io(Interest::WRITABLE, || {
                 let mut o = off as libc::off_t;
                 // SAFETY: two descriptors we hold open, and an offset we own.
@@ -646,10 +678,46 @@ mod tests {
                         r.extensions_mut().insert(sf);
                         r
                     }
+                    "/cold" => {
+                        let f = std::fs::File::open(file.with_file_name("cold")).expect("open");
+                        let sf = SendFile::new(f, vec![Seg::File(0..COLD_LEN)]);
+                        let mut r = Response::new(Bytes::new().into());
+                        r.headers_mut().insert(
+                            CONTENT_LENGTH,
+                            HeaderValue::from_str(&sf.len.to_string()).expect("len"),
+                        );
+                        r.extensions_mut().insert(sf);
+                        r
+                    }
                     _ => StatusCode::NOT_FOUND.into_response(),
                 }
             }
         }
+    }
+
+    const COLD_LEN: u64 = 3 * CHUNK;
+
+    fn cold_bytes() -> Vec<u8> {
+        (0..COLD_LEN).map(|i| (i * 13 % 251) as u8).collect()
+    }
+
+    /// A chunk whose pages are not cached is read on a blocking thread and copied, between
+    /// chunks sent by sendfile: the body is the file's, whole.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_file_partly_out_of_the_page_cache_goes_whole_chunk_by_chunk() {
+        let (mut c, task, _d) = served(QUICK, CancellationToken::new()).await;
+        c.write_all(b"GET /cold HTTP/1.1\r\nConnection: close\r\n\r\n")
+            .expect("write");
+        let mut got = Vec::new();
+        c.read_to_end(&mut got).expect("read");
+        let end = got
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .expect("a head")
+            + 4;
+        assert!(got.starts_with(b"HTTP/1.1 200 OK\r\n"));
+        assert!(got[end..] == cold_bytes()[..], "{} bytes", got.len() - end);
+        task.await.expect("task");
     }
 
     const QUICK: Timeouts = Timeouts {
@@ -666,6 +734,20 @@ mod tests {
         let dir = tempfile::tempdir().expect("dir");
         let file = dir.path().join("f");
         std::fs::write(&file, b"0123456789").expect("write");
+        // Three chunks, the last two dropped from the page cache once on disk.
+        let cold = std::fs::File::create(dir.path().join("cold")).expect("create");
+        std::io::Write::write_all(&mut &cold, &cold_bytes()).expect("write");
+        cold.sync_all().expect("fsync");
+        // SAFETY: fadvise on a descriptor we hold; clean pages are dropped.
+        let rc = unsafe {
+            libc::posix_fadvise(
+                cold.as_raw_fd(),
+                CHUNK as libc::off_t,
+                0,
+                libc::POSIX_FADV_DONTNEED,
+            )
+        };
+        assert_eq!(rc, 0);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");

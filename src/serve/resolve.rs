@@ -324,25 +324,29 @@ impl Resolver {
                 ));
             }
         }
-        let (found, record) = match looked {
+        let small = if head { 0 } else { local::PRELOAD_MAX };
+        let (found, record) = match &looked {
             local::Looked::Absent => (None, None),
-            _ => {
+            local::Looked::Found(now) if now.is_file => {
                 let record = self.spool_record(&key).await;
                 // A file the catalog says is ready is read whole up to SMALL_BODY: its answer
                 // is public, and only a copy sends exactly the bytes checked (see
                 // `sem::SendFile`). Either way the answer is right; this only picks the
                 // cheaper path for it.
-                let public = match (&looked, &record) {
-                    (local::Looked::Found(now), Some(r)) => r.ready_for(&now.stat),
-                    _ => false,
-                };
-                let preload = match (head, public) {
-                    (true, _) => 0,
-                    (false, true) => sem::SMALL_BODY,
-                    (false, false) => local::PRELOAD_MAX,
+                let public = record.as_ref().is_some_and(|r| r.ready_for(&now.stat));
+                let preload = if public && !head {
+                    sem::SMALL_BODY
+                } else {
+                    small
                 };
                 (self.open_spool(&key, preload).await?, record)
             }
+            // Not a regular file by its stat, or the stat could not tell: the careful open
+            // decides, and the catalog is asked only about a file it found.
+            _ => match self.open_spool(&key, small).await? {
+                Some(lf) => (Some(lf), self.spool_record(&key).await),
+                None => (None, None),
+            },
         };
         if let Some(lf) = found {
             self.memo.offer(key.as_str(), &lf);

@@ -817,21 +817,22 @@ impl SendFile {
     }
 }
 
+/// Whether `segs` of `file` may go by sendfile(2): the pages of the first megabyte are in
+/// the page cache (`serve::h1` checks each further one before it sends it, and copies one
+/// that is not on a blocking thread), so the front thread does not wait for the disk. One
+/// cachestat of a bounded span, whatever the file's size or the ranges asked for.
+fn sendable(file: &File, segs: &[Seg]) -> bool {
+    segs.iter()
+        .find_map(|s| match s {
+            Seg::File(r) if r.end > r.start => Some(r.clone()),
+            _ => None,
+        })
+        .is_some_and(|r| super::local::resident(file, r.start..r.end.min(r.start + (1 << 20))))
+}
+
 /// The response for a body sent from the file: a [`SendFile`] for ferry's own connections,
 /// and for hyper's a body that opens its stream only when first polled (hyper's
 /// connections are the rare ones: requests with bodies, other methods).
-/// Whether `segs` of `file` may go by sendfile(2): every page they touch is in the page
-/// cache, so the send cannot wait for the disk on a front thread (a file only partly
-/// cached is read on a blocking thread instead, as before).
-fn sendable(file: &File, segs: &[Seg]) -> bool {
-    let span = segs.iter().filter_map(|s| match s {
-        Seg::File(r) => Some(r.clone()),
-        Seg::Bytes(_) => None,
-    });
-    let (start, end) = span.fold((u64::MAX, 0), |(a, b), r| (a.min(r.start), b.max(r.end)));
-    start < end && super::local::resident(file, start..end)
-}
-
 fn sendfile_response(lf: LocalFile, segs: Vec<Seg>) -> Response {
     let sf = SendFile::new(lf.file, segs);
     let (file, segs) = (sf.file.clone(), sf.segs.clone());
