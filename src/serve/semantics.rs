@@ -724,6 +724,16 @@ async fn body_response(
         bytes_body(all, segs, body_len)
     } else if !guard && sendable(&lf.file, &segs) {
         sendfile_response(lf, segs)
+    } else if let Some(all) = (lf.len <= SMALL_BODY)
+        .then(|| super::local::read_nowait(&lf.file, lf.len as usize))
+        .flatten()
+    {
+        // Cached pages, read on this thread (where cachestat may not be asked, or a file
+        // was not read whole at its open): no hop to a blocking thread.
+        if guard && lf.changed_since_open() {
+            return Err(changed_while_read());
+        }
+        bytes_body(all, segs, body_len)
     } else if body_len <= SMALL_BODY {
         let body = tokio::task::spawn_blocking(move || {
             let body = read_segments(&lf.file, segs, body_len);
