@@ -1406,12 +1406,32 @@ mod tests {
         content_type: &str,
         cache_control: &str,
     ) -> Response {
+        respond_as(
+            lf,
+            method,
+            headers,
+            content_type,
+            cache_control,
+            Caching::Public,
+        )
+        .await
+    }
+
+    /// The same, for a file whose answer is `caching`.
+    async fn respond_as(
+        lf: LocalFile,
+        method: &Method,
+        headers: &HeaderMap,
+        content_type: &str,
+        cache_control: &str,
+        caching: Caching,
+    ) -> Response {
         let rep = Representation {
             len: lf.len,
             etag: Some(Etag::local(lf.len, lf.mtime, lf.inode, lf.stat.ctime_ns)),
             last_modified: Some(lf.mtime),
             content_type: content_type.to_string(),
-            caching: Caching::Public,
+            caching,
         };
         let policy = Policy {
             cache_control: cache_control.to_string(),
@@ -1806,19 +1826,7 @@ mod tests {
         for (caching, foreign, by_sendfile) in cases {
             let (_f, mut lf) = local(&data);
             lf.foreign = foreign;
-            let rep = Representation {
-                len: lf.len,
-                etag: Some(Etag::local(lf.len, lf.mtime, lf.inode, lf.stat.ctime_ns)),
-                last_modified: Some(lf.mtime),
-                content_type: CT.to_string(),
-                caching,
-            };
-            let policy = Policy {
-                cache_control: CC.to_string(),
-                active_content: ActiveContent::Sandbox,
-            };
-            let resp =
-                respond_file(lf, &Method::GET, &HeaderMap::new(), &rep, &policy, "local").await;
+            let resp = respond_as(lf, &Method::GET, &HeaderMap::new(), CT, CC, caching).await;
             let sf = resp.extensions().get::<SendFile>().map(|sf| sf.len);
             assert_eq!(
                 sf.is_some(),
@@ -1851,18 +1859,15 @@ mod tests {
             return;
         }
         lf.foreign = false;
-        let rep = Representation {
-            len: lf.len,
-            etag: Some(Etag::local(lf.len, lf.mtime, lf.inode, lf.stat.ctime_ns)),
-            last_modified: Some(lf.mtime),
-            content_type: CT.to_string(),
-            caching: Caching::NoStore,
-        };
-        let policy = Policy {
-            cache_control: CC.to_string(),
-            active_content: ActiveContent::Sandbox,
-        };
-        let resp = respond_file(lf, &Method::GET, &HeaderMap::new(), &rep, &policy, "local").await;
+        let resp = respond_as(
+            lf,
+            &Method::GET,
+            &HeaderMap::new(),
+            CT,
+            CC,
+            Caching::NoStore,
+        )
+        .await;
         assert!(resp.extensions().get::<SendFile>().is_none());
         let (_, body, failed) = drain(resp).await;
         assert!(!failed);
