@@ -79,8 +79,13 @@ pub async fn serve<A, H, HF>(
     let mut buf = BytesMut::with_capacity(READ_CHUNK);
     loop {
         let deadline = tokio::time::Instant::now() + timeouts.header;
+        // How far `buf` was searched for the end of a head: each byte is looked at once,
+        // so a head sent a byte at a time costs linear time, not a parse per byte. The first
+        // bytes are parsed whatever they hold, so garbage goes to hyper (and its 400) at once.
+        let mut searched = 0;
         let (head, close) = loop {
-            if !buf.is_empty() {
+            let first = searched == 0 && !buf.is_empty();
+            if first || head_ends(&buf, searched) {
                 match parse(&buf) {
                     Parsed::Fast(head, len, close) => {
                         buf.advance(len);
@@ -91,7 +96,10 @@ pub async fn serve<A, H, HF>(
                         return hyper(Prefixed::new(buf.freeze(), stream)).await;
                     }
                 }
+            } else if buf.len() >= MAX_HEAD {
+                return hyper(Prefixed::new(buf.freeze(), stream)).await;
             }
+            searched = buf.len();
             let read = tokio::select! {
                 r = tokio::time::timeout_at(deadline, read_more(&stream, &mut buf)) => r,
                 // Idle at shutdown: nothing is lost by closing now.
@@ -145,6 +153,16 @@ async fn read_more(stream: &TcpStream, buf: &mut BytesMut) -> io::Result<usize> 
             r => return r,
         }
     }
+}
+
+/// Whether `buf` holds an empty line (`\n\n` or `\n\r\n`: how every head ends, with or
+/// without CRs) that ends at or after `from`: only then can httparse find a whole head.
+fn head_ends(buf: &[u8], from: usize) -> bool {
+    let start = from.saturating_sub(2);
+    memchr::memchr_iter(b'\n', &buf[start.min(buf.len())..]).any(|i| {
+        let rest = &buf[start + i + 1..];
+        rest.first() == Some(&b'\n') || rest.starts_with(b"\r\n")
+    })
 }
 
 enum Parsed {
@@ -906,6 +924,22 @@ mod tests {
             assert_eq!(handed.as_bytes(), &req[first_len..], "{got}");
             task.await.expect("task");
         }
+    }
+
+    #[test]
+    fn the_end_of_a_head_is_found_once_whatever_the_split() {
+        let head = b"GET / HTTP/1.1\r\nHost: a\r\n\r\n";
+        // Fed a byte at a time, searched from where the last search stopped: found exactly
+        // when the last byte arrives, never before.
+        let mut searched = 0;
+        for n in 1..=head.len() {
+            assert_eq!(head_ends(&head[..n], searched), n == head.len(), "{n}");
+            searched = n;
+        }
+        assert!(head_ends(b"GET / HTTP/1.1\nHost: a\n\n", 0));
+        assert!(!head_ends(b"GET / HTTP/1.1\r\nHost: a\r\n", 0));
+        // A CR LF CR LF split between two reads, with the search starting after the first LF.
+        assert!(head_ends(b"GET / HTTP/1.1\r\nX: y\r\n\r\n", 23));
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
