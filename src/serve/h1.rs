@@ -687,30 +687,28 @@ mod tests {
                             Seg::Bytes(Bytes::from_static(b"|")),
                             Seg::File(0..10),
                         ];
-                        let sf = SendFile::new(f, segs);
-                        let mut r = Response::new(Bytes::from_static(b"not this").into());
-                        r.headers_mut().insert(
-                            CONTENT_LENGTH,
-                            HeaderValue::from_str(&sf.len.to_string()).expect("len"),
-                        );
-                        r.extensions_mut().insert(sf);
-                        r
+                        by_sendfile(SendFile::new(f, segs), b"not this")
                     }
                     "/cold" => {
                         let f = std::fs::File::open(file.with_file_name("cold")).expect("open");
-                        let sf = SendFile::new(f, vec![Seg::File(0..COLD_LEN)]);
-                        let mut r = Response::new(Bytes::new().into());
-                        r.headers_mut().insert(
-                            CONTENT_LENGTH,
-                            HeaderValue::from_str(&sf.len.to_string()).expect("len"),
-                        );
-                        r.extensions_mut().insert(sf);
-                        r
+                        by_sendfile(SendFile::new(f, vec![Seg::File(0..COLD_LEN)]), b"")
                     }
                     _ => StatusCode::NOT_FOUND.into_response(),
                 }
             }
         }
+    }
+
+    /// A response carrying `sf` and its length, over an own body (`decoy`) that must never
+    /// be what goes out.
+    fn by_sendfile(sf: SendFile, decoy: &'static [u8]) -> Response {
+        let mut r = Response::new(Bytes::from_static(decoy).into());
+        r.headers_mut().insert(
+            CONTENT_LENGTH,
+            HeaderValue::from_str(&sf.len.to_string()).expect("len"),
+        );
+        r.extensions_mut().insert(sf);
+        r
     }
 
     const COLD_LEN: u64 = 3 * CHUNK;

@@ -11,7 +11,6 @@ use std::time::SystemTime;
 use bytes::Bytes;
 
 use super::semantics::SMALL_BODY;
-
 use crate::catalog::FileStat;
 
 /// An open spool file with the fstat facts its validators are built from.
@@ -34,7 +33,6 @@ pub struct LocalFile {
 }
 
 impl LocalFile {
-    /// Reads a small file whole (at most [`SMALL_BODY`]). Blocking.
     /// Whether the file's bytes may have changed since it was opened: its size, mtime or
     /// inode now differ from `stat`, or cannot be had. A rewrite in place bumps mtime before
     /// its first byte lands, so a read that saw any new byte is followed by a stat that
@@ -46,6 +44,7 @@ impl LocalFile {
             .map_or(true, |m| !same_bytes(&FileStat::of(&m), &self.stat))
     }
 
+    /// Reads a small file whole (at most [`SMALL_BODY`]). Blocking.
     pub fn preload(&mut self) -> io::Result<()> {
         self.preload_up_to(SMALL_BODY)
     }
@@ -109,7 +108,7 @@ pub fn resident(file: &File, range: std::ops::Range<u64>) -> bool {
         )
     };
     // With pages bigger than 4 KiB the kernel counts its own pages, fewer than ours: then
-    // this says "not resident", and the read-ahead that follows is cheap.
+    // this says "not resident", and the bytes are copied instead (never wrong, only slower).
     rc == 0 && cs.nr_cache >= pages
 }
 

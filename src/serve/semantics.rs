@@ -402,6 +402,18 @@ pub enum Seg {
     File(Range<u64>),
 }
 
+impl Seg {
+    /// The bytes `segs` put on the wire.
+    pub fn total(segs: &[Seg]) -> u64 {
+        segs.iter()
+            .map(|s| match s {
+                Seg::Bytes(b) => b.len() as u64,
+                Seg::File(r) => r.end - r.start,
+            })
+            .sum()
+    }
+}
+
 /// The answers that carry no bytes of the representation: 304, 412 and 416. `None` means
 /// the plan needs a body (200 or 206), which the source supplies.
 pub fn bodiless(
@@ -642,13 +654,7 @@ fn layout(plan: Plan, len: u64, content_type: &str) -> Layout {
             None,
         ),
     };
-    let body_len: u64 = segs
-        .iter()
-        .map(|s| match s {
-            Seg::Bytes(b) => b.len() as u64,
-            Seg::File(r) => r.end - r.start,
-        })
-        .sum();
+    let body_len = Seg::total(&segs);
     Layout {
         status,
         segs,
@@ -812,13 +818,7 @@ pub struct SendFile {
 impl SendFile {
     /// `segs` of `file`.
     pub fn new(file: File, segs: Vec<Seg>) -> SendFile {
-        let len = segs
-            .iter()
-            .map(|s| match s {
-                Seg::Bytes(b) => b.len() as u64,
-                Seg::File(r) => r.end - r.start,
-            })
-            .sum();
+        let len = Seg::total(&segs);
         SendFile {
             file: std::sync::Arc::new(file),
             segs: segs.into(),
@@ -900,13 +900,7 @@ async fn segment_stream(
         let len = r.end - r.start;
         return Ok(Box::pin(checked_at_end(stream, len, check)));
     }
-    let len = segs
-        .iter()
-        .map(|s| match s {
-            Seg::Bytes(b) => b.len() as u64,
-            Seg::File(r) => r.end - r.start,
-        })
-        .sum();
+    let len = Seg::total(&segs);
     let stream = SegmentStream {
         file,
         segs: VecDeque::from(segs),
