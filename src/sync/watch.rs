@@ -299,10 +299,14 @@ impl Watcher {
                 ev = rx.recv() => {
                     let Some(ev) = ev else { break };
                     let mut whole = false;
-                    let mut need_scan = self.on_event(ev, &mut pending, &mut whole);
+                    let mut dirs = Vec::new();
+                    let mut need_scan = self.on_event(ev, &mut pending, &mut whole, &mut dirs);
                     // Drain what else has queued, so a burst is one pass.
                     while let Ok(ev) = rx.try_recv() {
-                        need_scan |= self.on_event(ev, &mut pending, &mut whole);
+                        need_scan |= self.on_event(ev, &mut pending, &mut whole, &mut dirs);
+                    }
+                    if !dirs.is_empty() {
+                        watcher = watch_new_dirs(watcher, dirs).await;
                     }
                     if need_scan {
                         self.full_scan(&mut pending, &mut warned).await;
@@ -338,12 +342,14 @@ impl Watcher {
         Ok(())
     }
 
-    /// Applies one event; returns true when a full scan is needed (events were lost).
+    /// Applies one event; returns true when a full scan is needed (events were lost, or a
+    /// folder appeared: each one is pushed to `dirs`, to be watched before that scan).
     fn on_event(
         &self,
         ev: notify::Result<notify::Event>,
         pending: &mut HashMap<PathBuf, Pending>,
         whole: &mut bool,
+        dirs: &mut Vec<PathBuf>,
     ) -> bool {
         let ev = match ev {
             Ok(ev) => ev,
@@ -380,11 +386,15 @@ impl Watcher {
                     touch(pending, p, Some(true));
                 }
             }
-            EventKind::Create(CreateKind::Folder) => rescan = true,
+            EventKind::Create(CreateKind::Folder) => {
+                dirs.extend(ev.paths.iter().cloned());
+                rescan = true;
+            }
             EventKind::Create(_) => {
                 for p in &ev.paths {
                     let md = std::fs::symlink_metadata(p);
                     if md.as_ref().is_ok_and(|m| m.is_dir()) {
+                        dirs.push(p.clone());
                         rescan = true;
                         continue;
                     }
@@ -417,12 +427,12 @@ impl Watcher {
                     if let Some(rel) = self.rel(&ev.paths[0]) {
                         pending.remove(&rel);
                     }
-                    *whole |= self.arrived(&ev.paths[1], pending, now, &mut rescan);
+                    *whole |= self.arrived(&ev.paths[1], pending, now, &mut rescan, dirs);
                 }
                 _ => {
                     for p in &ev.paths {
                         if p.exists() {
-                            *whole |= self.arrived(p, pending, now, &mut rescan);
+                            *whole |= self.arrived(p, pending, now, &mut rescan, dirs);
                         } else if let Some(rel) = self.rel(p) {
                             pending.remove(&rel);
                         }
@@ -463,8 +473,10 @@ impl Watcher {
         pending: &mut HashMap<PathBuf, Pending>,
         now: Instant,
         rescan: &mut bool,
+        dirs: &mut Vec<PathBuf>,
     ) -> bool {
         if std::fs::symlink_metadata(p).is_ok_and(|m| m.is_dir()) {
+            dirs.push(p.to_path_buf());
             *rescan = true;
             return false;
         }
@@ -787,6 +799,51 @@ impl Watcher {
     }
 }
 
+/// Watches folders that just appeared, before the scan that looks into them. notify hands
+/// a folder's create (or move-in) event over *before* it adds that folder's watch, so a
+/// scan started by the event could run, find nothing, and a file written into the folder
+/// before the watch was added would come with no event at all: found only by the next
+/// periodic rescan (a writer pausing between `mkdir` and its first file). Adding the watch
+/// ourselves waits for notify's event loop, which has then added every watch its events
+/// asked for; whatever was created before that is found by the scan, whatever comes after
+/// sends events. A folder inside another one in the list is covered by that one's walk.
+async fn watch_new_dirs(
+    watcher: Option<notify::RecommendedWatcher>,
+    mut dirs: Vec<PathBuf>,
+) -> Option<notify::RecommendedWatcher> {
+    let mut w = watcher?;
+    dirs.sort();
+    dirs.dedup();
+    let mut outer: Vec<PathBuf> = Vec::with_capacity(dirs.len());
+    for d in dirs {
+        if !outer.last().is_some_and(|o| d.starts_with(o)) {
+            outer.push(d);
+        }
+    }
+    // The call waits on notify's thread, which never waits on this one.
+    let back = tokio::task::spawn_blocking(move || {
+        for d in &outer {
+            if let Err(e) = w.watch(d, RecursiveMode::Recursive) {
+                // Gone again, or the watch limit: the scan that follows still looks, and
+                // a refused watch shows as notify's own error event.
+                tracing::debug!(dir = %d.display(), error = %e, "could not watch a new spool folder");
+            }
+        }
+        w
+    })
+    .await;
+    match back {
+        Ok(w) => Some(w),
+        Err(e) => {
+            // The watcher went with the panicked thread: polling until the next rescan
+            // sets a new watch.
+            tracing::error!(error = %e, "watching a new spool folder failed; scanning until the watch is set again");
+            crate::telemetry::metrics().set_spool_watched(false);
+            None
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -799,6 +856,69 @@ mod tests {
             .ok()
             .flatten()
             .map(|r| r.state)
+    }
+
+    /// A folder tree moved into the spool while files are being written into it: notify
+    /// reports the move before it has walked the tree to watch it, and a scan started by
+    /// that event must not run before the walk, or a file written into a folder it had
+    /// already looked at, but that was not yet watched, comes with no event and waits for
+    /// the hourly rescan.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn files_written_into_a_folder_tree_as_it_moves_in_are_all_queued() {
+        const DIRS: usize = 3000;
+        let t = tempfile::tempdir().unwrap();
+        let spool = t.path().join("spool");
+        std::fs::create_dir_all(&spool).unwrap();
+        let outside = t.path().join("tree");
+        for d in 0..DIRS {
+            std::fs::create_dir_all(outside.join(format!("d{d:04}"))).unwrap();
+        }
+        let catalog = Catalog::open(&t.path().join("ferry.db")).unwrap();
+        let (started_tx, started_rx) = tokio::sync::oneshot::channel();
+        let w = Watcher {
+            spool: spool.clone(),
+            prefix: String::new(),
+            settle: Duration::from_millis(100),
+            // Only events and the scans they start can find these files in time.
+            rescan_interval: Duration::from_secs(3600),
+            ignore: IgnoreSet::new(&[".*".to_string()]).unwrap(),
+            catalog: catalog.clone(),
+            wake: Arc::new(Notify::new()),
+            started: Some(started_tx),
+            poll_only: false,
+        };
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(w.run(stop.clone()));
+        started_rx.await.unwrap();
+        let inside = spool.join("tree");
+        std::fs::rename(&outside, &inside).unwrap();
+        // From the last folder to the first, against the order both walks tend to take.
+        let writer = std::thread::spawn(move || {
+            for d in (0..DIRS).rev() {
+                std::fs::write(inside.join(format!("d{d:04}/f.jpg")), b"photo").unwrap();
+            }
+        });
+        writer.join().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let queued = catalog
+                .read(|c| {
+                    c.query_row("SELECT count(*) FROM files", [], |r| r.get::<_, i64>(0))
+                        .map_err(Into::into)
+                })
+                .await
+                .unwrap();
+            if queued == DIRS as i64 {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{queued} of {DIRS} files written into the moved-in tree were queued"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        stop.cancel();
+        task.await.unwrap().unwrap();
     }
 
     /// With no watch (what a refused inotify leaves), files are still found, settled and
