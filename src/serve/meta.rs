@@ -14,7 +14,9 @@
 //! Beside it, the catalog's record of a key's spool version (`Record`): what tells the serve
 //! path whether a spool file is ready, without a lease or a second rule.
 
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::future::Future;
+use std::hash::BuildHasher;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -201,6 +203,84 @@ pub struct MetaCache {
     last_known: moka::future::Cache<String, Meta>,
     version: AtomicI64,
     shared: Option<Arc<crate::shared::Shared>>,
+    forgets: Forgets,
+}
+
+/// How many times each key has been forgotten, by hash slot: what tells a load that a
+/// change arrived while it ran. A load that began before a notification can finish after
+/// it with the old answer, and the cache would keep it (a deleted key served for a whole
+/// `metadata_ttl`, a new peer file a 404 until the negative TTL ran out), since
+/// `invalidate` only drops what is already there.
+struct Forgets {
+    slots: Box<[AtomicU64]>,
+    all: AtomicU64,
+    hasher: std::collections::hash_map::RandomState,
+}
+
+/// Keys sharing a slot only cost each other a reload.
+const FORGET_SLOTS: usize = 4096;
+
+impl Forgets {
+    fn new() -> Forgets {
+        Forgets {
+            slots: (0..FORGET_SLOTS).map(|_| AtomicU64::new(0)).collect(),
+            all: AtomicU64::new(0),
+            hasher: Default::default(),
+        }
+    }
+
+    fn slot(&self, key: &str) -> &AtomicU64 {
+        &self.slots[self.hasher.hash_one(key) as usize % FORGET_SLOTS]
+    }
+
+    /// Changes whenever `key` (or everything) is forgotten: both counters only grow.
+    fn stamp(&self, key: &str) -> u64 {
+        self.slot(key)
+            .load(Ordering::SeqCst)
+            .wrapping_add(self.all.load(Ordering::SeqCst))
+    }
+
+    /// Called *before* the entry is invalidated: a load whose insert lands after the
+    /// invalidate then sees the new stamp when it checks.
+    fn key(&self, key: &str) {
+        self.slot(key).fetch_add(1, Ordering::SeqCst);
+    }
+
+    fn everything(&self) {
+        self.all.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+/// `cache`'s entry for `key`, loading it with `init` on a miss; an entry loaded while the
+/// key was forgotten is dropped again and loaded once more (twice at most, then returned
+/// uncached). The flag says whether any load was overtaken, so the caller can drop what
+/// the load kept elsewhere. The check runs in the same poll as the insert, so no
+/// cancellation falls between them.
+async fn load_fresh<V, E, F>(
+    cache: &moka::future::Cache<String, V>,
+    forgets: &Forgets,
+    key: &str,
+    init: impl Fn() -> F,
+) -> Result<(V, bool), Arc<E>>
+where
+    V: Clone + Send + Sync + 'static,
+    E: Send + Sync + 'static,
+    F: Future<Output = Result<V, E>>,
+{
+    let mut overtaken = false;
+    for attempt in 0..3 {
+        let before = forgets.stamp(key);
+        let v = cache.try_get_with_by_ref(key, init()).await?;
+        if forgets.stamp(key) == before {
+            return Ok((v, overtaken));
+        }
+        overtaken = true;
+        cache.invalidate(key).await;
+        if attempt == 2 {
+            return Ok((v, overtaken));
+        }
+    }
+    unreachable!("the last attempt returns")
 }
 
 impl MetaCache {
@@ -229,6 +309,7 @@ impl MetaCache {
                 .build(),
             version: AtomicI64::new(i64::MIN),
             shared: None,
+            forgets: Forgets::new(),
         }
     }
 
@@ -241,6 +322,7 @@ impl MetaCache {
     /// Forgets everything once: the shared catalog's notifications were interrupted, so
     /// changes may have been missed.
     pub fn forget_all(&self) {
+        self.forgets.everything();
         self.cache.invalidate_all();
         self.records.invalidate_all();
         // The grace copies too: a pre-outage answer must not outlive a missed delete.
@@ -259,13 +341,20 @@ impl MetaCache {
         if let Some(m) = self.cache.get(key).await {
             return Ok(m);
         }
-        self.cache
-            .try_get_with_by_ref(key, Box::pin(self.load(key.to_string())))
-            .await
+        let (m, overtaken) = load_fresh(&self.cache, &self.forgets, key, || {
+            Box::pin(self.load(key.to_string()))
+        })
+        .await?;
+        if overtaken {
+            // The grace copy that load may have kept is as old as its answer.
+            self.last_known.invalidate(key).await;
+        }
+        Ok(m)
     }
 
     /// Forgets one key (this process saw it change).
     pub async fn forget(&self, key: &str) {
+        self.forgets.key(key);
         self.cache.invalidate(key).await;
         self.records.invalidate(key).await;
         self.last_known.invalidate(key).await;
@@ -276,21 +365,19 @@ impl MetaCache {
         if let Some(r) = self.records.get(key).await {
             return Ok(r);
         }
-        let catalog = self.catalog.clone();
-        let k = key.to_string();
-        self.records
-            .try_get_with_by_ref(
-                key,
-                Box::pin(async move {
-                    let row = catalog.read(move |c| ops::get(c, &k)).await?;
-                    Ok::<_, CatalogError>(row.map(|r| Record {
-                        state: r.state,
-                        stat: r.stat,
-                        sha256: r.sha256,
-                    }))
-                }),
-            )
-            .await
+        let load = || {
+            let catalog = self.catalog.clone();
+            let k = key.to_string();
+            Box::pin(async move {
+                let row = catalog.read(move |c| ops::get(c, &k)).await?;
+                Ok::<_, CatalogError>(row.map(|r| Record {
+                    state: r.state,
+                    stat: r.stat,
+                    sha256: r.sha256,
+                }))
+            })
+        };
+        Ok(load_fresh(&self.records, &self.forgets, key, load).await?.0)
     }
 
     async fn load(&self, key: String) -> Result<Meta, MetaError> {
@@ -474,10 +561,12 @@ impl MetaCache {
                         Ok(Ok((keys, last, gap))) => {
                             if gap {
                                 // Fell behind the kept log: forget everything once.
+                                self.forgets.everything();
                                 self.cache.invalidate_all();
                                 self.records.invalidate_all();
                             } else {
                                 for k in &keys {
+                                    self.forgets.key(k);
                                     self.cache.invalidate(k).await;
                                     self.records.invalidate(k).await;
                                 }
@@ -485,6 +574,7 @@ impl MetaCache {
                             seen = last;
                         }
                         _ => {
+                            self.forgets.everything();
                             self.cache.invalidate_all();
                             self.records.invalidate_all();
                         }
@@ -534,6 +624,51 @@ mod tests {
             stat: STAT,
             sha256: sha.map(str::to_string),
         }
+    }
+
+    /// A notification that arrives while a lookup of its key is in flight: the lookup's
+    /// answer predates the change and must not stay cached (CI saw the 404 of a key a
+    /// peer had just published kept for the whole negative TTL).
+    #[tokio::test]
+    async fn a_key_forgotten_while_it_loads_is_not_kept_with_the_old_answer() {
+        let cache: moka::future::Cache<String, &'static str> = moka::future::Cache::new(10);
+        let forgets = Arc::new(Forgets::new());
+        let started = Arc::new(tokio::sync::Notify::new());
+        let release = Arc::new(tokio::sync::Notify::new());
+        let loads = Arc::new(AtomicU64::new(0));
+        let init = || {
+            let (started, release, loads) = (started.clone(), release.clone(), loads.clone());
+            async move {
+                if loads.fetch_add(1, Ordering::SeqCst) == 0 {
+                    started.notify_one();
+                    release.notified().await;
+                    Ok::<_, ()>("old")
+                } else {
+                    Ok("new")
+                }
+            }
+        };
+        let lookup = load_fresh(&cache, &forgets, "k", init);
+        let change = async {
+            started.notified().await;
+            // What `forget` does, with nothing cached yet to invalidate.
+            forgets.key("k");
+            cache.invalidate("k").await;
+            release.notify_one();
+        };
+        let (got, ()) = tokio::join!(lookup, change);
+        let (v, overtaken) = got.unwrap();
+        assert!(overtaken);
+        assert_eq!(
+            v, "new",
+            "the answer loaded after the change is the one returned"
+        );
+        assert_eq!(cache.get("k").await, Some("new"));
+        assert_eq!(loads.load(Ordering::SeqCst), 2);
+
+        // Another key's change costs nothing here.
+        let other = load_fresh(&cache, &forgets, "j", || async { Ok::<_, ()>("j") });
+        assert_eq!(other.await.unwrap(), ("j", false));
     }
 
     /// A catalog change to one key forgets that key's cached record only: on a busy upload
