@@ -8,7 +8,7 @@ mod common;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use common::cluster::{drop_renamed, run_all, within};
+use common::cluster::{drop_renamed, eventually, run_all, within};
 use common::pg::Postgres;
 use common::{content, metric, nodes, raw_request, wait_for, Daemon, Env, RawResponse, S3};
 
@@ -85,11 +85,29 @@ fn a_file_dropped_on_one_node_is_served_by_the_node_owning_its_host_before_it_is
     // Asked before it exists: a 404 that x caches negatively.
     assert_eq!(get_via(c.router.addr, &host, path).status, 404);
     drop_renamed(&c.ey, "2026/12/new.jpg", &bytes);
-    let took = within(Duration::from_secs(3), "x serves y's new file", || {
+    let start = Instant::now();
+    let mut last = None;
+    let served = eventually(Duration::from_secs(3), || {
         let r = get_via(c.router.addr, &host, path);
-        r.status == 200 && r.body == bytes
+        let ok = r.status == 200 && r.body == bytes;
+        last = Some(r);
+        ok
     });
-    eprintln!("404 window after a drop on another node: {took:?}");
+    if !served {
+        // What each part said, so a failure in CI can be told apart without a rerun.
+        let seen = last.map(|r| (r.status, r.headers));
+        let y_as_peer = raw_request(c.y.addr(), "GET", path.as_bytes(), &[("X-Ferry-Peer", "1")]);
+        let x_direct = raw_request(c.x.addr(), "GET", path.as_bytes(), &[]);
+        panic!(
+            "x did not serve y's new file within 3s; last answer through the router: {seen:?}; \
+             y asked as a peer now: {} {:?}; x asked directly now: {} {:?}",
+            y_as_peer.status, y_as_peer.headers, x_direct.status, x_direct.headers
+        );
+    }
+    eprintln!(
+        "404 window after a drop on another node: {:?}",
+        start.elapsed()
+    );
     let r = get_via(c.router.addr, &host, path);
     assert_eq!(r.header("x-ferry-source"), Some("peer"));
     assert_eq!(r.header("x-ferry-node"), Some("x"));
