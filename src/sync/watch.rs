@@ -849,6 +849,29 @@ mod tests {
     use super::*;
     use crate::catalog::State;
 
+    /// A watcher of `spool` with a 100 ms settle time, ignoring dot files, and the
+    /// receiver told once its first scan is done.
+    fn test_watcher(
+        spool: &Path,
+        catalog: &Catalog,
+        rescan_interval: Duration,
+        poll_only: bool,
+    ) -> (Watcher, tokio::sync::oneshot::Receiver<()>) {
+        let (started_tx, started_rx) = tokio::sync::oneshot::channel();
+        let w = Watcher {
+            spool: spool.to_path_buf(),
+            prefix: String::new(),
+            settle: Duration::from_millis(100),
+            rescan_interval,
+            ignore: IgnoreSet::new(&[".*".to_string()]).unwrap(),
+            catalog: catalog.clone(),
+            wake: Arc::new(Notify::new()),
+            started: Some(started_tx),
+            poll_only,
+        };
+        (w, started_rx)
+    }
+
     async fn state_of(catalog: &Catalog, key: &'static str) -> Option<State> {
         catalog
             .read(move |c| ops::get(c, key))
@@ -874,19 +897,8 @@ mod tests {
             std::fs::create_dir_all(outside.join(format!("d{d:04}"))).unwrap();
         }
         let catalog = Catalog::open(&t.path().join("ferry.db")).unwrap();
-        let (started_tx, started_rx) = tokio::sync::oneshot::channel();
-        let w = Watcher {
-            spool: spool.clone(),
-            prefix: String::new(),
-            settle: Duration::from_millis(100),
-            // Only events and the scans they start can find these files in time.
-            rescan_interval: Duration::from_secs(3600),
-            ignore: IgnoreSet::new(&[".*".to_string()]).unwrap(),
-            catalog: catalog.clone(),
-            wake: Arc::new(Notify::new()),
-            started: Some(started_tx),
-            poll_only: false,
-        };
+        // Only events and the scans they start can find these files in time.
+        let (w, started_rx) = test_watcher(&spool, &catalog, Duration::from_secs(3600), false);
         let stop = CancellationToken::new();
         let task = tokio::spawn(w.run(stop.clone()));
         started_rx.await.unwrap();
@@ -935,18 +947,7 @@ mod tests {
         let mut held = std::fs::File::create(spool.join("a/held.jpg")).unwrap();
         held.write_all(b"first half").unwrap();
         let catalog = Catalog::open(&t.path().join("ferry.db")).unwrap();
-        let (started_tx, started_rx) = tokio::sync::oneshot::channel();
-        let w = Watcher {
-            spool: spool.clone(),
-            prefix: String::new(),
-            settle: Duration::from_millis(100),
-            rescan_interval: Duration::from_secs(2),
-            ignore: IgnoreSet::new(&[".*".to_string()]).unwrap(),
-            catalog: catalog.clone(),
-            wake: Arc::new(Notify::new()),
-            started: Some(started_tx),
-            poll_only: true,
-        };
+        let (w, started_rx) = test_watcher(&spool, &catalog, Duration::from_secs(2), true);
         assert_eq!(w.poll_interval(), Duration::from_secs(1));
         let stop = CancellationToken::new();
         let task = tokio::spawn(w.run(stop.clone()));
