@@ -228,9 +228,14 @@ impl Watcher {
             return Err("polling only, as configured".into());
         }
         let tx = tx.clone();
-        let res = notify::recommended_watcher(move |ev| {
-            let _ = tx.send(ev);
-        })
+        // Symlinks are skipped, never uploaded: watching through them would only walk
+        // (and spend watches on) trees outside the spool.
+        let res = <notify::RecommendedWatcher as notify::Watcher>::new(
+            move |ev| {
+                let _ = tx.send(ev);
+            },
+            notify::Config::default().with_follow_symlinks(false),
+        )
         .and_then(|mut w| w.watch(&self.spool, RecursiveMode::Recursive).map(|()| w));
         crate::telemetry::metrics().set_spool_watched(res.is_ok());
         res.map_err(|e| {
@@ -299,14 +304,31 @@ impl Watcher {
                 ev = rx.recv() => {
                     let Some(ev) = ev else { break };
                     let mut whole = false;
-                    let mut dirs = Vec::new();
-                    let mut need_scan = self.on_event(ev, &mut pending, &mut whole, &mut dirs);
+                    let mut new_dirs = false;
+                    let mut lost_watch = limit_reached(&ev);
+                    let mut need_scan = self.on_event(ev, &mut pending, &mut whole, &mut new_dirs);
                     // Drain what else has queued, so a burst is one pass.
                     while let Ok(ev) = rx.try_recv() {
-                        need_scan |= self.on_event(ev, &mut pending, &mut whole, &mut dirs);
+                        lost_watch |= limit_reached(&ev);
+                        need_scan |= self.on_event(ev, &mut pending, &mut whole, &mut new_dirs);
                     }
-                    if !dirs.is_empty() {
-                        watcher = watch_new_dirs(watcher, dirs).await;
+                    if new_dirs {
+                        watcher = barrier(watcher).await;
+                    }
+                    if lost_watch && watcher.is_some() {
+                        // Folders the kernel would not watch get no events: scan every
+                        // poll interval (as without a watch) until a rescan sets it whole.
+                        tracing::warn!(
+                            spool = %self.spool.display(),
+                            poll = ?self.poll_interval(),
+                            "the inotify watch limit is reached; scanning the spool periodically instead \
+                             (raise fs.inotify.max_user_watches)"
+                        );
+                        watcher = None;
+                        crate::telemetry::metrics().set_spool_watched(false);
+                        let why: Result<notify::RecommendedWatcher, String> =
+                            Err("the inotify watch limit is reached".into());
+                        self.note_watch(&why).await;
                     }
                     if need_scan {
                         self.full_scan(&mut pending, &mut warned).await;
@@ -343,13 +365,13 @@ impl Watcher {
     }
 
     /// Applies one event; returns true when a full scan is needed (events were lost, or a
-    /// folder appeared: each one is pushed to `dirs`, to be watched before that scan).
+    /// folder appeared: `new_dirs` is set, so notify's watches come before that scan).
     fn on_event(
         &self,
         ev: notify::Result<notify::Event>,
         pending: &mut HashMap<PathBuf, Pending>,
         whole: &mut bool,
-        dirs: &mut Vec<PathBuf>,
+        new_dirs: &mut bool,
     ) -> bool {
         let ev = match ev {
             Ok(ev) => ev,
@@ -387,14 +409,14 @@ impl Watcher {
                 }
             }
             EventKind::Create(CreateKind::Folder) => {
-                dirs.extend(ev.paths.iter().cloned());
+                *new_dirs = true;
                 rescan = true;
             }
             EventKind::Create(_) => {
                 for p in &ev.paths {
                     let md = std::fs::symlink_metadata(p);
                     if md.as_ref().is_ok_and(|m| m.is_dir()) {
-                        dirs.push(p.clone());
+                        *new_dirs = true;
                         rescan = true;
                         continue;
                     }
@@ -427,12 +449,12 @@ impl Watcher {
                     if let Some(rel) = self.rel(&ev.paths[0]) {
                         pending.remove(&rel);
                     }
-                    *whole |= self.arrived(&ev.paths[1], pending, now, &mut rescan, dirs);
+                    *whole |= self.arrived(&ev.paths[1], pending, now, &mut rescan, new_dirs);
                 }
                 _ => {
                     for p in &ev.paths {
                         if p.exists() {
-                            *whole |= self.arrived(p, pending, now, &mut rescan, dirs);
+                            *whole |= self.arrived(p, pending, now, &mut rescan, new_dirs);
                         } else if let Some(rel) = self.rel(p) {
                             pending.remove(&rel);
                         }
@@ -473,10 +495,10 @@ impl Watcher {
         pending: &mut HashMap<PathBuf, Pending>,
         now: Instant,
         rescan: &mut bool,
-        dirs: &mut Vec<PathBuf>,
+        new_dirs: &mut bool,
     ) -> bool {
         if std::fs::symlink_metadata(p).is_ok_and(|m| m.is_dir()) {
-            dirs.push(p.to_path_buf());
+            *new_dirs = true;
             *rescan = true;
             return false;
         }
@@ -799,45 +821,44 @@ impl Watcher {
     }
 }
 
-/// Watches folders that just appeared, before the scan that looks into them. notify hands
-/// a folder's create (or move-in) event over *before* it adds that folder's watch, so a
-/// scan started by the event could run, find nothing, and a file written into the folder
-/// before the watch was added would come with no event at all: found only by the next
-/// periodic rescan (a writer pausing between `mkdir` and its first file). Adding the watch
-/// ourselves waits for notify's event loop, which has then added every watch its events
-/// asked for; whatever was created before that is found by the scan, whatever comes after
-/// sends events. A folder inside another one in the list is covered by that one's walk.
-async fn watch_new_dirs(
+/// Waits until notify has watched the folders that just appeared, before the scan that
+/// looks into them. notify hands a folder's create (or move-in) event over *before* it adds
+/// that folder's watch, so a scan started by the event could run, find nothing, and a file
+/// written into the folder before the watch was added would come with no event at all:
+/// found only by the next periodic rescan (a writer pausing between `mkdir` and its first
+/// file). A `configure` call is a message notify's event loop answers only after the batch
+/// of events being handed over, and the watches it asked for, are done; whatever was
+/// created before that is found by the scan, whatever comes after sends events. It adds no
+/// watch of its own: a watch of ferry's own on a folder would also report the folder's own
+/// deletion, and a late one (an old folder renamed over, still held open) made notify drop
+/// the new folder's watches.
+/// Whether notify reports that a folder could not be watched for the kernel's limit.
+fn limit_reached(ev: &notify::Result<notify::Event>) -> bool {
+    matches!(ev, Err(e) if matches!(e.kind, notify::ErrorKind::MaxFilesWatch))
+}
+
+async fn barrier(
     watcher: Option<notify::RecommendedWatcher>,
-    mut dirs: Vec<PathBuf>,
 ) -> Option<notify::RecommendedWatcher> {
     let mut w = watcher?;
-    dirs.sort();
-    dirs.dedup();
-    let mut outer: Vec<PathBuf> = Vec::with_capacity(dirs.len());
-    for d in dirs {
-        if !outer.last().is_some_and(|o| d.starts_with(o)) {
-            outer.push(d);
-        }
-    }
     // The call waits on notify's thread, which never waits on this one.
     let back = tokio::task::spawn_blocking(move || {
-        for d in &outer {
-            if let Err(e) = w.watch(d, RecursiveMode::Recursive) {
-                // Gone again, or the watch limit: the scan that follows still looks, and
-                // a refused watch shows as notify's own error event.
-                tracing::debug!(dir = %d.display(), error = %e, "could not watch a new spool folder");
-            }
-        }
-        w
+        let r = w.configure(notify::Config::default());
+        (w, r)
     })
     .await;
     match back {
-        Ok(w) => Some(w),
+        Ok((w, Ok(_))) => Some(w),
+        Ok((w, Err(e))) => {
+            // notify's thread is gone: no more events will come.
+            tracing::error!(error = %e, "the spool watch stopped answering; scanning until it is set again");
+            crate::telemetry::metrics().set_spool_watched(false);
+            // Dropping a watcher whose thread is gone would panic in notify's Drop.
+            std::mem::forget(w);
+            None
+        }
         Err(e) => {
-            // The watcher went with the panicked thread: polling until the next rescan
-            // sets a new watch.
-            tracing::error!(error = %e, "watching a new spool folder failed; scanning until the watch is set again");
+            tracing::error!(error = %e, "the spool watch stopped answering; scanning until it is set again");
             crate::telemetry::metrics().set_spool_watched(false);
             None
         }
@@ -929,6 +950,80 @@ mod tests {
             );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+        stop.cancel();
+        task.await.unwrap().unwrap();
+    }
+
+    /// A folder replaced by a rename of another over it while something (a shell, an open
+    /// handle) still holds the old one: when the old one finally goes, nothing may take
+    /// the new folder's watches with it (a watch of ferry's own on the old folder did,
+    /// through its late deletion event; the attack review's W1).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_folder_renamed_over_one_still_held_open_keeps_its_events() {
+        let t = tempfile::tempdir().unwrap();
+        let spool = t.path().join("spool");
+        std::fs::create_dir_all(&spool).unwrap();
+        let catalog = Catalog::open(&t.path().join("ferry.db")).unwrap();
+        let (w, started_rx) = test_watcher(&spool, &catalog, Duration::from_secs(3600), false);
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(w.run(stop.clone()));
+        started_rx.await.unwrap();
+        let d = spool.join("D");
+        std::fs::create_dir(&d).unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let held = std::fs::File::open(&d).unwrap();
+        let build = t.path().join("build");
+        std::fs::create_dir_all(build.join("sub")).unwrap();
+        std::fs::rename(&build, &d).unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        drop(held);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        std::fs::write(d.join("f.jpg"), b"photo").unwrap();
+        std::fs::write(d.join("sub/g.jpg"), b"photo").unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let f = state_of(&catalog, "D/f.jpg").await;
+            let g = state_of(&catalog, "D/sub/g.jpg").await;
+            if f == Some(State::Queued) && g == Some(State::Queued) {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "files written after the old folder went were not queued: D/f.jpg {f:?}, D/sub/g.jpg {g:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        stop.cancel();
+        task.await.unwrap().unwrap();
+    }
+
+    /// A symlink in a new folder to a tree outside the spool: never walked or watched
+    /// (notify follows links by default), so nothing outside is queued from its events.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_symlink_to_a_folder_outside_is_not_watched_through() {
+        let t = tempfile::tempdir().unwrap();
+        let spool = t.path().join("spool");
+        let outside = t.path().join("outside");
+        std::fs::create_dir_all(&spool).unwrap();
+        std::fs::create_dir_all(&outside).unwrap();
+        let catalog = Catalog::open(&t.path().join("ferry.db")).unwrap();
+        let (w, started_rx) = test_watcher(&spool, &catalog, Duration::from_secs(3600), false);
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(w.run(stop.clone()));
+        started_rx.await.unwrap();
+        std::fs::create_dir(spool.join("new")).unwrap();
+        std::os::unix::fs::symlink(&outside, spool.join("new/link")).unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        std::fs::write(outside.join("secret.jpg"), b"not spool").unwrap();
+        std::fs::write(spool.join("new/inside.jpg"), b"spool").unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while state_of(&catalog, "new/inside.jpg").await != Some(State::Queued) {
+            assert!(Instant::now() < deadline, "new/inside.jpg was not queued");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        // Past the settle time of anything its events would have queued.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(state_of(&catalog, "new/link/secret.jpg").await, None);
         stop.cancel();
         task.await.unwrap().unwrap();
     }
