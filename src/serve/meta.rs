@@ -15,7 +15,6 @@
 //! path whether a spool file is ready, without a lease or a second rule.
 
 use std::future::Future;
-use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -206,44 +205,76 @@ pub struct MetaCache {
     forgets: Forgets,
 }
 
-/// How many times each key has been forgotten, by hash slot: what tells a load that a
-/// change arrived while it ran. A load that began before a notification can finish after
-/// it with the old answer, and the cache would keep it (a deleted key served for a whole
+/// Forgets that arrive while a key's lookup runs: what tells a lookup that a change came
+/// while it ran. A lookup that began before a notification can finish after it with the
+/// old answer, and the cache would keep it (a deleted key served for a whole
 /// `metadata_ttl`, a new peer file a 404 until the negative TTL ran out), since
-/// `invalidate` only drops what is already there.
+/// `invalidate` only drops what is already there. Counted per exact key, only while a
+/// lookup of it runs, so the map holds no more keys than lookups in flight, and one key's
+/// changes never cost another key its answer.
 struct Forgets {
-    slots: Box<[AtomicU64]>,
+    running: std::sync::Mutex<std::collections::HashMap<String, Running>>,
+    /// Bumped by `forget_all`.
     all: AtomicU64,
-    hasher: std::collections::hash_map::RandomState,
 }
 
-/// Keys sharing a slot only cost each other a reload.
-const FORGET_SLOTS: usize = 4096;
+#[derive(Default)]
+struct Running {
+    lookups: usize,
+    forgets: u64,
+}
+
+/// One lookup's view of the forgets at its start.
+struct Ticket {
+    forgets: u64,
+    all: u64,
+}
 
 impl Forgets {
     fn new() -> Forgets {
         Forgets {
-            slots: (0..FORGET_SLOTS).map(|_| AtomicU64::new(0)).collect(),
+            running: Default::default(),
             all: AtomicU64::new(0),
-            hasher: Default::default(),
         }
     }
 
-    fn slot(&self, key: &str) -> &AtomicU64 {
-        &self.slots[self.hasher.hash_one(key) as usize % FORGET_SLOTS]
+    fn running(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, Running>> {
+        // The map holds counters only: a panic elsewhere cannot leave it half-updated.
+        self.running.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Changes whenever `key` (or everything) is forgotten: both counters only grow.
-    fn stamp(&self, key: &str) -> u64 {
-        self.slot(key)
-            .load(Ordering::SeqCst)
-            .wrapping_add(self.all.load(Ordering::SeqCst))
+    fn begin(&self, key: &str) -> Ticket {
+        let mut m = self.running();
+        let all = self.all.load(Ordering::SeqCst);
+        let r = m.entry(key.to_string()).or_default();
+        r.lookups += 1;
+        Ticket {
+            forgets: r.forgets,
+            all,
+        }
     }
 
-    /// Called *before* the entry is invalidated: a load whose insert lands after the
-    /// invalidate then sees the new stamp when it checks.
+    /// Ends a lookup begun with `t`: whether `key` was forgotten since.
+    fn end(&self, key: &str, t: &Ticket) -> bool {
+        let mut m = self.running();
+        let all = self.all.load(Ordering::SeqCst);
+        let Some(r) = m.get_mut(key) else {
+            return true;
+        };
+        let overtaken = r.forgets != t.forgets || all != t.all;
+        r.lookups -= 1;
+        if r.lookups == 0 {
+            m.remove(key);
+        }
+        overtaken
+    }
+
+    /// Called *before* the entry is invalidated: a lookup whose insert lands after the
+    /// invalidate then finds the forget counted when it ends.
     fn key(&self, key: &str) {
-        self.slot(key).fetch_add(1, Ordering::SeqCst);
+        if let Some(r) = self.running().get_mut(key) {
+            r.forgets += 1;
+        }
     }
 
     fn everything(&self) {
@@ -251,11 +282,41 @@ impl Forgets {
     }
 }
 
+/// A lookup in progress. Dropped without `finish` (the request went away while moka had
+/// the answer in hand), it still ends the lookup and drops an overtaken entry, from a task
+/// of its own since moka's invalidate is async.
+struct Lookup<'a, V: Clone + Send + Sync + 'static> {
+    cache: &'a moka::future::Cache<String, V>,
+    forgets: &'a Forgets,
+    key: &'a str,
+    ticket: Option<Ticket>,
+}
+
+impl<V: Clone + Send + Sync + 'static> Lookup<'_, V> {
+    fn finish(mut self) -> bool {
+        let t = self.ticket.take().expect("finished once");
+        self.forgets.end(self.key, &t)
+    }
+}
+
+impl<V: Clone + Send + Sync + 'static> Drop for Lookup<'_, V> {
+    fn drop(&mut self) {
+        let Some(t) = self.ticket.take() else { return };
+        if self.forgets.end(self.key, &t) {
+            if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                let (cache, key) = (self.cache.clone(), self.key.to_string());
+                rt.spawn(async move { cache.invalidate(&key).await });
+            }
+        }
+    }
+}
+
 /// `cache`'s entry for `key`, loading it with `init` on a miss; an entry loaded while the
 /// key was forgotten is dropped again and loaded once more (twice at most, then returned
 /// uncached). The flag says whether any load was overtaken, so the caller can drop what
-/// the load kept elsewhere. The check runs in the same poll as the insert, so no
-/// cancellation falls between them.
+/// the load kept elsewhere. A request that starts just after a notification may still
+/// join a load begun before it and get that load's answer, once: it was the answer when
+/// the request's lookup began, and it is not kept.
 async fn load_fresh<V, E, F>(
     cache: &moka::future::Cache<String, V>,
     forgets: &Forgets,
@@ -269,9 +330,16 @@ where
 {
     let mut overtaken = false;
     for attempt in 0..3 {
-        let before = forgets.stamp(key);
-        let v = cache.try_get_with_by_ref(key, init()).await?;
-        if forgets.stamp(key) == before {
+        let lookup = Lookup {
+            cache,
+            forgets,
+            key,
+            ticket: Some(forgets.begin(key)),
+        };
+        let v = cache.try_get_with_by_ref(key, init()).await;
+        let this_overtaken = lookup.finish();
+        let v = v?;
+        if !this_overtaken {
             return Ok((v, overtaken));
         }
         overtaken = true;
@@ -669,6 +737,30 @@ mod tests {
         // Another key's change costs nothing here.
         let other = load_fresh(&cache, &forgets, "j", || async { Ok::<_, ()>("j") });
         assert_eq!(other.await.unwrap(), ("j", false));
+    }
+
+    /// Only the key's own forgets count: a neighbour's change during the lookup costs no
+    /// second load (a grace copy or an uncached answer, with per-slot counters).
+    #[tokio::test]
+    async fn another_key_forgotten_meanwhile_does_not_overtake_a_lookup() {
+        let cache: moka::future::Cache<String, &'static str> = moka::future::Cache::new(10);
+        let forgets = Forgets::new();
+        let loads = AtomicU64::new(0);
+        let got = load_fresh(&cache, &forgets, "k", || {
+            loads.fetch_add(1, Ordering::SeqCst);
+            // Every other key there is, forgotten while this one loads.
+            for i in 0..100_000 {
+                forgets.key(&format!("other-{i}"));
+            }
+            async { Ok::<_, ()>("v") }
+        })
+        .await;
+        assert_eq!(got.unwrap(), ("v", false));
+        assert_eq!(loads.load(Ordering::SeqCst), 1);
+        assert!(
+            forgets.running().is_empty(),
+            "a finished lookup leaves nothing behind"
+        );
     }
 
     /// A catalog change to one key forgets that key's cached record only: on a busy upload
