@@ -821,6 +821,11 @@ impl Watcher {
     }
 }
 
+/// Whether notify reports that a folder could not be watched for the kernel's limit.
+fn limit_reached(ev: &notify::Result<notify::Event>) -> bool {
+    matches!(ev, Err(e) if matches!(e.kind, notify::ErrorKind::MaxFilesWatch))
+}
+
 /// Waits until notify has watched the folders that just appeared, before the scan that
 /// looks into them. notify hands a folder's create (or move-in) event over *before* it adds
 /// that folder's watch, so a scan started by the event could run, find nothing, and a file
@@ -832,11 +837,6 @@ impl Watcher {
 /// watch of its own: a watch of ferry's own on a folder would also report the folder's own
 /// deletion, and a late one (an old folder renamed over, still held open) made notify drop
 /// the new folder's watches.
-/// Whether notify reports that a folder could not be watched for the kernel's limit.
-fn limit_reached(ev: &notify::Result<notify::Event>) -> bool {
-    matches!(ev, Err(e) if matches!(e.kind, notify::ErrorKind::MaxFilesWatch))
-}
-
 async fn barrier(
     watcher: Option<notify::RecommendedWatcher>,
 ) -> Option<notify::RecommendedWatcher> {
@@ -847,22 +847,19 @@ async fn barrier(
         (w, r)
     })
     .await;
-    match back {
-        Ok((w, Ok(_))) => Some(w),
+    let why = match back {
+        Ok((w, Ok(_))) => return Some(w),
         Ok((w, Err(e))) => {
-            // notify's thread is gone: no more events will come.
-            tracing::error!(error = %e, "the spool watch stopped answering; scanning until it is set again");
-            crate::telemetry::metrics().set_spool_watched(false);
-            // Dropping a watcher whose thread is gone would panic in notify's Drop.
+            // notify's thread is gone, and dropping a watcher without it would panic in
+            // notify's Drop.
             std::mem::forget(w);
-            None
+            e.to_string()
         }
-        Err(e) => {
-            tracing::error!(error = %e, "the spool watch stopped answering; scanning until it is set again");
-            crate::telemetry::metrics().set_spool_watched(false);
-            None
-        }
-    }
+        Err(e) => e.to_string(),
+    };
+    tracing::error!(error = %why, "the spool watch stopped answering; scanning until it is set again");
+    crate::telemetry::metrics().set_spool_watched(false);
+    None
 }
 
 #[cfg(test)]
