@@ -589,7 +589,7 @@ impl Config {
         if self.http.workers > 1024 {
             return Err(invalid(
                 "http.workers",
-                "must be at most 1024 (0 = one per core)",
+                "must be at most 1024 (0 = automatic: front threads for half the cores, at least one)",
             ));
         }
         if self.http.upstream_stall.0.is_zero() {

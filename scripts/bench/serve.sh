@@ -15,7 +15,7 @@
 # Prints markdown on stdout (medians over ROUNDS, ratios); progress on stderr.
 #
 # Env: ROUNDS (3), DURATION (wrk -d, 10s), CONNS ("64 256"), CASES (the five above),
-# FILES (1000), FERRY_HTTP_WORKERS (ferry's http.workers; default 0, one per core),
+# FILES (1000), FERRY_HTTP_WORKERS (ferry's http.workers; default 0: half the cores, at least one),
 # HOT_HITS (ferry's cache.hot_hits for the hot cases; default: ferry's own, 10;
 # the warm-up requests every key that many times; HOT_WARM_PASSES overrides that count, e.g.
 # to see the case fail loudly with too few), FERRY_BIN, BENCH_TMP, BENCH_LOGS, KEEP_WORK=1.
@@ -339,7 +339,7 @@ echo
 context_lines
 echo "- $(nginx -v 2>&1 | sed 's/.*: //'), $(lighttpd -v | cut -d' ' -f1), $(wrk -v 2>&1 | head -1 | cut -d' ' -f1-2)${HOT_CASES:+, $(varnishd -V 2>&1 | head -1 | cut -d' ' -f2 | tr -d '(')}"
 echo "- wrk -t1 -c{$CONNS} -d$DURATION --latency over $BENCH_FILES paths (paths.lua), $ROUNDS rounds, server order rotated per round; wrk shares the 2 cores with the server"
-if [[ ${FERRY_HTTP_WORKERS:-0} != 0 ]]; then ferry_threads="$FERRY_HTTP_WORKERS front thread(s) (FERRY_HTTP_WORKERS, http.workers)"; else ferry_threads="one front thread per core (http.workers 0)"; fi
+if [[ ${FERRY_HTTP_WORKERS:-0} != 0 ]]; then ferry_threads="$FERRY_HTTP_WORKERS front thread(s) (FERRY_HTTP_WORKERS, http.workers)"; else ferry_threads="$(( $(nproc) / 2 > 1 ? $(nproc) / 2 : 1 )) front thread(s), half the cores (http.workers 0)"; fi
 echo "- processes: ferry = $ferry_threads, each a single-threaded tokio runtime; nginx = worker_processes auto ($(nproc)) + master; lighttpd = one single-threaded process"
 echo "- ferry runs with cache.max_size = 0 (hot cache off) in the redirect and local cases, so the redirect case measures ferry's 302 and not its S3 cache; everything else at ferry's defaults"
 if [[ -n $HOT_CASES ]]; then

@@ -124,7 +124,7 @@ pub struct Router {
     client: Client<HttpConnector, Body>,
     /// `pool_idle_timeout` of every client.
     pool_idle: Duration,
-    /// `http.workers`: front threads; 0 = one per core.
+    /// `http.workers`: front threads; 0 = half the cores, at least one.
     workers: usize,
     /// `http.header_read_timeout`: a client gets this long to send its first request head.
     header_timeout: Duration,

@@ -62,7 +62,18 @@ impl Drop for Open {
     }
 }
 
-/// Serves `listener` on `workers` threads (0 = one per core) until `shutdown`.
+/// The front threads `http.workers = 0` means on a host with `cores`: half of them, at
+/// least one. ferry shares its host with the application whose uploads it serves, its own
+/// sync and the kernel's network work, and a front thread that has to wait for a core
+/// behind its sibling holds every request of its connections meanwhile. Measured on two
+/// cores with the client beside it (README, Performance): one thread against two gave
+/// 0.002 context switches per request against 0.3, and a lower p99 for 302s, 4 KiB and
+/// 100 KiB bodies alike.
+pub fn auto_front_threads(cores: usize) -> usize {
+    (cores / 2).max(1)
+}
+
+/// Serves `listener` on `workers` threads (0 = [`auto_front_threads`]) until `shutdown`.
 ///
 /// Each thread runs a single-threaded runtime and `thread(connections)` on it, which owns
 /// every connection handed to it: a request is parsed, answered and written on one thread,
@@ -86,9 +97,10 @@ where
     Fut: Future<Output = ()> + 'static,
 {
     let workers = match workers {
-        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        0 => auto_front_threads(std::thread::available_parallelism().map_or(1, |n| n.get())),
         n => n,
     };
+    tracing::info!(name, threads = workers, "front threads");
     // Accepted as plain sockets: a connection is registered once, with the epoll of the
     // thread that serves it.
     // SAFETY: the AsyncFd owns the std listener, so its descriptor stays open and the same
@@ -333,6 +345,12 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for SendTimeout<S> {
 mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[test]
+    fn http_workers_0_is_half_the_cores_and_at_least_one() {
+        let got: Vec<usize> = [1, 2, 3, 4, 8, 64].map(auto_front_threads).to_vec();
+        assert_eq!(got, [1, 1, 1, 2, 4, 32]);
+    }
 
     #[tokio::test]
     async fn a_reader_that_stops_fails_the_writer_after_the_timeout() {
