@@ -82,8 +82,19 @@ pub async fn serve<A, H, HF>(
         // How far `buf` was searched for the end of a head: each byte is looked at once,
         // so a head sent a byte at a time costs linear time, not a parse per byte. The first
         // bytes are parsed whatever they hold, so garbage goes to hyper (and its 400) at once.
-        let mut searched = 0;
+        let mut searched: usize = 0;
         let (head, close) = loop {
+            // Empty lines before a request line are ignored (RFC 9112 section 2.2) and
+            // dropped as they come: kept, each CR LF read would have the whole buffer
+            // parsed again, here and then by hyper, quadratic in what a client trickles.
+            let blank = buf
+                .iter()
+                .take_while(|&&b| b == b'\r' || b == b'\n')
+                .count();
+            if blank > 0 {
+                buf.advance(blank);
+                searched = searched.saturating_sub(blank);
+            }
             let first = searched == 0 && !buf.is_empty();
             if first || head_ends(&buf, searched) {
                 match parse(&buf) {
@@ -115,6 +126,11 @@ pub async fn serve<A, H, HF>(
             buf = BytesMut::with_capacity(READ_CHUNK);
         }
         let close = close || stop.is_cancelled();
+        // One unit of tokio's cooperative budget per request: reads and writes that are
+        // ready at once never yield, so a client pipelining as fast as it reads would
+        // otherwise hold its front thread, and every other connection on it, for as long
+        // as it likes.
+        tokio::task::coop::consume_budget().await;
         let resp = answer.answer(&head).await;
         match respond(&stream, resp, &head, close, timeouts.send).await {
             Ok(true) => {}
@@ -463,6 +479,8 @@ impl Writer<'_> {
     ) -> io::Result<()> {
         let mut off = range.start;
         while off < range.end {
+            // A client that reads as fast as loopback sends would keep the thread here.
+            tokio::task::coop::consume_budget().await;
             let end = range.end.min(off + CHUNK);
             if super::local::resident(file, off..end) {
                 self.sendfile(file, off..end).await?;
@@ -922,6 +940,102 @@ mod tests {
             assert_eq!(handed.as_bytes(), &req[first_len..], "{got}");
             task.await.expect("task");
         }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn empty_lines_before_a_request_line_are_dropped_as_they_come() {
+        let (mut c, task, _d) = served(QUICK, CancellationToken::new()).await;
+        // More than a head may hold, trickled: kept, they would fill the buffer and the
+        // connection would go to hyper with them.
+        for _ in 0..40 {
+            c.write_all(&b"\r\n".repeat(1024)).expect("write");
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        c.write_all(b"\nGET /len/2 HTTP/1.1\r\nConnection: close\r\n\r\n")
+            .expect("write");
+        let got = read_to_close(&mut c);
+        assert!(
+            got.starts_with("HTTP/1.1 200 OK") && got.ends_with("\r\n\r\nxx"),
+            "{got}"
+        );
+        task.await.expect("task");
+    }
+
+    /// A client pipelining as fast as it reads the answers never makes a read or a write
+    /// wait, so only the per-request budget lets the thread's other connections run.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_client_pipelining_without_pause_does_not_hold_its_thread() {
+        let dir = tempfile::tempdir().expect("dir");
+        let stub = std::sync::Arc::new(Stub {
+            file: dir.path().join("f"),
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let stop = CancellationToken::new();
+        let server = {
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                while let Ok((stream, _)) = listener.accept().await {
+                    let (stub, stop) = (stub.clone(), stop.clone());
+                    tokio::spawn(async move {
+                        serve(
+                            &*stub,
+                            stream,
+                            QUICK,
+                            &stop,
+                            |_io: Prefixed<TcpStream>| async {},
+                        )
+                        .await;
+                    });
+                }
+            })
+        };
+        let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flood = {
+            let done = done.clone();
+            std::thread::spawn(move || {
+                let mut w = StdStream::connect(addr).expect("connect");
+                let mut r = w.try_clone().expect("clone");
+                std::thread::spawn(move || {
+                    let mut sink = vec![0u8; 1 << 16];
+                    while matches!(r.read(&mut sink), Ok(n) if n > 0) {}
+                });
+                let burst = b"GET /len/1 HTTP/1.1\r\n\r\n".repeat(2048);
+                // Bounded: three seconds at most, then the connection closes.
+                let until = std::time::Instant::now() + Duration::from_secs(3);
+                while !done.load(std::sync::atomic::Ordering::Relaxed)
+                    && std::time::Instant::now() < until
+                {
+                    if w.write_all(&burst).is_err() {
+                        break;
+                    }
+                }
+            })
+        };
+        let other = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(300));
+            let mut c = StdStream::connect(addr).expect("connect");
+            c.set_read_timeout(Some(Duration::from_secs(10)))
+                .expect("timeout");
+            let started = std::time::Instant::now();
+            c.write_all(b"GET /len/2 HTTP/1.1\r\nConnection: close\r\n\r\n")
+                .expect("write");
+            let got = read_to_close(&mut c);
+            (started.elapsed(), got)
+        });
+        let (took, got) = tokio::task::spawn_blocking(move || other.join().expect("other"))
+            .await
+            .expect("join");
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+        tokio::task::spawn_blocking(move || flood.join().expect("flood"))
+            .await
+            .expect("join");
+        assert!(got.ends_with("\r\n\r\nxx"), "{got}");
+        assert!(took < Duration::from_secs(1), "answered after {took:?}");
+        stop.cancel();
+        server.abort();
     }
 
     #[test]
