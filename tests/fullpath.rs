@@ -1020,3 +1020,87 @@ fn a_stalled_s3_body_on_the_direct_proxy_path_is_cut_after_upstream_stall() {
     );
     d.wait_log("stalled", Duration::from_secs(5));
 }
+
+/// A small hot object (held in memory after its first cache hit) answers HEAD,
+/// ranges, 416, multi-range and every precondition exactly as a file hit does; and after a
+/// new version is uploaded, no answer ever carries bytes other than its ETag's SHA-256.
+#[test]
+fn held_cache_entries_answer_every_plan_and_never_another_versions_bytes() {
+    use sha2::{Digest, Sha256};
+    let t = tempfile::tempdir().unwrap();
+    let s3 = S3::start(t.path());
+    let v1 = blob(7, 4000);
+    let mut env = uploaded(&s3, &[("small.txt", &v1)], &[("FERRY_CACHE_HOT_HITS", "1")]);
+    env.set("FERRY_CACHE_HOT_HITS", "1");
+    let d = env.spawn(&["serve"]);
+    let addr = d.addr();
+    wait_for(Duration::from_secs(10), "cached", || {
+        get(addr, "/static/small.txt").header("x-ferry-source") == Some("cache")
+    });
+    // Several hits: the first read holds it, the rest are held hits.
+    let mut etag = String::new();
+    for _ in 0..3 {
+        let r = get(addr, "/static/small.txt");
+        assert_eq!(r.status, 200);
+        assert_eq!(r.header("x-ferry-source"), Some("cache"));
+        assert_eq!(r.body, v1);
+        etag = r.header("etag").unwrap().to_string();
+    }
+    assert_eq!(etag, format!("\"{}\"", hex::encode(Sha256::digest(&v1))));
+    let req = |m: &str, h: &[(&str, &str)]| raw_request(addr, m, b"/static/small.txt", h);
+    let r = req("HEAD", &[]);
+    assert_eq!((r.status, r.header("content-length")), (200, Some("4000")));
+    assert!(r.body.is_empty());
+    let r = req("GET", &[("Range", "bytes=10-19")]);
+    assert_eq!(r.status, 206);
+    assert_eq!(r.header("content-range"), Some("bytes 10-19/4000"));
+    assert_eq!(r.body, &v1[10..20]);
+    let r = req("GET", &[("Range", "bytes=-5")]);
+    assert_eq!((r.status, &r.body[..]), (206, &v1[3995..]));
+    let r = req("GET", &[("Range", "bytes=4000-")]);
+    assert_eq!(r.status, 416);
+    assert_eq!(r.header("content-range"), Some("bytes */4000"));
+    let r = req("GET", &[("Range", "bytes=0-0,3999-3999")]);
+    assert_eq!(r.status, 206);
+    assert!(r
+        .header("content-type")
+        .unwrap()
+        .starts_with("multipart/byteranges"));
+    let r = req("GET", &[("If-None-Match", &etag)]);
+    assert_eq!(r.status, 304);
+    assert_eq!(r.header("etag"), Some(etag.as_str()));
+    assert!(r.body.is_empty());
+    let r = req("HEAD", &[("If-None-Match", &etag)]);
+    assert_eq!(r.status, 304);
+    let r = req("GET", &[("If-Match", "\"nope\"")]);
+    assert_eq!(r.status, 412);
+    let r = req("GET", &[("Range", "bytes=0-9"), ("If-Range", "\"nope\"")]);
+    assert_eq!((r.status, r.body.len()), (200, 4000));
+    let r = req("GET", &[("Range", "bytes=0-9"), ("If-Range", &etag)]);
+    assert_eq!((r.status, &r.body[..]), (206, &v1[..10]));
+    let r = req("HEAD", &[("Range", "bytes=0-9")]);
+    assert_eq!((r.status, r.header("content-length")), (206, Some("10")));
+
+    // A new version of the same size: every answer's bytes are its ETag's.
+    let v2 = blob(8, 4000);
+    env.drop_file("small.txt", &v2);
+    let (code, _, err) = env.run(&["sync", "--once"]);
+    assert_eq!(code, 0, "{err}");
+    let until = Instant::now() + Duration::from_secs(15);
+    let mut saw_v2 = false;
+    while Instant::now() < until && !saw_v2 {
+        let r = get(addr, "/static/small.txt");
+        if r.status != 200 {
+            continue;
+        }
+        let tag = r.header("etag").unwrap_or("").trim_matches('"').to_string();
+        assert_eq!(
+            tag,
+            hex::encode(Sha256::digest(&r.body)),
+            "bytes not the ETag's"
+        );
+        saw_v2 = r.body == v2;
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(saw_v2, "the new version is served in time");
+}

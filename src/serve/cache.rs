@@ -12,6 +12,12 @@
 //! after its size and SHA-256 match; an entry read back from disk after a restart is re-hashed
 //! before its first use, so a corrupted file is dropped and refetched, never served.
 //!
+//! Small entries (at most [`HELD_MAX`], [`HELD_BUDGET`] in all) are also held in memory, once
+//! the bytes read from the checked file hash to the entry's SHA-256 again: their hits then
+//! make no system call (an open, an fstat, a read and a close were a fifth of a 4 KiB hit's
+//! time). Held bytes are proven bytes, so a data file rewritten afterwards cannot reach a
+//! client through them; they go with the entry (eviction, expiry, a new version).
+//!
 //! Hotness (DESIGN.md "Hotness") lives here too: hits per key in a sliding window.
 
 use std::collections::VecDeque;
@@ -22,8 +28,16 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
+
+/// The largest entry whose bytes are held in memory: what a hit reads whole anyway (larger
+/// ones go by sendfile from the page cache).
+pub const HELD_MAX: u64 = super::local::PRELOAD_MAX;
+
+/// Held bytes in all, counted by entry size: a few thousand small hot objects.
+pub const HELD_BUDGET: u64 = 32 << 20;
 
 #[derive(Debug, Serialize, Deserialize)]
 struct Sidecar {
@@ -52,6 +66,14 @@ pub struct Entry {
     /// (size, mtime ns, inode) of the data file when it was last known good: anything that
     /// rewrites the file changes one of them, and the entry is hashed again.
     seen: Mutex<Option<(u64, i64, u64)>>,
+    /// The bytes, once read and hashed again (small entries only, within the budget).
+    held: std::sync::OnceLock<Bytes>,
+}
+
+/// A hit on the executor: the held bytes, or the checked data file opened.
+pub enum Hit {
+    Held(Bytes),
+    File(super::local::LocalFile),
 }
 
 fn stat_of(p: &Path) -> Option<(u64, i64, u64)> {
@@ -211,6 +233,7 @@ impl HotCache {
                 checked: AtomicBool::new(false),
                 ready: AtomicBool::new(true),
                 seen: Mutex::new(None),
+                held: Default::default(),
                 freq: AtomicU32::new(1),
                 last: AtomicU64::new(0),
                 created,
@@ -238,8 +261,16 @@ impl HotCache {
 
     /// The entry for `key`, counting an access; expired entries are dropped here.
     fn get(&self, key: &str) -> Option<Arc<Entry>> {
+        self.get_if(key, |_| true)
+    }
+
+    /// As `get`, for an entry `wanted` accepts only: another is neither counted nor returned.
+    fn get_if(&self, key: &str, wanted: impl FnOnce(&Entry) -> bool) -> Option<Arc<Entry>> {
         let mut idx = self.lock();
         let e = idx.map.get(key)?.clone();
+        if !wanted(&e) {
+            return None;
+        }
         if e.created.elapsed() >= self.ttl {
             idx.remove(key, true);
             return None;
@@ -260,6 +291,15 @@ impl HotCache {
 
     fn invalidate(&self, key: &str) {
         self.lock().remove(key, true);
+    }
+
+    /// Drops `e` if it is still `key`'s entry: a newer entry that replaced it meanwhile is
+    /// not the one found corrupt.
+    fn invalidate_entry(&self, e: &Arc<Entry>) {
+        let mut idx = self.lock();
+        if idx.map.get(&e.key).is_some_and(|c| Arc::ptr_eq(c, e)) {
+            idx.remove(&e.key, true);
+        }
     }
 
     /// Counts one request for `key`; returns the count within the window (capped at
@@ -309,7 +349,7 @@ impl HotCache {
         }
         if e.sha256 != sha256 {
             // An old version: never served; dropped so the new one can be cached.
-            self.invalidate(key);
+            self.invalidate_entry(&e);
             return None;
         }
         let now = stat_of(&e.data);
@@ -324,7 +364,7 @@ impl HotCache {
                 }
                 _ => {
                     tracing::warn!(key, "hot cache entry is corrupt; dropped and refetched");
-                    self.invalidate(key);
+                    self.invalidate_entry(&e);
                     return None;
                 }
             }
@@ -343,29 +383,66 @@ impl HotCache {
                 .is_some_and(|e| e.sha256 == sha256 && e.ready.load(Ordering::Acquire))
     }
 
-    /// The executor-safe hit: an entry already checked, whose data file opens from the
-    /// dentry cache and reads from the page cache (`local::try_open_cached`), and whose
-    /// fstat still matches what was checked. `None` means: take the blocking `lookup`.
-    pub fn try_hit_cached(
-        &self,
-        key: &str,
-        sha256: &str,
-        preload: u64,
-    ) -> Option<super::local::LocalFile> {
+    /// The executor-safe hit: the entry's held bytes, or an entry already checked whose data
+    /// file opens from the dentry cache and reads from the page cache
+    /// (`local::try_open_cached`), and whose fstat still matches what was checked. `None`
+    /// means: take the blocking `lookup` if [`HotCache::may_have`] says so.
+    pub fn try_hit_cached(&self, key: &str, sha256: &str, preload: u64) -> Option<Hit> {
         let dir = self.dir_fd.as_ref()?;
-        let e = self.get(key)?;
-        if !e.ready.load(Ordering::Acquire)
-            || !e.checked.load(Ordering::Acquire)
-            || e.sha256 != sha256
-        {
-            return None;
+        // Counted only as a hit of this version: requests for a newer one must not keep an
+        // entry nobody can use hot.
+        let e = self.get_if(key, |e| {
+            e.ready.load(Ordering::Acquire)
+                && e.checked.load(Ordering::Acquire)
+                && e.sha256 == sha256
+        })?;
+        if let Some(bytes) = e.held.get() {
+            return Some(Hit::Held(bytes.clone()));
         }
         let name = e.data.file_name()?.to_str()?;
         let mut lf = super::local::try_open_cached(dir, name, preload)?.ok()??;
         // Ferry wrote this file and the fstat below is the check: no second one after the read.
         lf.foreign = false;
         let seen = *e.seen.lock().ok()?;
-        (seen == Some((lf.len, lf.stat.mtime_ns, lf.inode))).then_some(lf)
+        if seen != Some((lf.len, lf.stat.mtime_ns, lf.inode)) {
+            return None;
+        }
+        if let Some(bytes) = &lf.preloaded {
+            if !self.hold(&e, bytes) {
+                // Rewritten behind the cache's back with its size, mtime and inode kept.
+                tracing::warn!(key, "hot cache entry is corrupt; dropped and refetched");
+                self.invalidate_entry(&e);
+                return None;
+            }
+        }
+        Some(Hit::File(lf))
+    }
+
+    /// Holds `bytes`, read whole from `e`'s checked data file, if they are small, fit the
+    /// budget while `e` is still the key's entry, and hash to the entry's SHA-256. False
+    /// only when they were hashed and are not the entry's bytes.
+    fn hold(&self, e: &Arc<Entry>, bytes: &Bytes) -> bool {
+        if e.size > HELD_MAX || bytes.len() as u64 != e.size {
+            return true;
+        }
+        if self.lock().held + e.size > HELD_BUDGET {
+            return true;
+        }
+        // Once per entry, off the lock: a 32 KiB hash is tens of microseconds.
+        if hex::encode(Sha256::digest(bytes)) != e.sha256 {
+            return false;
+        }
+        let mut idx = self.lock();
+        let current = idx.map.get(&e.key).is_some_and(|c| Arc::ptr_eq(c, e));
+        if current && idx.held + e.size <= HELD_BUDGET && e.held.set(bytes.clone()).is_ok() {
+            idx.held += e.size;
+        }
+        true
+    }
+
+    /// Bytes held in memory, by entry size (for tests).
+    pub fn held_size(&self) -> u64 {
+        self.lock().held
     }
 
     /// A temp path for a fill in progress.
@@ -399,6 +476,7 @@ impl HotCache {
             sha256: sha256.to_string(),
             size,
             seen: Mutex::new(None),
+            held: Default::default(),
             data: data.clone(),
             json: json.clone(),
             checked: AtomicBool::new(true),
@@ -446,6 +524,10 @@ impl HotCache {
             }
             idx.put(entry.clone());
         }
+        // The identity of this fill's own file, which the rename keeps: stat after it, and a
+        // racing admit of another version of the key, renamed over the same path in
+        // between, would have this entry vouch for that version's bytes.
+        let ours = stat_of(tmp);
         let landed = (|| {
             fs::rename(tmp, &data)?;
             let sc = Sidecar {
@@ -464,7 +546,7 @@ impl HotCache {
             return Err(e);
         }
         if let Ok(mut s) = entry.seen.lock() {
-            *s = stat_of(&data);
+            *s = ours;
         }
         entry.ready.store(true, Ordering::Release);
         crate::telemetry::metrics().cache_bytes.inc_by(size as i64);
@@ -487,6 +569,8 @@ impl HotCache {
 struct Index {
     map: std::collections::HashMap<String, Arc<Entry>>,
     total: u64,
+    /// Sizes of the entries whose bytes are held in memory.
+    held: u64,
     accesses: u64,
 }
 
@@ -495,6 +579,7 @@ impl Index {
         self.total += e.size;
         if let Some(old) = self.map.insert(e.key.clone(), e) {
             self.total -= old.size;
+            self.forget_held(&old);
         }
     }
 
@@ -503,6 +588,7 @@ impl Index {
     fn remove(&mut self, key: &str, drop_data: bool) {
         if let Some(e) = self.map.remove(key) {
             self.total -= e.size;
+            self.forget_held(&e);
             let m = crate::telemetry::metrics();
             if e.ready.load(Ordering::Acquire) {
                 m.cache_bytes.dec_by(e.size as i64);
@@ -511,6 +597,14 @@ impl Index {
             if drop_data {
                 drop_files(&e);
             }
+        }
+    }
+}
+
+impl Index {
+    fn forget_held(&mut self, e: &Entry) {
+        if e.held.get().is_some() {
+            self.held -= e.size;
         }
     }
 }
@@ -581,6 +675,253 @@ mod tests {
         fs::write(&e.data, b"jello").unwrap();
         let c = open_cache(t.path(), 1 << 20, 60, 3);
         assert!(c.lookup("k", &sha).is_none());
+    }
+
+    fn hit(c: &HotCache, key: &str, sha: &str) -> Option<Hit> {
+        c.try_hit_cached(key, sha, super::super::local::PRELOAD_MAX)
+    }
+
+    /// A small entry's first hit reads its file and, the bytes hashing to the entry's
+    /// SHA-256, holds them: later hits are those bytes, whatever happens to the file, until
+    /// the entry goes. Bytes that do not hash to it are never held, nor served.
+    #[test]
+    fn small_entries_are_held_once_proven_and_go_with_the_entry() {
+        use std::os::unix::fs::MetadataExt;
+        let t = tempfile::tempdir().unwrap();
+        let c = open_cache(t.path(), 1 << 20, 600, 3);
+        let sha = hex::encode(Sha256::digest(b"hello"));
+        fill(&c, "k", b"hello");
+        assert!(matches!(hit(&c, "k", &sha), Some(Hit::File(_))));
+        assert_eq!(c.held_size(), 5);
+        let e = c.lookup("k", &sha).unwrap();
+        // A rewrite of the data file no longer reaches a client: the held bytes answer.
+        fs::write(&e.data, b"jello").unwrap();
+        match hit(&c, "k", &sha) {
+            Some(Hit::Held(b)) => assert_eq!(&b[..], b"hello"),
+            _ => panic!("held bytes expected"),
+        }
+        assert!(hit(&c, "k", "another version").is_none());
+        c.remove("k");
+        assert_eq!(c.held_size(), 0, "held bytes go with the entry");
+
+        // Rewritten before the first hit with its size, mtime and inode kept (so the stat
+        // check passes): the hash catches it, the entry is dropped, nothing is served.
+        fill(&c, "k2", b"hello");
+        let data = c.lookup("k2", &sha).unwrap().data.clone();
+        let before = fs::metadata(&data).unwrap();
+        fs::write(&data, b"jello").unwrap();
+        let mtime = std::time::UNIX_EPOCH
+            + Duration::new(before.mtime() as u64, before.mtime_nsec() as u32);
+        fs::File::options()
+            .write(true)
+            .open(&data)
+            .unwrap()
+            .set_modified(mtime)
+            .unwrap();
+        assert!(hit(&c, "k2", &sha).is_none());
+        assert!(!c.may_have("k2", &sha), "dropped");
+        assert_eq!(c.held_size(), 0);
+
+        // Larger than HELD_MAX: served from the file, never held.
+        let big = vec![1u8; HELD_MAX as usize + 1];
+        let big_sha = hex::encode(Sha256::digest(&big));
+        fill(&c, "big", &big);
+        for _ in 0..2 {
+            assert!(!matches!(hit(&c, "big", &big_sha), Some(Hit::Held(_))));
+        }
+        assert_eq!(c.held_size(), 0);
+    }
+
+    /// Found by the attack review of the held bytes: resolve asks `try_hit_cached` (which
+    /// counts an access) before `may_have`; counted before the SHA-256 check, requests for a key's *new* version keep bumping the
+    /// frequency of the entry holding its *old* version, which no request can use. That dead
+    /// entry then outranks live ones at eviction: here it survives and a live entry goes.
+    #[test]
+    fn requests_for_a_new_version_do_not_keep_the_old_entry_hot() {
+        let t = tempfile::tempdir().unwrap();
+        let c = open_cache(t.path(), 2 * 1024, 600, 10);
+        let old = vec![1u8; 1024];
+        let new_sha = hex::encode(Sha256::digest(b"the new version"));
+        fill(&c, "stale", &old);
+        let live = vec![2u8; 1024];
+        let live_sha = hex::encode(Sha256::digest(&live));
+        fill(&c, "live", &live);
+        // The live key: a few real hits.
+        for _ in 0..3 {
+            c.hit("live");
+            assert!(c.try_hit_cached("live", &live_sha, HELD_MAX).is_some());
+        }
+        // The stale key's new version: what resolve does per request (the new version is
+        // bigger than max_object here, so it is never admitted to replace the old entry).
+        for _ in 0..10 {
+            if c.try_hit_cached("stale", &new_sha, HELD_MAX).is_none() {
+                assert!(!c.may_have("stale", &new_sha));
+            }
+        }
+        // A newcomer asked for 5 times needs one slot.
+        for _ in 0..5 {
+            c.hit("newcomer");
+        }
+        fill(&c, "newcomer", &vec![3u8; 1024]);
+        assert!(
+            c.may_have("newcomer", &hex::encode(Sha256::digest(vec![3u8; 1024]))),
+            "admitted"
+        );
+        assert!(
+            c.may_have("live", &live_sha),
+            "the live entry was evicted while the dead old version stayed"
+        );
+    }
+
+    /// Found by the same review (older than the held bytes): two fills of the same key for two versions of the
+    /// same size admitted at once. `admit` renames its temp file over `<h>.data` and only then
+    /// stats the path: if the other admit's rename lands between the two, the entry in the
+    /// index records the identity of the *other* version's file, `checked` already true, and
+    /// every later hit (the stat check passes) serves those bytes under this version's tag.
+    #[test]
+    fn racing_admits_of_two_versions_never_serve_the_other_bytes() {
+        use std::os::unix::fs::FileExt;
+        let t = tempfile::tempdir().unwrap();
+        let c = Arc::new(open_cache(t.path(), 64 << 20, 600, 1));
+        // Bigger than HELD_MAX: the first hit is not hashed (as when the held budget is full,
+        // the pages are not cached, or the hit takes the blocking lookup).
+        let n = (HELD_MAX as usize) * 2;
+        let a: Vec<u8> = vec![b'a'; n];
+        let b: Vec<u8> = vec![b'b'; n];
+        let (sa, sb) = (
+            hex::encode(Sha256::digest(&a)),
+            hex::encode(Sha256::digest(&b)),
+        );
+        let mut wrong = 0;
+        let rounds = 1500;
+        for _ in 0..rounds {
+            let barrier = Arc::new(std::sync::Barrier::new(6));
+            let hs: Vec<_> = [
+                a.clone(),
+                b.clone(),
+                a.clone(),
+                b.clone(),
+                a.clone(),
+                b.clone(),
+            ]
+            .into_iter()
+            .map(|bytes| {
+                let (c, barrier) = (c.clone(), barrier.clone());
+                std::thread::spawn(move || {
+                    let tmp = c.temp_path();
+                    fs::write(&tmp, &bytes).unwrap();
+                    let sha = hex::encode(Sha256::digest(&bytes));
+                    barrier.wait();
+                    c.admit("k", &sha, bytes.len() as u64, &tmp).unwrap();
+                })
+            })
+            .collect();
+            for h in hs {
+                h.join().unwrap();
+            }
+            for sha in [&sa, &sb] {
+                // Both the executor path and the blocking lookup path.
+                if let Some(Hit::File(lf)) = c.try_hit_cached("k", sha, 0) {
+                    let mut got = vec![0u8; lf.len as usize];
+                    lf.file.read_exact_at(&mut got, 0).unwrap();
+                    if hex::encode(Sha256::digest(&got)) != **sha {
+                        wrong += 1;
+                    }
+                }
+                if let Some(e) = c.lookup("k", sha) {
+                    let got = fs::read(&e.data).unwrap();
+                    if hex::encode(Sha256::digest(&got)) != **sha {
+                        wrong += 1;
+                    }
+                }
+            }
+            c.remove("k");
+        }
+        assert_eq!(
+            wrong, 0,
+            "{wrong} hits in {rounds} rounds served the other version's bytes"
+        );
+    }
+
+    /// Admits of new versions, hits, removals, evictions (small max_size) and TTL
+    /// expiry racing on four threads. Every hit's bytes must hash to the SHA-256 asked for,
+    /// nothing may panic (u64 underflow in forget_held), and at the end the held count must
+    /// be exactly the sizes of the held entries still indexed.
+    #[test]
+    fn held_accounting_and_bytes_under_churn() {
+        use std::os::unix::fs::FileExt;
+        let t = tempfile::tempdir().unwrap();
+        let c = Arc::new(open_cache(t.path(), 300 << 10, 1, 1));
+        let until = Instant::now() + Duration::from_millis(2500);
+        let blob = |k: usize, v: usize, n: usize| -> Vec<u8> {
+            (0..n).map(|i| (i * 31 + k * 7 + v * 13) as u8).collect()
+        };
+        let threads: Vec<_> = (0..4)
+            .map(|tid| {
+                let c = c.clone();
+                std::thread::spawn(move || {
+                    let mut served = 0u64;
+                    let mut r: u64 = 0x9e3779b97f4a7c15 ^ tid;
+                    let mut rnd = || {
+                        r ^= r << 13;
+                        r ^= r >> 7;
+                        r ^= r << 17;
+                        r
+                    };
+                    while Instant::now() < until {
+                        let k = (rnd() % 12) as usize;
+                        let v = (rnd() % 3) as usize;
+                        let n = [0usize, 1, 100, 4096, 32 << 10, (32 << 10) + 1, 40 << 10]
+                            [(rnd() % 7) as usize]
+                            .saturating_sub(v); // one size per version: isolates the admit race
+                        let key = format!("k{k}");
+                        let bytes = blob(k, v, n);
+                        let sha = hex::encode(Sha256::digest(&bytes));
+                        match rnd() % 10 {
+                            0..=2 => {
+                                for _ in 0..3 {
+                                    c.hit(&key);
+                                }
+                                fill(&c, &key, &bytes)
+                            }
+                            3 => c.remove(&key),
+                            _ => match c.try_hit_cached(&key, &sha, HELD_MAX) {
+                                Some(Hit::Held(b)) => {
+                                    assert_eq!(hex::encode(Sha256::digest(&b)), sha);
+                                    served += 1;
+                                }
+                                Some(Hit::File(lf)) => {
+                                    let mut got = vec![0u8; lf.len as usize];
+                                    lf.file.read_exact_at(&mut got, 0).unwrap();
+                                    assert_eq!(hex::encode(Sha256::digest(&got)), sha);
+                                    if let Some(p) = &lf.preloaded {
+                                        assert_eq!(&p[..], &got[..]);
+                                    }
+                                    served += 1;
+                                }
+                                None => {
+                                    if let Some(e) = c.lookup(&key, &sha) {
+                                        assert_eq!(e.sha256, sha);
+                                    }
+                                }
+                            },
+                        }
+                    }
+                    served
+                })
+            })
+            .collect();
+        let served: u64 = threads.into_iter().map(|h| h.join().unwrap()).sum();
+        let idx = c.lock();
+        let indexed: u64 = idx
+            .map
+            .values()
+            .filter(|e| e.held.get().is_some())
+            .map(|e| e.size)
+            .sum();
+        assert_eq!(idx.held, indexed, "held count drifted ({served} hits)");
+        assert!(idx.held <= HELD_BUDGET);
+        assert!(served > 100, "{served}");
     }
 
     #[test]

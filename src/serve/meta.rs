@@ -56,8 +56,9 @@ pub struct Peer {
 pub struct Meta {
     pub at: Where,
     pub size: u64,
-    /// Hex SHA-256 of the current version, when known: the cache's version check.
-    pub sha256: Option<String>,
+    /// Hex SHA-256 of the current version, when known: the cache's version check. Shared,
+    /// so the clone every cache hit returns allocates nothing.
+    pub sha256: Option<Arc<str>>,
     /// From this host's catalog (vs learned from S3).
     pub local: bool,
     /// The version's modification time: the spool file's mtime where this host uploaded it
@@ -146,7 +147,7 @@ fn meta_from_shared(r: crate::shared::SharedRow) -> Option<Meta> {
     Some(Meta {
         at,
         size: r.size,
-        sha256: r.sha256,
+        sha256: r.sha256.map(Arc::from),
         local: false,
         last_modified,
         stale: false,
@@ -479,7 +480,7 @@ impl MetaCache {
             return Ok(Meta {
                 at,
                 size: r.stat.size,
-                sha256: r.sha256,
+                sha256: r.sha256.map(Arc::from),
                 local: true,
                 last_modified: system_time(r.stat.mtime_ns),
                 stale: false,
@@ -584,7 +585,7 @@ impl MetaCache {
                 Ok(Meta {
                     at: Where::InS3,
                     size: h.size,
-                    sha256: sha,
+                    sha256: sha.map(Arc::from),
                     local: false,
                     last_modified,
                     stale: false,

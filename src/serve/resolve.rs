@@ -12,7 +12,7 @@ use std::time::{Duration, Instant, SystemTime};
 use http::{HeaderMap, HeaderValue, Method, StatusCode};
 use warp::reply::{Reply, Response};
 
-use super::cache::HotCache;
+use super::cache::{Hit, HotCache};
 use super::fetch::{Fetcher, Started};
 use super::meta::{system_time, Meta, MetaCache, MetaError, Record, Where};
 use super::semantics::{self as sem, Caching, Etag, Policy, Representation, Streamed};
@@ -426,6 +426,10 @@ impl Resolver {
             }
             Where::InS3 => {}
         }
+        // Without a hot cache a redirect needs nothing more: no representation to build.
+        if !self.cache.enabled() && self.cfg.http.mode == ServeMode::Redirect {
+            return self.redirect(&key).await;
+        }
         let rep = meta_representation(&key, &meta);
 
         // 3. The hot cache, only for this exact version.
@@ -434,34 +438,52 @@ impl Resolver {
         } else {
             0
         };
-        if let Some(sha) = meta.sha256.clone() {
-            if self.cache.may_have(key.as_str(), &sha) {
-                // Fast path: a checked entry whose file opens from the dentry cache and reads
-                // from the page cache, with no thread hop; else the checks on a blocking thread.
-                // Read whole only when small: ferry's own files go by sendfile otherwise.
-                let preload = if head { 0 } else { local::PRELOAD_MAX };
-                let hit = match self.cache.try_hit_cached(key.as_str(), &sha, preload) {
-                    Some(lf) => Some(lf),
-                    None => {
-                        let (c, k) = (self.cache.clone(), key.as_str().to_string());
-                        tokio::task::spawn_blocking(move || {
-                            let e = c.lookup(&k, &sha)?;
-                            let mut lf = open_path(&e.data).ok().flatten()?;
-                            lf.preload_up_to(preload).ok()?;
-                            Some(lf)
-                        })
-                        .await
-                        .ok()
-                        .flatten()
-                    }
-                };
-                // The entry was checked against this SHA-256; its length is the version's.
-                if let Some(lf) = hit.filter(|lf| lf.len == rep.len) {
+        if let Some(sha) = meta.sha256.as_deref() {
+            // Fast path: held bytes, or a checked entry whose file opens from the dentry
+            // cache and reads from the page cache, with no thread hop; else, if the index
+            // has the entry, the checks on a blocking thread. Read whole only when small:
+            // ferry's own files go by sendfile otherwise.
+            let preload = if head { 0 } else { local::PRELOAD_MAX };
+            let hit = match self.cache.try_hit_cached(key.as_str(), sha, preload) {
+                Some(hit) => Some(hit),
+                None if self.cache.may_have(key.as_str(), sha) => {
+                    let (c, k, sha) = (
+                        self.cache.clone(),
+                        key.as_str().to_string(),
+                        sha.to_string(),
+                    );
+                    tokio::task::spawn_blocking(move || {
+                        let e = c.lookup(&k, &sha)?;
+                        let mut lf = open_path(&e.data).ok().flatten()?;
+                        lf.preload_up_to(preload).ok()?;
+                        Some(Hit::File(lf))
+                    })
+                    .await
+                    .ok()
+                    .flatten()
+                }
+                None => None,
+            };
+            // The entry was checked against this SHA-256; its length is the version's.
+            match hit {
+                Some(Hit::Held(bytes)) if bytes.len() as u64 == rep.len => {
+                    crate::telemetry::metrics().cache_hits.inc();
+                    return Ok(sem::respond_bytes(
+                        bytes,
+                        method,
+                        headers,
+                        &rep,
+                        &self.policy,
+                        "cache",
+                    ));
+                }
+                Some(Hit::File(lf)) if lf.len == rep.len => {
                     crate::telemetry::metrics().cache_hits.inc();
                     return Ok(
                         sem::respond_file(lf, method, headers, &rep, &self.policy, "cache").await,
                     );
                 }
+                _ => {}
             }
         }
         let hot = meta.sha256.is_some() && self.cache.wants(key.as_str(), count) && {
@@ -497,9 +519,12 @@ impl Resolver {
             if hot {
                 // The cache fills from a whole-object fetch of its own; this client gets its
                 // range now rather than waiting for (or downloading) all of it.
-                let fill = self
-                    .fetcher
-                    .fetch(key.as_str(), meta.sha256.clone(), meta.size, true);
+                let fill = self.fetcher.fetch(
+                    key.as_str(),
+                    meta.sha256.as_deref().map(str::to_string),
+                    meta.size,
+                    true,
+                );
                 if let Err(e) = fill {
                     tracing::warn!(key = %key, error = %e, "could not start a cache fill");
                 }
@@ -509,7 +534,12 @@ impl Resolver {
         }
         let reader = self
             .fetcher
-            .fetch(key.as_str(), meta.sha256.clone(), meta.size, hot)
+            .fetch(
+                key.as_str(),
+                meta.sha256.as_deref().map(str::to_string),
+                meta.size,
+                hot,
+            )
             .map_err(|e| ServeError::Internal(format!("fill temp file: {e}")))?;
         let Some(reader) = reader else {
             // The fills in flight are at their bound: this one goes straight through.
@@ -646,7 +676,7 @@ impl Resolver {
         // A whole object with a known SHA-256 is hashed on its way through, its last chunk
         // held until the hash is known: other bytes end short of their Content-Length.
         let want = if range.is_none() {
-            meta.sha256.clone()
+            meta.sha256.as_deref().map(str::to_string)
         } else {
             None
         };
@@ -711,7 +741,7 @@ impl Resolver {
                 &base,
                 key,
                 Some(rep),
-                meta.sha256.clone(),
+                meta.sha256.as_deref().map(str::to_string),
                 method,
                 headers,
                 &self.policy,
@@ -730,7 +760,7 @@ impl Resolver {
     ) -> Result<Response, ServeError> {
         let rep = meta.map(|m| meta_representation(key, m));
         if let Some(fb) = &self.fallback {
-            let sha = meta.and_then(|m| m.sha256.clone());
+            let sha = meta.and_then(|m| m.sha256.as_deref().map(str::to_string));
             return fb
                 .get_from(
                     &fb.base,
@@ -759,7 +789,7 @@ impl Resolver {
         // length is not). Anything else is described by its own stat, and kept by no cache
         // when the metadata names another version; without metadata (S3 down, nothing
         // known) it is all there is.
-        let want = meta.and_then(|m| m.sha256.clone());
+        let want = meta.and_then(|m| m.sha256.as_deref().map(str::to_string));
         let same = match (&rep, &want) {
             (Some(r), Some(want)) if r.len == lf.len => {
                 let id = (lf.inode, lf.len, lf.mtime, lf.stat.ctime_ns);
@@ -1350,7 +1380,7 @@ mod tests {
         let meta = Meta {
             at: Where::InS3,
             size: spool.stat.size,
-            sha256: Some(sha),
+            sha256: Some(sha.as_str().into()),
             local: true,
             last_modified: super::super::meta::system_time(spool.stat.mtime_ns),
             stale: false,
