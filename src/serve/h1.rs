@@ -164,9 +164,31 @@ async fn read_more(stream: &TcpStream, buf: &mut BytesMut) -> io::Result<usize> 
     }
     loop {
         stream.readable().await?;
-        match stream.try_read_buf(buf) {
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            r => return r,
+        // A read that did not fill the room it had, and ends where a head ends, took all the
+        // socket held: its readiness is cleared then, so the next read waits for the poller
+        // instead of paying a recvfrom that returns EAGAIN (one of a request's four system
+        // calls). Short alone proves nothing: recv stops at TCP's urgent mark with bytes
+        // still queued behind it, and a clear then would strand them until the header
+        // deadline; a mark exactly at the end of a head still can, for the client that sent
+        // it only. Cleared through the outer `try_io`, whose readiness tick was taken before
+        // the read: bytes that arrived during or after it bring a new tick (their edge comes
+        // with the next poll, or the driver has recorded it already), and a stale clear is a
+        // no-op, so no wakeup is lost.
+        let mut got = None;
+        let r = stream.try_io(tokio::io::Interest::READABLE, || {
+            let room = buf.capacity() - buf.len();
+            let n = stream.try_read_buf(buf)?;
+            got = Some(n);
+            if n > 0 && n < room && (buf.ends_with(b"\r\n\r\n") || buf.ends_with(b"\n\n")) {
+                Err(io::ErrorKind::WouldBlock.into())
+            } else {
+                Ok(n)
+            }
+        });
+        match (got, r) {
+            (Some(n), _) => return Ok(n),
+            (None, Err(e)) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            (None, r) => return r,
         }
     }
 }
@@ -686,6 +708,11 @@ mod tests {
                     return Response::new(Bytes::from(vec![b'x'; n]).into());
                 }
                 match path.as_str() {
+                    "/block" => {
+                        // Holds the (current_thread) runtime: no poll of the driver meanwhile.
+                        std::thread::sleep(Duration::from_millis(300));
+                        Response::new(Bytes::from_static(b"b").into())
+                    }
                     "/stream" => {
                         let parts = ["hello ", "world"]
                             .map(|p| Ok::<_, io::Error>(Bytes::from_static(p.as_bytes())));
@@ -1036,6 +1063,178 @@ mod tests {
         assert!(took < Duration::from_secs(1), "answered after {took:?}");
         stop.cancel();
         server.abort();
+    }
+
+    /// TCP urgent data: recv(2) stops at the urgent mark once it has copied anything, so a
+    /// read that did not fill its room can leave bytes in the socket. The front thread is
+    /// busy (a blocking answer) while the next head arrives split by an urgent byte, so the
+    /// driver sees one edge for all of it: the rest of the head must still be read (found
+    /// by the attack review of the readiness clear; stalled until the header deadline).
+    #[test]
+    fn an_urgent_byte_mid_head_does_not_strand_the_rest_of_it() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("rt");
+        let dir = tempfile::tempdir().expect("dir");
+        let listener = rt
+            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let t = Timeouts {
+            header: Duration::from_secs(3),
+            send: Duration::from_secs(5),
+        };
+        let file = dir.path().join("f");
+        let server = std::thread::spawn(move || {
+            rt.block_on(async move {
+                let (stream, _) = listener.accept().await.expect("accept");
+                let stub = Stub { file };
+                serve(
+                    &stub,
+                    stream,
+                    t,
+                    &CancellationToken::new(),
+                    |_io: Prefixed<TcpStream>| async {},
+                )
+                .await;
+            })
+        });
+        let mut c = StdStream::connect(addr).expect("connect");
+        c.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("t");
+        c.write_all(b"GET /block HTTP/1.1\r\n\r\n").expect("write");
+        std::thread::sleep(Duration::from_millis(100));
+        c.write_all(b"GET /len/2 HTTP/1.1\r\n").expect("write");
+        // SAFETY: a one-byte send on our own socket.
+        let n = unsafe { libc::send(c.as_raw_fd(), b"!".as_ptr().cast(), 1, libc::MSG_OOB) };
+        assert_eq!(n, 1);
+        c.write_all(b"Connection: close\r\n\r\n").expect("write");
+        let started = std::time::Instant::now();
+        let mut out = Vec::new();
+        let r = c.read_to_end(&mut out);
+        let took = started.elapsed();
+        let got = String::from_utf8_lossy(&out).into_owned();
+        server.join().expect("server");
+        assert!(
+            got.ends_with("\r\n\r\nxx"),
+            "second request not answered; connection closed after {took:?} ({r:?}): {got:?}"
+        );
+    }
+
+    /// Many connections on one current_thread runtime (as the front threads are), clients
+    /// that split heads into tiny segments with tiny pauses, pipeline, or send the next
+    /// request the instant the answer arrives; no request may wait for the header deadline.
+    #[test]
+    fn no_request_waits_under_splits_pipelining_and_ping_pong() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("rt");
+        let dir = tempfile::tempdir().expect("dir");
+        let stub = std::sync::Arc::new(Stub {
+            file: dir.path().join("f"),
+        });
+        let listener = rt
+            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let stop = CancellationToken::new();
+        let slow = Timeouts {
+            header: Duration::from_secs(20),
+            send: Duration::from_secs(20),
+        };
+        let server = std::thread::spawn({
+            let stop = stop.clone();
+            move || {
+                rt.block_on(async move {
+                    loop {
+                        tokio::select! {
+                            a = listener.accept() => {
+                                let Ok((stream, _)) = a else { break };
+                                let (stub, stop) = (stub.clone(), stop.clone());
+                                tokio::spawn(async move {
+                                    serve(&*stub, stream, slow, &stop, |_io: Prefixed<TcpStream>| async {}).await;
+                                });
+                            }
+                            _ = stop.cancelled() => break,
+                        }
+                    }
+                })
+            }
+        });
+        let mut clients = Vec::new();
+        for c in 0..24u64 {
+            clients.push(std::thread::spawn(move || {
+                let mut s = StdStream::connect(addr).expect("connect");
+                s.set_nodelay(true).expect("nodelay");
+                s.set_read_timeout(Some(Duration::from_secs(10))).expect("t");
+                let mut worst = Duration::ZERO;
+                let mut buf = vec![0u8; 1 << 16];
+                for i in 0..150u64 {
+                    let n = (c * 7 + i) % 9000 + 1;
+                    let pad = "a".repeat(((c + i) % 5) as usize * 4000); // heads up to ~16 KiB
+                    let req = format!("GET /len/{n} HTTP/1.1\r\nHost: h\r\nX-Pad: {pad}\r\n\r\n");
+                    let started = std::time::Instant::now();
+                    let piped = i % 3 == 0;
+                    match (c + i) % 4 {
+                        0 => s.write_all(req.as_bytes()).expect("w"),
+                        1 => {
+                            for ch in req.as_bytes().chunks(7 + (i as usize % 13)) {
+                                s.write_all(ch).expect("w");
+                                if i % 2 == 0 {
+                                    std::thread::sleep(Duration::from_micros(50));
+                                }
+                            }
+                        }
+                        2 => {
+                            let (a, b) = req.as_bytes().split_at(req.len() - 1);
+                            s.write_all(a).expect("w");
+                            std::thread::yield_now();
+                            s.write_all(b).expect("w");
+                        }
+                        _ => {
+                            let (a, b) = req.as_bytes().split_at(req.len() / 2);
+                            s.write_all(a).expect("w");
+                            std::thread::sleep(Duration::from_millis(1));
+                            s.write_all(b).expect("w");
+                        }
+                    }
+                    let expect_n = if piped {
+                        // A second request right behind the first, one segment.
+                        let req2 = "GET /len/3 HTTP/1.1\r\n\r\n";
+                        s.write_all(req2.as_bytes()).expect("w");
+                        2
+                    } else {
+                        1
+                    };
+                    // Read the answers: each "HTTP/1.1 200" head plus its body length.
+                    let mut got = Vec::new();
+                    let want = {
+                        let h = |len: u64| {
+                            format!("HTTP/1.1 200 OK\r\ncontent-length: {len}\r\ndate: Sun, 06 Nov 1994 08:49:37 GMT\r\n\r\n").len() as u64 + len
+                        };
+                        h(n) + if expect_n == 2 { h(3) } else { 0 }
+                    };
+                    while (got.len() as u64) < want {
+                        let k = s.read(&mut buf).unwrap_or_else(|e| {
+                            panic!("client {c} request {i}: read failed after {:?}: {e}", started.elapsed())
+                        });
+                        assert!(k > 0, "client {c} request {i}: closed");
+                        got.extend_from_slice(&buf[..k]);
+                    }
+                    worst = worst.max(started.elapsed());
+                }
+                worst
+            }));
+        }
+        let mut worst = Duration::ZERO;
+        for c in clients {
+            worst = worst.max(c.join().expect("client"));
+        }
+        stop.cancel();
+        server.join().expect("server");
+        assert!(worst < Duration::from_secs(2), "a request waited {worst:?}");
     }
 
     #[test]
