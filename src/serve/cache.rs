@@ -599,9 +599,7 @@ impl Index {
             }
         }
     }
-}
 
-impl Index {
     fn forget_held(&mut self, e: &Entry) {
         if e.held.get().is_some() {
             self.held -= e.size;
@@ -733,9 +731,10 @@ mod tests {
     }
 
     /// Found by the attack review of the held bytes: resolve asks `try_hit_cached` (which
-    /// counts an access) before `may_have`; counted before the SHA-256 check, requests for a key's *new* version keep bumping the
-    /// frequency of the entry holding its *old* version, which no request can use. That dead
-    /// entry then outranks live ones at eviction: here it survives and a live entry goes.
+    /// counts an access) before `may_have`. Counted before the SHA-256 check, requests for a
+    /// key's *new* version kept bumping the frequency of the entry holding its *old*
+    /// version, which no request can use; that dead entry then outranked live ones at
+    /// eviction.
     #[test]
     fn requests_for_a_new_version_do_not_keep_the_old_entry_hot() {
         let t = tempfile::tempdir().unwrap();
@@ -773,8 +772,8 @@ mod tests {
         );
     }
 
-    /// Found by the same review (older than the held bytes): two fills of the same key for two versions of the
-    /// same size admitted at once. `admit` renames its temp file over `<h>.data` and only then
+    /// Found by the same review (older than the held bytes): two fills of the same key for
+    /// two versions of the same size admitted at once. `admit` renames its temp file over `<h>.data` and only then
     /// stats the path: if the other admit's rename lands between the two, the entry in the
     /// index records the identity of the *other* version's file, `checked` already true, and
     /// every later hit (the stat check passes) serves those bytes under this version's tag.

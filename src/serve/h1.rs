@@ -1065,6 +1065,23 @@ mod tests {
         server.abort();
     }
 
+    /// A runtime like a front thread's (current_thread) and a loopback listener on it.
+    fn front_runtime() -> (
+        tokio::runtime::Runtime,
+        tokio::net::TcpListener,
+        std::net::SocketAddr,
+    ) {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("rt");
+        let listener = rt
+            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        (rt, listener, addr)
+    }
+
     /// TCP urgent data: recv(2) stops at the urgent mark once it has copied anything, so a
     /// read that did not fill its room can leave bytes in the socket. The front thread is
     /// busy (a blocking answer) while the next head arrives split by an urgent byte, so the
@@ -1072,15 +1089,8 @@ mod tests {
     /// by the attack review of the readiness clear; stalled until the header deadline).
     #[test]
     fn an_urgent_byte_mid_head_does_not_strand_the_rest_of_it() {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("rt");
+        let (rt, listener, addr) = front_runtime();
         let dir = tempfile::tempdir().expect("dir");
-        let listener = rt
-            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-            .expect("bind");
-        let addr = listener.local_addr().expect("addr");
         let t = Timeouts {
             header: Duration::from_secs(3),
             send: Duration::from_secs(5),
@@ -1127,18 +1137,11 @@ mod tests {
     /// request the instant the answer arrives; no request may wait for the header deadline.
     #[test]
     fn no_request_waits_under_splits_pipelining_and_ping_pong() {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("rt");
+        let (rt, listener, addr) = front_runtime();
         let dir = tempfile::tempdir().expect("dir");
         let stub = std::sync::Arc::new(Stub {
             file: dir.path().join("f"),
         });
-        let listener = rt
-            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-            .expect("bind");
-        let addr = listener.local_addr().expect("addr");
         let stop = CancellationToken::new();
         let slow = Timeouts {
             header: Duration::from_secs(20),

@@ -71,6 +71,13 @@ pub struct Meta {
     pub peer: Option<Arc<Peer>>,
 }
 
+impl Meta {
+    /// The SHA-256 as an owned string, for the fetch paths that keep it (misses only).
+    pub fn sha256_owned(&self) -> Option<String> {
+        self.sha256.as_deref().map(str::to_string)
+    }
+}
+
 /// The catalog's row for a key, as far as the spool is concerned.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Record {

@@ -519,12 +519,9 @@ impl Resolver {
             if hot {
                 // The cache fills from a whole-object fetch of its own; this client gets its
                 // range now rather than waiting for (or downloading) all of it.
-                let fill = self.fetcher.fetch(
-                    key.as_str(),
-                    meta.sha256.as_deref().map(str::to_string),
-                    meta.size,
-                    true,
-                );
+                let fill = self
+                    .fetcher
+                    .fetch(key.as_str(), meta.sha256_owned(), meta.size, true);
                 if let Err(e) = fill {
                     tracing::warn!(key = %key, error = %e, "could not start a cache fill");
                 }
@@ -534,12 +531,7 @@ impl Resolver {
         }
         let reader = self
             .fetcher
-            .fetch(
-                key.as_str(),
-                meta.sha256.as_deref().map(str::to_string),
-                meta.size,
-                hot,
-            )
+            .fetch(key.as_str(), meta.sha256_owned(), meta.size, hot)
             .map_err(|e| ServeError::Internal(format!("fill temp file: {e}")))?;
         let Some(reader) = reader else {
             // The fills in flight are at their bound: this one goes straight through.
@@ -676,7 +668,7 @@ impl Resolver {
         // A whole object with a known SHA-256 is hashed on its way through, its last chunk
         // held until the hash is known: other bytes end short of their Content-Length.
         let want = if range.is_none() {
-            meta.sha256.as_deref().map(str::to_string)
+            meta.sha256_owned()
         } else {
             None
         };
@@ -741,7 +733,7 @@ impl Resolver {
                 &base,
                 key,
                 Some(rep),
-                meta.sha256.as_deref().map(str::to_string),
+                meta.sha256_owned(),
                 method,
                 headers,
                 &self.policy,
@@ -760,7 +752,7 @@ impl Resolver {
     ) -> Result<Response, ServeError> {
         let rep = meta.map(|m| meta_representation(key, m));
         if let Some(fb) = &self.fallback {
-            let sha = meta.and_then(|m| m.sha256.as_deref().map(str::to_string));
+            let sha = meta.and_then(Meta::sha256_owned);
             return fb
                 .get_from(
                     &fb.base,
@@ -789,7 +781,7 @@ impl Resolver {
         // length is not). Anything else is described by its own stat, and kept by no cache
         // when the metadata names another version; without metadata (S3 down, nothing
         // known) it is all there is.
-        let want = meta.and_then(|m| m.sha256.as_deref().map(str::to_string));
+        let want = meta.and_then(Meta::sha256_owned);
         let same = match (&rep, &want) {
             (Some(r), Some(want)) if r.len == lf.len => {
                 let id = (lf.inode, lf.len, lf.mtime, lf.stat.ctime_ns);
